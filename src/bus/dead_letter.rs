@@ -1,0 +1,59 @@
+use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::Context;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+use super::BusError;
+
+/// Header names on a dead-letter record.
+pub struct DeadLetterHeaders;
+
+impl DeadLetterHeaders {
+    /// The rejection's stable code, e.g. `bad_time`.
+    pub const REASON: &'static str = "Alarm-Digest-Reason";
+    /// The human-readable explanation.
+    pub const ERROR: &'static str = "Alarm-Digest-Error";
+    pub const ORIGINAL_SUBJECT: &'static str = "Alarm-Digest-Original-Subject";
+    pub const STREAM: &'static str = "Alarm-Digest-Stream";
+    pub const STREAM_SEQUENCE: &'static str = "Alarm-Digest-Stream-Sequence";
+}
+
+/// Why and from where a message is dead-lettered.
+pub struct DeadLetter<'a> {
+    pub reason: &'a str,
+    pub error: &'a str,
+    pub original_subject: &'a str,
+    pub stream: &'a str,
+    pub stream_sequence: u64,
+}
+
+impl DeadLetter<'_> {
+    /// Publishes the original payload to the dead-letter subject with these headers. The
+    /// caller acks the original only after the returned PubAck arrives.
+    pub async fn publish(
+        &self,
+        js: &Context,
+        dead_letter_subject: &str,
+        payload: Bytes,
+    ) -> Result<PublishAckFuture, BusError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(DeadLetterHeaders::REASON, self.reason);
+        // Header values cannot hold line breaks.
+        let error: String = self
+            .error
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(512)
+            .collect();
+        headers.insert(DeadLetterHeaders::ERROR, error.as_str());
+        headers.insert(DeadLetterHeaders::ORIGINAL_SUBJECT, self.original_subject);
+        headers.insert(DeadLetterHeaders::STREAM, self.stream);
+        headers.insert(
+            DeadLetterHeaders::STREAM_SEQUENCE,
+            self.stream_sequence.to_string().as_str(),
+        );
+        js.publish_with_headers(dead_letter_subject.to_string(), headers, payload)
+            .await
+            .map_err(|e| BusError::transient("publishing a dead letter", e))
+    }
+}

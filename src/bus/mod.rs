@@ -1,0 +1,74 @@
+//! The JetStream adapter: connecting, the stream topology, and the publishing helpers. It
+//! knows subjects and headers; it knows nothing of alarms beyond routing by UserID.
+
+mod connect;
+mod dead_letter;
+mod topology;
+
+pub use connect::{connect, jetstream};
+pub use dead_letter::{DeadLetter, DeadLetterHeaders};
+pub use topology::Topology;
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::Message;
+use futures::StreamExt;
+
+/// Pulls up to `max` messages, waiting at most `expires` for them. An empty batch is normal.
+pub async fn fetch(
+    consumer: &PullConsumer,
+    max: usize,
+    expires: Duration,
+) -> Result<Vec<Message>, BusError> {
+    let mut batch = consumer
+        .fetch()
+        .max_messages(max)
+        .expires(expires)
+        .messages()
+        .await
+        .map_err(|e| BusError::transient("requesting a batch", e))?;
+    let mut messages = Vec::with_capacity(max);
+    while let Some(item) = batch.next().await {
+        match item {
+            Ok(message) => messages.push(message),
+            // Keep what arrived; the next fetch reports a persistent problem.
+            Err(error) if !messages.is_empty() => {
+                tracing::debug!(%error, "batch ended early");
+                break;
+            }
+            Err(error) => return Err(BusError::transient("receiving a batch", error)),
+        }
+    }
+    Ok(messages)
+}
+
+/// Transient errors are retried with backoff; fatal ones stop the instance with a message
+/// that says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error(
+        "the NATS server at {0} does not have JetStream enabled; start it with `-js` \
+         (or a `jetstream {{}}` block in its config)"
+    )]
+    JetStreamDisabled(String),
+    #[error("stream {stream} already exists but {problem}; fix the streams.* config or delete the stream")]
+    StreamMismatch { stream: String, problem: String },
+    #[error("cannot use the NATS credentials: {0}")]
+    Credentials(String),
+    #[error("{context}: {message}")]
+    Transient { context: String, message: String },
+}
+
+impl BusError {
+    pub fn transient(context: impl Into<String>, error: impl std::fmt::Display) -> BusError {
+        BusError::Transient {
+            context: context.into(),
+            message: error.to_string(),
+        }
+    }
+
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, BusError::Transient { .. })
+    }
+}

@@ -1,0 +1,66 @@
+//! Command-line arguments. Flags here are the last config layer.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Overrides;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "alarm-digest",
+    version,
+    about = "Per-user alarm digests from NATS JetStream, stored in sled"
+)]
+pub struct Cli {
+    /// TOML config file (default: $ALARM_DIGEST_CONFIG, else built-in defaults).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Overrides nats.url.
+    #[arg(long, global = true, value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// Overrides storage.path.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub storage_path: Option<PathBuf>,
+    /// Overrides http.listen.
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub http_listen: Option<String>,
+    /// Overrides shards.owned (`all` or a list such as `0,2`).
+    #[arg(long, global = true, value_name = "SHARDS")]
+    pub shards_owned: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon until SIGTERM or SIGINT.
+    Run,
+    /// Create (or check) the JetStream streams and consumers, then exit.
+    Setup,
+    /// Print stored state.
+    Inspect {
+        #[command(subcommand)]
+        target: InspectTarget,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InspectTarget {
+    /// A user's stored alarms and sent markers.
+    User {
+        /// The UserID.
+        user_id: String,
+    },
+}
+
+impl Cli {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            nats_url: self.nats_url.clone(),
+            storage_path: self.storage_path.clone(),
+            http_listen: self.http_listen.clone(),
+            shards_owned: self.shards_owned.clone(),
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! `alarm-digest inspect user <UserID>`: asks the running instance over its local HTTP
+//! endpoint, or, when none answers, reads the data dir of the stopped instance directly.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::bus::Topology;
+use crate::config::Config;
+use crate::store::{Store, UserReport};
+
+pub async fn run(config: Config, user_id: &str) -> anyhow::Result<ExitCode> {
+    let report = match from_running_instance(&config.http.listen, user_id).await {
+        Ok(Some(report)) => report,
+        Ok(None) => from_data_dir(&config, user_id)?,
+        Err(error) => return Err(error),
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn from_data_dir(config: &Config, user_id: &str) -> anyhow::Result<UserReport> {
+    let store = Store::open(&config.storage.path, config.storage.cache_capacity_mb)
+        .context("no instance answered on http.listen, so reading the data dir directly")?;
+    store.check_shard_count(config.shards.count)?;
+    let shard = Topology::new(config.streams.clone(), config.shards.count).shard_of(user_id);
+    Ok(store.inspect_user(shard, user_id)?)
+}
+
+/// `Ok(None)` when nothing listens there.
+async fn from_running_instance(listen: &str, user_id: &str) -> anyhow::Result<Option<UserReport>> {
+    let mut stream = match TcpStream::connect(listen).await {
+        Ok(stream) => stream,
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
+        Err(error) => return Err(error).context(format!("connecting to {listen}")),
+    };
+    let request = format!(
+        "GET /inspect/user?id={} HTTP/1.0\r\nHost: {listen}\r\nConnection: close\r\n\r\n",
+        percent_encode(user_id)
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        let status = head.lines().next().unwrap_or("no response");
+        bail!(
+            "the instance at {listen} answered {status}: {}",
+            body.trim()
+        );
+    }
+    Ok(Some(
+        serde_json::from_str(body).context("reading the instance's answer")?,
+    ))
+}
+
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percent_encoding_keeps_unreserved_and_escapes_the_rest() {
+        assert_eq!(super::percent_encode("a-b_c.d~e"), "a-b_c.d~e");
+        assert_eq!(super::percent_encode("a b/&=é"), "a%20b%2F%26%3D%C3%A9");
+    }
+}

@@ -1,0 +1,61 @@
+//! `alarm-digest setup`: create or check the streams and consumers, then exit.
+
+use std::process::ExitCode;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{self, Topology};
+use crate::config::Config;
+use crate::retry::until_ok;
+
+pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_signal.cancel();
+        }
+    });
+    let Some(client) = bus::connect(&config.nats, &cancel).await? else {
+        return Ok(ExitCode::from(130));
+    };
+    let js = bus::jetstream(client.clone(), 1024);
+    let topology = Topology::new(config.streams.clone(), config.shards.count);
+    let tuning = &config.tuning;
+    if until_ok("creating the streams", &cancel, || {
+        topology.ensure_streams(&js)
+    })
+    .await?
+    .is_none()
+    {
+        return Ok(ExitCode::from(130));
+    }
+    topology.router_consumer(&js, tuning).await?;
+    for shard in config.shards.owned.resolve(config.shards.count) {
+        topology.worker_consumer(&js, shard, tuning).await?;
+    }
+    let s = &config.streams;
+    println!(
+        "input stream       {} <- {}, {}",
+        s.input_stream, s.status_subject, s.digest_request_subject
+    );
+    println!(
+        "shard streams      {}_0 .. {}_{} <- {}.shard.N, {}.shard.N",
+        s.shard_stream_prefix,
+        s.shard_stream_prefix,
+        config.shards.count - 1,
+        s.status_subject,
+        s.digest_request_subject
+    );
+    println!(
+        "output stream      {} <- {}",
+        s.output_stream, s.digest_subject
+    );
+    println!(
+        "dead-letter stream {} <- {}",
+        s.dead_letter_stream, s.dead_letter_subject
+    );
+    println!("ok");
+    client.flush().await?;
+    Ok(ExitCode::SUCCESS)
+}

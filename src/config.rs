@@ -1,0 +1,633 @@
+//! The one `Config`: defaults, then a TOML file, then `ALARM_DIGEST_*` environment variables
+//! (`__` between levels), then command-line flags. Loaded and validated before anything binds.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Environment variable naming the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "ALARM_DIGEST_CONFIG";
+const ENV_PREFIX: &str = "ALARM_DIGEST_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("{0}")]
+    Load(String),
+    #[error("config key `{key}`: {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub storage: StorageConfig,
+    pub http: HttpConfig,
+    pub shards: ShardsConfig,
+    pub streams: StreamsConfig,
+    pub digest: DigestConfig,
+    pub limits: LimitsConfig,
+    pub tuning: TuningConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+}
+
+/// A string that never shows up in logs, `Debug` output or `inspect`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Serialised only to feed figment's defaults, where a secret is never set.
+        serializer.serialize_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    pub url: String,
+    /// Connection name shown by the server's monitoring.
+    pub name: String,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub token: Option<Secret>,
+    /// A `.creds` file (JWT and NKey seed) as `nsc` writes it.
+    pub creds_file: Option<PathBuf>,
+    /// An NKey seed (`SU...`).
+    pub nkey_seed: Option<Secret>,
+    pub tls: TlsConfig,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            name: "alarm-digest".into(),
+            user: None,
+            password: None,
+            token: None,
+            creds_file: None,
+            nkey_seed: None,
+            tls: TlsConfig::default(),
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    pub required: bool,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// The sled directory. One process at a time may open it.
+    pub path: PathBuf,
+    /// sled's page cache; memory use is bounded by this, not by the number of users.
+    pub cache_capacity_mb: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            path: PathBuf::from("alarm-digest-data"),
+            cache_capacity_mb: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShardsConfig {
+    pub count: u16,
+    pub owned: OwnedShards,
+}
+
+impl Default for ShardsConfig {
+    fn default() -> Self {
+        ShardsConfig {
+            count: 16,
+            owned: OwnedShards::All,
+        }
+    }
+}
+
+/// Which shards this instance runs workers for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnedShards {
+    All,
+    List(BTreeSet<u16>),
+}
+
+impl OwnedShards {
+    pub fn resolve(&self, count: u16) -> Vec<u16> {
+        match self {
+            OwnedShards::All => (0..count).collect(),
+            OwnedShards::List(list) => list.iter().copied().collect(),
+        }
+    }
+
+    fn parse(text: &str) -> Result<OwnedShards, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("all") {
+            return Ok(OwnedShards::All);
+        }
+        let inner = text.trim_start_matches('[').trim_end_matches(']');
+        inner
+            .split(',')
+            .map(str::trim)
+            .filter(|part| !part.is_empty())
+            .map(|part| {
+                part.parse::<u16>()
+                    .map_err(|_| format!("{part:?} is not a shard number"))
+            })
+            .collect::<Result<BTreeSet<u16>, String>>()
+            .map(OwnedShards::List)
+    }
+}
+
+impl Serialize for OwnedShards {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            OwnedShards::All => serializer.serialize_str("all"),
+            OwnedShards::List(list) => list.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for OwnedShards {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Text(String),
+            Number(u16),
+            List(Vec<u16>),
+        }
+        match Repr::deserialize(deserializer)? {
+            Repr::Text(text) => OwnedShards::parse(&text).map_err(serde::de::Error::custom),
+            Repr::Number(shard) => Ok(OwnedShards::List(BTreeSet::from([shard]))),
+            Repr::List(list) => Ok(OwnedShards::List(list.into_iter().collect())),
+        }
+    }
+}
+
+/// Stream, subject and consumer names. The defaults are the product's contract with producers
+/// and the notification service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamsConfig {
+    pub status_subject: String,
+    pub digest_request_subject: String,
+    pub digest_subject: String,
+    pub dead_letter_subject: String,
+    pub input_stream: String,
+    pub shard_stream_prefix: String,
+    pub output_stream: String,
+    pub dead_letter_stream: String,
+    pub router_consumer: String,
+    pub worker_consumer: String,
+    /// Stream replicas; production runs 3 (see README, Guarantees).
+    pub replicas: usize,
+    pub output_max_age_hours: u64,
+    pub dead_letter_max_age_hours: u64,
+    pub dead_letter_max_bytes: i64,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        StreamsConfig {
+            status_subject: "AlarmStatusChanged".into(),
+            digest_request_subject: "SendAlarmDigest".into(),
+            digest_subject: "AlarmDigest".into(),
+            dead_letter_subject: "AlarmDigest.DeadLetter".into(),
+            input_stream: "ALARM_DIGEST_INPUT".into(),
+            shard_stream_prefix: "ALARM_DIGEST_SHARD".into(),
+            output_stream: "ALARM_DIGEST_OUTPUT".into(),
+            dead_letter_stream: "ALARM_DIGEST_DEAD_LETTER".into(),
+            router_consumer: "alarm-digest-router".into(),
+            worker_consumer: "alarm-digest-worker".into(),
+            replicas: 1,
+            output_max_age_hours: 24 * 7,
+            dead_letter_max_age_hours: 24 * 14,
+            dead_letter_max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DigestConfig {
+    /// When true, a request for a user with nothing to report publishes nothing.
+    pub skip_empty: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_payload_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_payload_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TuningConfig {
+    /// Messages the router fetches, publishes (pipelined) and acks at a time.
+    pub router_batch: usize,
+    /// Messages a shard worker applies with one sled batch and one flush.
+    pub worker_batch: usize,
+    /// How long a pull waits for a full batch. About 1 s: shorter expiries stall on
+    /// nats-server 2.9 (README, Pitfalls).
+    pub fetch_expires_ms: u64,
+    /// How long JetStream waits for an ack before redelivering.
+    pub ack_wait_secs: u64,
+}
+
+impl Default for TuningConfig {
+    fn default() -> Self {
+        TuningConfig {
+            router_batch: 1000,
+            worker_batch: 1000,
+            fetch_expires_ms: 1000,
+            ack_wait_secs: 30,
+        }
+    }
+}
+
+impl TuningConfig {
+    pub fn fetch_expires(&self) -> Duration {
+        Duration::from_millis(self.fetch_expires_ms)
+    }
+
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs(self.ack_wait_secs)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long SIGTERM waits for in-flight batches before giving up. Keep it below systemd's
+    /// `TimeoutStopSec` and Kubernetes' `terminationGracePeriodSeconds`.
+    pub grace_secs: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { grace_secs: 20 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter; `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Flags given on the command line; they win over every other layer.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub nats_url: Option<String>,
+    pub storage_path: Option<PathBuf>,
+    pub http_listen: Option<String>,
+    pub shards_owned: Option<String>,
+}
+
+impl Config {
+    /// Loads every layer and validates the result. `file` falls back to `$ALARM_DIGEST_CONFIG`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let env_file = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file.map(Path::to_path_buf).or(env_file) {
+            if !path.is_file() {
+                return Err(ConfigError::MissingFile(path));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
+        if let Some(url) = &overrides.nats_url {
+            figment = figment.merge(Serialized::default("nats.url", url));
+        }
+        if let Some(path) = &overrides.storage_path {
+            figment = figment.merge(Serialized::default("storage.path", path));
+        }
+        if let Some(listen) = &overrides.http_listen {
+            figment = figment.merge(Serialized::default("http.listen", listen));
+        }
+        if let Some(owned) = &overrides.shards_owned {
+            figment = figment.merge(Serialized::default("shards.owned", owned));
+        }
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.nats.url.contains("://") && self.nats.url.contains(' ') {
+            return Err(invalid(
+                "nats.url",
+                "must be a NATS URL such as nats://127.0.0.1:4222",
+            ));
+        }
+        if self.nats.url.trim().is_empty() {
+            return Err(invalid("nats.url", "must not be empty"));
+        }
+        if self.nats.password.is_some() != self.nats.user.is_some() {
+            return Err(invalid(
+                "nats.user",
+                "nats.user and nats.password go together",
+            ));
+        }
+        if self.nats.tls.cert_file.is_some() != self.nats.tls.key_file.is_some() {
+            return Err(invalid(
+                "nats.tls.cert_file",
+                "cert_file and key_file go together",
+            ));
+        }
+        if self.storage.path.as_os_str().is_empty() {
+            return Err(invalid("storage.path", "must name a directory"));
+        }
+        if self.storage.cache_capacity_mb == 0 {
+            return Err(invalid("storage.cache_capacity_mb", "must be at least 1"));
+        }
+        self.http.listen.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "http.listen",
+                format!(
+                    "{:?} is not an address such as 127.0.0.1:9090",
+                    self.http.listen
+                ),
+            )
+        })?;
+        if self.shards.count == 0 || self.shards.count > 4096 {
+            return Err(invalid("shards.count", "must be between 1 and 4096"));
+        }
+        if let OwnedShards::List(list) = &self.shards.owned {
+            if list.is_empty() {
+                return Err(invalid(
+                    "shards.owned",
+                    "must be `all` or a non-empty list such as [0,2]",
+                ));
+            }
+            if let Some(bad) = list.iter().find(|s| **s >= self.shards.count) {
+                return Err(invalid(
+                    "shards.owned",
+                    format!(
+                        "shard {bad} does not exist: shards.count is {}",
+                        self.shards.count
+                    ),
+                ));
+            }
+        }
+        let s = &self.streams;
+        for (key, subject) in [
+            ("streams.status_subject", &s.status_subject),
+            ("streams.digest_request_subject", &s.digest_request_subject),
+            ("streams.digest_subject", &s.digest_subject),
+            ("streams.dead_letter_subject", &s.dead_letter_subject),
+        ] {
+            if !is_literal_subject(subject) {
+                return Err(invalid(
+                    key,
+                    format!("{subject:?} is not a literal NATS subject"),
+                ));
+            }
+        }
+        let subjects = BTreeSet::from([
+            &s.status_subject,
+            &s.digest_request_subject,
+            &s.digest_subject,
+            &s.dead_letter_subject,
+        ]);
+        if subjects.len() != 4 {
+            return Err(invalid("streams", "the four subjects must all differ"));
+        }
+        for (key, name) in [
+            ("streams.input_stream", &s.input_stream),
+            ("streams.shard_stream_prefix", &s.shard_stream_prefix),
+            ("streams.output_stream", &s.output_stream),
+            ("streams.dead_letter_stream", &s.dead_letter_stream),
+            ("streams.router_consumer", &s.router_consumer),
+            ("streams.worker_consumer", &s.worker_consumer),
+        ] {
+            if !is_valid_name(name) {
+                return Err(invalid(
+                    key,
+                    format!("{name:?} must be non-empty, without spaces, '.', '*', '>' or '/'"),
+                ));
+            }
+        }
+        if !(1..=5).contains(&s.replicas) {
+            return Err(invalid("streams.replicas", "must be between 1 and 5"));
+        }
+        if self.limits.max_payload_bytes < 64 {
+            return Err(invalid("limits.max_payload_bytes", "must be at least 64"));
+        }
+        let t = &self.tuning;
+        if !(1..=4000).contains(&t.router_batch) {
+            return Err(invalid("tuning.router_batch", "must be between 1 and 4000"));
+        }
+        if !(1..=10_000).contains(&t.worker_batch) {
+            return Err(invalid(
+                "tuning.worker_batch",
+                "must be between 1 and 10000",
+            ));
+        }
+        if !(100..=30_000).contains(&t.fetch_expires_ms) {
+            return Err(invalid(
+                "tuning.fetch_expires_ms",
+                "must be between 100 and 30000",
+            ));
+        }
+        if t.ack_wait_secs < 5 {
+            return Err(invalid("tuning.ack_wait_secs", "must be at least 5"));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(invalid("log.format", "must be `text` or `json`"));
+        }
+        Ok(())
+    }
+}
+
+fn describe_figment_error(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = if e.path.is_empty() {
+                String::new()
+            } else {
+                format!("config key `{}`: ", e.path.join("."))
+            };
+            format!("{key}{}", e.kind)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn is_literal_subject(subject: &str) -> bool {
+    !subject.is_empty()
+        && subject
+            .split('.')
+            .all(|token| !token.is_empty() && !token.contains(['*', '>', ' ', '\t', '\r', '\n']))
+}
+
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['.', '*', '>', '/', '\\', ' ', '\t', '\r', '\n'])
+}
+
+#[cfg(test)]
+// figment's `Jail` closures return its large error type; that is its API, not ours.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[nats]\nurl = \"nats://file:4222\"\n[shards]\ncount = 8\n",
+            )?;
+            jail.set_env("ALARM_DIGEST_NATS__URL", "nats://env:4222");
+            jail.set_env("ALARM_DIGEST_SHARDS__OWNED", "[0,2]");
+            let config = Config::load(Some(Path::new("c.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(config.nats.url, "nats://env:4222");
+            assert_eq!(config.shards.count, 8);
+            assert_eq!(
+                config.shards.owned,
+                OwnedShards::List(BTreeSet::from([0, 2]))
+            );
+            let flags = Overrides {
+                nats_url: Some("nats://flag:4222".into()),
+                ..Overrides::default()
+            };
+            let config =
+                Config::load(Some(Path::new("c.toml")), &flags).map_err(|e| e.to_string())?;
+            assert_eq!(config.nats.url, "nats://flag:4222");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn owned_accepts_all_and_lists_in_every_spelling() {
+        for (text, expected) in [
+            ("all", OwnedShards::All),
+            ("[0, 2]", OwnedShards::List(BTreeSet::from([0, 2]))),
+            ("1,3", OwnedShards::List(BTreeSet::from([1, 3]))),
+        ] {
+            assert_eq!(OwnedShards::parse(text), Ok(expected));
+        }
+        assert!(OwnedShards::parse("[0,x]").is_err());
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("ALARM_DIGEST_SHARDS__COUNT", "4");
+            jail.set_env("ALARM_DIGEST_SHARDS__OWNED", "[7]");
+            let error = Config::load(None, &Overrides::default()).expect_err("invalid");
+            assert!(error.to_string().contains("shards.owned"), "{error}");
+            jail.set_env("ALARM_DIGEST_SHARDS__OWNED", "all");
+            jail.set_env("ALARM_DIGEST_SHARDS__COUNT", "lots");
+            let error = Config::load(None, &Overrides::default()).expect_err("invalid");
+            assert!(error.to_string().contains("shards.count"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_rather_than_ignored() {
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[shards]\ncuont = 8\n")?;
+            let error =
+                Config::load(Some(Path::new("c.toml")), &Overrides::default()).expect_err("typo");
+            assert!(error.to_string().contains("cuont"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let mut config = Config::default();
+        config.nats.user = Some("svc".into());
+        config.nats.password = Some(Secret("hunter2".into()));
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,76 @@
+//! Retrying transient failures with capped exponential backoff, interruptible by shutdown.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::BusError;
+
+const FIRST: Duration = Duration::from_millis(100);
+const CAP: Duration = Duration::from_secs(5);
+
+/// Capped exponential backoff.
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: FIRST }
+    }
+}
+
+impl Backoff {
+    /// Sleeps for the current delay and doubles it; returns false if shutdown came first.
+    pub async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+        let delay = self.next;
+        self.next = (self.next * 2).min(CAP);
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    pub fn current(&self) -> Duration {
+        self.next
+    }
+
+    pub fn reset(&mut self) {
+        self.next = FIRST;
+    }
+}
+
+/// Runs `attempt` until it succeeds (`Ok(Some)`), fails fatally (`Err`), or shutdown is
+/// requested (`Ok(None)`). Every transient failure is logged with what was being done.
+pub async fn until_ok<T, F, Fut>(
+    what: &str,
+    cancel: &CancellationToken,
+    mut attempt: F,
+) -> Result<Option<T>, BusError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, BusError>>,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        if cancel.is_cancelled() {
+            return Ok(None);
+        }
+        match attempt().await {
+            Ok(value) => return Ok(Some(value)),
+            Err(error) if error.is_fatal() => return Err(error),
+            Err(error) => {
+                tracing::warn!(
+                    message = "transient failure; retrying",
+                    doing = what,
+                    %error,
+                    retry_in_ms = backoff.current().as_millis() as u64,
+                );
+                if !backoff.wait(cancel).await {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}

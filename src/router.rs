@@ -1,0 +1,217 @@
+//! The router: reads the input stream through one durable consumer shared by every instance,
+//! and republishes each message to its user's shard stream.
+//!
+//! Publishes of a batch are pipelined; a separate acker task awaits their PubAcks and only
+//! then acks the inputs, so the next fetch overlaps the previous batch's round trips.
+
+use async_nats::header::NATS_MESSAGE_ID;
+use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::{AckKind, Message};
+use async_nats::HeaderMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{self, BusError, DeadLetter};
+use crate::retry::{until_ok, Backoff};
+use crate::shared::Shared;
+use crate::wire::{self, Input, Rejection};
+
+/// How long JetStream waits before redelivering an input whose republish failed.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Batches whose PubAcks may be outstanding at once.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+type Pending = Vec<(Result<PublishAckFuture, BusError>, Message, Routed)>;
+
+#[derive(Clone, Copy)]
+enum Routed {
+    ToShard,
+    DeadLettered,
+}
+
+pub struct Router {
+    shared: Shared,
+}
+
+impl Router {
+    pub fn new(shared: Shared) -> Router {
+        Router { shared }
+    }
+
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), BusError> {
+        let shared = &self.shared;
+        let tuning = &shared.config.tuning;
+        shared.readiness.set("router", false);
+        let Some(mut consumer) = until_ok("binding the router consumer", &cancel, || {
+            shared.topology.router_consumer(&shared.js, tuning)
+        })
+        .await?
+        else {
+            return Ok(());
+        };
+        shared.readiness.set("router", true);
+
+        let (to_acker, from_router) = mpsc::channel::<Pending>(BATCHES_IN_FLIGHT);
+        let acker = tokio::spawn(ack_routed(from_router, self.shared.clone()));
+        let mut backoff = Backoff::default();
+        loop {
+            let fetched = tokio::select! {
+                _ = cancel.cancelled() => break,
+                fetched = bus::fetch(&consumer, tuning.router_batch, tuning.fetch_expires()) => fetched,
+            };
+            match fetched {
+                Ok(messages) => {
+                    backoff.reset();
+                    shared.readiness.set("router", true);
+                    if messages.is_empty() {
+                        continue;
+                    }
+                    let pending = self.route(messages).await;
+                    if to_acker.send(pending).await.is_err() {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    shared.readiness.set("router", false);
+                    tracing::warn!(message = "router fetch failed; retrying", %error);
+                    if !backoff.wait(&cancel).await {
+                        break;
+                    }
+                    // The consumer may be gone (broker restarted on a fresh store).
+                    if let Ok(rebound) = shared.topology.router_consumer(&shared.js, tuning).await {
+                        consumer = rebound;
+                    }
+                }
+            }
+        }
+        // Let the acker finish the batches already published, then stop.
+        drop(to_acker);
+        if let Err(error) = acker.await {
+            tracing::error!(%error, "router acker task failed");
+        }
+        Ok(())
+    }
+
+    /// Validates and publishes every message of a batch without waiting for PubAcks.
+    async fn route(&self, messages: Vec<Message>) -> Pending {
+        let shared = &self.shared;
+        let streams = &shared.config.streams;
+        let mut pending = Vec::with_capacity(messages.len());
+        for message in messages {
+            let sequence = match message.info() {
+                Ok(info) => {
+                    if info.delivered > 1 {
+                        shared.metrics.redeliveries.fetch_add(1, Relaxed);
+                    }
+                    info.stream_sequence
+                }
+                Err(_) => 0,
+            };
+            let decoded = match shared.topology.input_kind(&message.subject) {
+                Some(kind) => wire::decode(
+                    kind,
+                    &message.payload,
+                    shared.config.limits.max_payload_bytes,
+                ),
+                None => Err(Rejection::UnknownSubject(message.subject.to_string())),
+            };
+            let (published, routed) = match decoded {
+                Ok(input) => (
+                    self.republish(&input, &message, sequence).await,
+                    Routed::ToShard,
+                ),
+                Err(rejection) => {
+                    shared.metrics.rejected(rejection.code());
+                    tracing::warn!(
+                        message = "rejected input; dead-lettering it",
+                        reason = rejection.code(),
+                        error = %rejection,
+                        subject = %message.subject,
+                        stream_sequence = sequence,
+                    );
+                    let record = DeadLetter {
+                        reason: rejection.code(),
+                        error: &rejection.to_string(),
+                        original_subject: &message.subject,
+                        stream: &streams.input_stream,
+                        stream_sequence: sequence,
+                    };
+                    let published = record
+                        .publish(
+                            &shared.js,
+                            &streams.dead_letter_subject,
+                            message.payload.clone(),
+                        )
+                        .await;
+                    (published, Routed::DeadLettered)
+                }
+            };
+            pending.push((published, message, routed));
+        }
+        pending
+    }
+
+    async fn republish(
+        &self,
+        input: &Input,
+        message: &Message,
+        input_sequence: u64,
+    ) -> Result<PublishAckFuture, BusError> {
+        let shared = &self.shared;
+        let shard = shared.topology.shard_of(input.user_id());
+        let (kind, headers) = match input {
+            // Applying a status change twice is harmless; a Msg-Id on every event would cost
+            // throughput and broker memory for nothing.
+            Input::StatusChange(_) => (wire::InputKind::StatusChange, HeaderMap::new()),
+            // A digest request republished twice (router crash between PubAck and ack) would
+            // be answered twice; the stable Msg-Id lets JetStream drop the copy.
+            Input::DigestRequest(_) => {
+                let mut headers = HeaderMap::new();
+                let id = format!("{}:{input_sequence}", shared.config.streams.input_stream);
+                headers.insert(NATS_MESSAGE_ID, id.as_str());
+                (wire::InputKind::DigestRequest, headers)
+            }
+        };
+        shared
+            .js
+            .publish_with_headers(
+                shared.topology.shard_subject(kind, shard),
+                headers,
+                message.payload.clone(),
+            )
+            .await
+            .map_err(|e| BusError::transient("republishing to a shard", e))
+    }
+}
+
+/// Awaits each batch's PubAcks in order and acks (or naks) the inputs.
+async fn ack_routed(mut batches: mpsc::Receiver<Pending>, shared: Shared) {
+    while let Some(batch) = batches.recv().await {
+        for (published, message, routed) in batch {
+            let outcome = match published {
+                Ok(ack) => ack
+                    .await
+                    .map_err(|e| BusError::transient("awaiting a PubAck", e)),
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Ok(_) => {
+                    if let Routed::ToShard = routed {
+                        shared.metrics.routed.fetch_add(1, Relaxed);
+                    }
+                    if let Err(error) = message.ack().await {
+                        tracing::debug!(%error, "input ack not sent; it will be redelivered");
+                    }
+                }
+                Err(error) => {
+                    shared.metrics.publish_failures.fetch_add(1, Relaxed);
+                    tracing::warn!(message = "republish failed; input will be redelivered", %error);
+                    let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+                }
+            }
+        }
+    }
+}

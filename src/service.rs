@@ -1,0 +1,210 @@
+//! Starting and stopping one instance: the library entry point the binary and the tests share.
+//!
+//! Order: open the store and check it, bind HTTP (so `/livez` answers while NATS is still
+//! away), connect (retrying), create or check the streams, then start the router and one
+//! shard worker per owned shard. One root cancellation token stops them all.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{self, BusError, Topology};
+use crate::config::Config;
+use crate::http::{self, HttpState};
+use crate::metrics::Metrics;
+use crate::readiness::Readiness;
+use crate::retry::until_ok;
+use crate::router::Router;
+use crate::shard_worker::ShardWorker;
+use crate::shared::Shared;
+use crate::store::{GroupFlusher, Store};
+
+/// A started instance.
+pub struct RunningService {
+    pub http_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    supervisor: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningService {
+    /// The root token: cancelling it starts the graceful drain.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the instance stopped (after shutdown, or on a fatal error).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.supervisor.await.context("supervisor task panicked")?
+    }
+
+    /// Requests shutdown and waits for the drain.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Opens the store and binds HTTP before returning, so a bad data dir or a taken port fails
+/// here; everything that waits on the network runs in the background.
+pub async fn start(config: Config) -> anyhow::Result<RunningService> {
+    let config = Arc::new(config);
+    let store = Store::open(&config.storage.path, config.storage.cache_capacity_mb)?;
+    store.check_shard_count(config.shards.count)?;
+    let listener = TcpListener::bind(&config.http.listen)
+        .await
+        .with_context(|| format!("binding http.listen {}", config.http.listen))?;
+    let http_addr = listener.local_addr()?;
+
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::default());
+    let readiness = Readiness::default();
+    readiness.set("store", true);
+    readiness.set("streams", false);
+    let topology = Arc::new(Topology::new(config.streams.clone(), config.shards.count));
+    let nats = Arc::new(OnceLock::new());
+    let http_state = HttpState {
+        readiness: readiness.clone(),
+        metrics: metrics.clone(),
+        store: store.clone(),
+        topology: topology.clone(),
+        nats: nats.clone(),
+    };
+    let http_task = tokio::spawn(http::serve(listener, http_state, shutdown.clone()));
+    tracing::info!(%http_addr, data_dir = %config.storage.path.display(), "alarm-digest starting");
+
+    let parts = Parts {
+        config,
+        store,
+        topology,
+        metrics: metrics.clone(),
+        readiness,
+        nats,
+    };
+    let supervisor = tokio::spawn(supervise(parts, shutdown.clone(), http_task));
+    Ok(RunningService {
+        http_addr,
+        metrics,
+        shutdown,
+        supervisor,
+    })
+}
+
+struct Parts {
+    config: Arc<Config>,
+    store: Store,
+    topology: Arc<Topology>,
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+    nats: Arc<OnceLock<async_nats::Client>>,
+}
+
+async fn supervise(
+    parts: Parts,
+    shutdown: CancellationToken,
+    http_task: JoinHandle<()>,
+) -> anyhow::Result<()> {
+    let result = run_parts(&parts, &shutdown).await;
+    shutdown.cancel();
+    let store = parts.store.clone();
+    let flushed = tokio::task::spawn_blocking(move || store.flush()).await;
+    match flushed {
+        Ok(Ok(_)) => tracing::info!("data dir flushed"),
+        Ok(Err(error)) => tracing::error!(%error, "final flush failed"),
+        Err(error) => tracing::error!(%error, "final flush task failed"),
+    }
+    let _ = http_task.await;
+    tracing::info!(ok = result.is_ok(), "alarm-digest stopped");
+    result
+}
+
+async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let config = &parts.config;
+    let Some(client) = bus::connect(&config.nats, shutdown).await? else {
+        return Ok(());
+    };
+    let _ = parts.nats.set(client.clone());
+    // Room for a full router batch plus every worker's digests without blocking.
+    let in_flight = config.tuning.router_batch * 2 + config.tuning.worker_batch + 1024;
+    let js = bus::jetstream(client.clone(), in_flight);
+    let ensured = until_ok("creating the streams", shutdown, || {
+        parts.topology.ensure_streams(&js)
+    })
+    .await?;
+    if ensured.is_none() {
+        return Ok(());
+    }
+    parts.readiness.set("streams", true);
+
+    let shared = Shared {
+        config: config.clone(),
+        topology: parts.topology.clone(),
+        js,
+        metrics: parts.metrics.clone(),
+        readiness: parts.readiness.clone(),
+    };
+    let flusher = GroupFlusher::spawn(parts.store.clone());
+    let mut tasks: JoinSet<Result<(), BusError>> = JoinSet::new();
+    tasks.spawn(Router::new(shared.clone()).run(shutdown.clone()));
+    for shard in config.shards.owned.resolve(config.shards.count) {
+        let store = parts.store.shard(shard)?;
+        let worker = ShardWorker::new(shared.clone(), store, flusher.clone());
+        tasks.spawn(worker.run(shutdown.clone()));
+    }
+
+    let mut failure = None;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        Some(joined) = tasks.join_next() => {
+            failure = task_failure(joined);
+            shutdown.cancel();
+        }
+    }
+    tracing::info!("stopping: finishing in-flight batches");
+    let grace = Duration::from_secs(config.shutdown.grace_secs);
+    let drain = async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Some(error) = task_failure(joined) {
+                failure.get_or_insert(error);
+            }
+        }
+    };
+    if tokio::time::timeout(grace, drain).await.is_err() {
+        tasks.abort_all();
+        failure.get_or_insert(anyhow!(
+            "in-flight work did not finish within shutdown.grace_secs = {}",
+            config.shutdown.grace_secs
+        ));
+    }
+    // Acks are buffered in the client: push them to the server before exiting.
+    match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "acks may not have reached the server"),
+        Err(_) => tracing::warn!("acks may not have reached the server in 2 s"),
+    }
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+fn task_failure(
+    joined: Result<Result<(), BusError>, tokio::task::JoinError>,
+) -> Option<anyhow::Error> {
+    match joined {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => {
+            tracing::error!(%error, "a part stopped with a fatal error");
+            Some(error.into())
+        }
+        Err(error) => {
+            tracing::error!(%error, "a part panicked");
+            Some(anyhow!("a part panicked: {error}"))
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! One shard worker per owned shard: applies its shard stream to sled in batches and answers
+//! digest requests through the outbox.
+//!
+//! Per batch: decode every message into one [`ShardWrite`] overlay → one atomic sled batch →
+//! one group flush → ack the status changes → publish the batch's digests (Msg-Id from the
+//! outbox sequence) → on their PubAcks, drop them from the outbox and ack the requests.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use async_nats::header::NATS_MESSAGE_ID;
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{AckKind, Message};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{self, BusError, DeadLetter};
+use crate::retry::{until_ok, Backoff};
+use crate::shared::Shared;
+use crate::store::{DigestOutcome, GroupFlusher, OutboxEntry, ShardStore, StoreError};
+use crate::wire::{self, Input, Rejection};
+
+/// Redelivery delay for a batch the store could not take.
+const STORE_RETRY_DELAY: Duration = Duration::from_secs(2);
+/// How often answered-request markers below the ack floor are forgotten.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+pub struct ShardWorker {
+    shared: Shared,
+    store: ShardStore,
+    flusher: GroupFlusher,
+    /// Digests written but not yet acknowledged by JetStream (mirrors the stored outbox).
+    outbox: Vec<(u64, OutboxEntry)>,
+    /// Digest requests whose digests are in `outbox`; acked once it is empty.
+    held: Vec<Message>,
+    part: String,
+}
+
+/// What to do with one message of a batch once the batch is durable.
+enum Disposition {
+    /// Applied (or a duplicate): ack after the flush.
+    Ack,
+    /// A digest was queued: ack after its PubAck.
+    AfterDigest,
+    /// Dead-letter with this reason, then ack.
+    DeadLetter { code: &'static str, error: String },
+}
+
+impl ShardWorker {
+    pub fn new(shared: Shared, store: ShardStore, flusher: GroupFlusher) -> ShardWorker {
+        let part = format!("shard {}", store.shard());
+        ShardWorker {
+            shared,
+            store,
+            flusher,
+            outbox: Vec::new(),
+            held: Vec::new(),
+            part,
+        }
+    }
+
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), BusError> {
+        let shard = self.store.shard();
+        self.shared.readiness.set(self.part.clone(), false);
+        let Some(mut consumer) = self.bind(&cancel).await? else {
+            return Ok(());
+        };
+        // Digests stored before a crash go out before anything new is taken.
+        match self.store.pending_outbox() {
+            Ok(pending) => self.outbox = pending,
+            Err(error) => tracing::error!(shard, %error, "cannot read the outbox"),
+        }
+        let mut backoff = Backoff::default();
+        let mut last_prune = Instant::now();
+        loop {
+            if !self.outbox.is_empty() {
+                if let Err(error) = self.publish_outbox().await {
+                    self.shared.readiness.set(self.part.clone(), false);
+                    tracing::warn!(shard, %error, "digests not published yet; holding new work");
+                    if !backoff.wait(&cancel).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            self.shared.readiness.set(self.part.clone(), true);
+            let tuning = &self.shared.config.tuning;
+            let fetched = tokio::select! {
+                _ = cancel.cancelled() => break,
+                fetched = bus::fetch(&consumer, tuning.worker_batch, tuning.fetch_expires()) => fetched,
+            };
+            match fetched {
+                Ok(messages) if messages.is_empty() => {
+                    if last_prune.elapsed() >= PRUNE_EVERY {
+                        last_prune = Instant::now();
+                        self.prune_answered(&consumer).await;
+                    }
+                }
+                Ok(messages) => {
+                    backoff.reset();
+                    if let Err(error) = self.process(messages).await {
+                        self.shared.metrics.store_failures.fetch_add(1, Relaxed);
+                        self.shared.readiness.set(self.part.clone(), false);
+                        tracing::error!(shard, %error, "batch not applied; it will be redelivered");
+                        if !backoff.wait(&cancel).await {
+                            break;
+                        }
+                    }
+                }
+                Err(error) => {
+                    self.shared.readiness.set(self.part.clone(), false);
+                    tracing::warn!(shard, %error, "shard fetch failed; retrying");
+                    if !backoff.wait(&cancel).await {
+                        break;
+                    }
+                    if let Some(rebound) = self.bind(&cancel).await? {
+                        consumer = rebound;
+                    }
+                }
+            }
+        }
+        // Finish what this worker owes before stopping: digests of acked work.
+        if !self.outbox.is_empty() {
+            if let Err(error) = self.publish_outbox().await {
+                tracing::warn!(shard, %error, "digests left in the outbox; sent on next start");
+            }
+        }
+        Ok(())
+    }
+
+    async fn bind(&self, cancel: &CancellationToken) -> Result<Option<PullConsumer>, BusError> {
+        let shared = &self.shared;
+        let shard = self.store.shard();
+        until_ok("binding a shard consumer", cancel, || {
+            shared
+                .topology
+                .worker_consumer(&shared.js, shard, &shared.config.tuning)
+        })
+        .await
+    }
+
+    /// Applies one batch. An `Err` means nothing of it was acked; JetStream redelivers it.
+    async fn process(&mut self, messages: Vec<Message>) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let shared = self.shared.clone();
+        let shard = self.store.shard();
+        let limits = &shared.config.limits;
+        let skip_empty = shared.config.digest.skip_empty;
+        let mut dispositions = Vec::with_capacity(messages.len());
+        let mut write = self.store.begin();
+        for message in &messages {
+            let sequence = match message.info() {
+                Ok(info) => {
+                    if info.delivered > 1 {
+                        shared.metrics.redeliveries.fetch_add(1, Relaxed);
+                    }
+                    info.stream_sequence
+                }
+                Err(_) => 0,
+            };
+            let decoded = match shared.topology.shard_kind(shard, &message.subject) {
+                Some(kind) => wire::decode(kind, &message.payload, limits.max_payload_bytes),
+                None => Err(Rejection::UnknownSubject(message.subject.to_string())),
+            };
+            let disposition = match decoded {
+                Err(rejection) => Disposition::DeadLetter {
+                    code: rejection.code(),
+                    error: rejection.to_string(),
+                },
+                Ok(input) if shared.topology.shard_of(input.user_id()) != shard => {
+                    Disposition::DeadLetter {
+                        code: "misrouted",
+                        error: format!(
+                            "user belongs to shard {}, not {shard}",
+                            shared.topology.shard_of(input.user_id())
+                        ),
+                    }
+                }
+                Ok(Input::StatusChange(change)) => match write.apply(&change) {
+                    Ok(true) => {
+                        shared.metrics.events_applied.fetch_add(1, Relaxed);
+                        Disposition::Ack
+                    }
+                    Ok(false) => {
+                        shared.metrics.events_unchanged.fetch_add(1, Relaxed);
+                        Disposition::Ack
+                    }
+                    Err(error) => unreadable_or_fail(error)?,
+                },
+                Ok(Input::DigestRequest(request)) => {
+                    match write.digest(&request.user_id, sequence, skip_empty) {
+                        Ok(DigestOutcome::Queued { .. }) => {
+                            shared.metrics.digest_requests.fetch_add(1, Relaxed);
+                            Disposition::AfterDigest
+                        }
+                        Ok(DigestOutcome::SkippedEmpty) => {
+                            shared.metrics.digest_requests.fetch_add(1, Relaxed);
+                            shared.metrics.digests_skipped_empty.fetch_add(1, Relaxed);
+                            Disposition::Ack
+                        }
+                        Ok(DigestOutcome::AlreadyAnswered) => {
+                            shared.metrics.duplicate_requests.fetch_add(1, Relaxed);
+                            Disposition::Ack
+                        }
+                        Err(error) => unreadable_or_fail(error)?,
+                    }
+                }
+            };
+            dispositions.push((disposition, sequence));
+        }
+        let queued = match write.commit() {
+            Ok(queued) => queued,
+            Err(error) => return Err(self.nak_all(messages, error).await),
+        };
+        if let Err(error) = self.flusher.flush().await {
+            return Err(self.nak_all(messages, error).await);
+        }
+        self.outbox.extend(queued);
+
+        let mut dead_letters = Vec::new();
+        for (message, (disposition, sequence)) in messages.into_iter().zip(dispositions) {
+            match disposition {
+                Disposition::Ack => ack(&message).await,
+                Disposition::AfterDigest => self.held.push(message),
+                Disposition::DeadLetter { code, error } => {
+                    shared.metrics.rejected(code);
+                    tracing::warn!(
+                        message = "rejected shard message; dead-lettering it",
+                        shard,
+                        reason = code,
+                        %error,
+                        subject = %message.subject,
+                        stream_sequence = sequence,
+                    );
+                    let record = DeadLetter {
+                        reason: code,
+                        error: &error,
+                        original_subject: &message.subject,
+                        stream: &shared.topology.shard_stream(shard),
+                        stream_sequence: sequence,
+                    };
+                    let published = record
+                        .publish(
+                            &shared.js,
+                            &shared.config.streams.dead_letter_subject,
+                            message.payload.clone(),
+                        )
+                        .await;
+                    dead_letters.push((published, message));
+                }
+            }
+        }
+        if let Err(error) = self.publish_outbox().await {
+            // The digests are durable in the outbox; the loop retries before taking more.
+            tracing::warn!(shard, %error, "digest publish failed; will retry");
+        }
+        for (published, message) in dead_letters {
+            let outcome = match published {
+                Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
+            match outcome {
+                Ok(()) => ack(&message).await,
+                Err(error) => {
+                    tracing::warn!(shard, %error, "dead letter not stored; will be redelivered");
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(STORE_RETRY_DELAY)))
+                        .await;
+                }
+            }
+        }
+        shared.metrics.observe_batch(started.elapsed());
+        Ok(())
+    }
+
+    async fn nak_all(&self, messages: Vec<Message>, error: StoreError) -> StoreError {
+        for message in messages {
+            let _ = message
+                .ack_with(AckKind::Nak(Some(STORE_RETRY_DELAY)))
+                .await;
+        }
+        error
+    }
+
+    /// Publishes every outbox entry (pipelined), drops the acknowledged ones, and acks the
+    /// held requests once the outbox is empty.
+    async fn publish_outbox(&mut self) -> Result<(), BusError> {
+        let shared = &self.shared;
+        let subject = shared.config.streams.digest_subject.clone();
+        let mut futures = Vec::with_capacity(self.outbox.len());
+        for (sequence, entry) in &self.outbox {
+            let mut headers = HeaderMap::new();
+            headers.insert(NATS_MESSAGE_ID, entry.msg_id.as_str());
+            let published = shared
+                .js
+                .publish_with_headers(subject.clone(), headers, Bytes::from(entry.payload.clone()))
+                .await;
+            futures.push((*sequence, published));
+        }
+        let mut delivered = Vec::with_capacity(futures.len());
+        let mut first_error = None;
+        for (sequence, published) in futures {
+            let outcome = match published {
+                Ok(future) => future
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| BusError::transient("awaiting a digest PubAck", e)),
+                Err(error) => Err(BusError::transient("publishing a digest", error)),
+            };
+            match outcome {
+                Ok(()) => delivered.push(sequence),
+                Err(error) => {
+                    shared.metrics.publish_failures.fetch_add(1, Relaxed);
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        shared
+            .metrics
+            .digests_published
+            .fetch_add(delivered.len() as u64, Relaxed);
+        if let Err(error) = self.store.remove_outbox(&delivered) {
+            // They would be published again with the same Msg-Id; JetStream drops copies.
+            tracing::warn!(shard = self.store.shard(), %error, "cannot drop published digests");
+        }
+        self.outbox
+            .retain(|(sequence, _)| !delivered.contains(sequence));
+        if let Some(error) = first_error {
+            return Err(error);
+        }
+        for message in self.held.drain(..) {
+            ack(&message).await;
+        }
+        Ok(())
+    }
+
+    async fn prune_answered(&self, consumer: &PullConsumer) {
+        match consumer.get_info().await {
+            Ok(info) => match self.store.prune_answered(info.ack_floor.stream_sequence) {
+                Ok(pruned) if pruned > 0 => {
+                    tracing::debug!(
+                        shard = self.store.shard(),
+                        pruned,
+                        "forgot answered requests"
+                    )
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "cannot prune answered requests"),
+            },
+            Err(error) => tracing::debug!(%error, "no consumer info for pruning"),
+        }
+    }
+}
+
+/// A record that cannot be decoded will never decode: dead-letter the message instead of
+/// failing the batch forever. Any other store error fails the batch.
+fn unreadable_or_fail(error: StoreError) -> Result<Disposition, StoreError> {
+    match error {
+        StoreError::Codec { .. } => Ok(Disposition::DeadLetter {
+            code: "unreadable_state",
+            error: error.to_string(),
+        }),
+        other => Err(other),
+    }
+}
+
+async fn ack(message: &Message) {
+    // Acks are fire-and-forget; a lost one means a redelivery, which is idempotent.
+    if let Err(error) = message.ack().await {
+        tracing::debug!(%error, "ack not sent; the message will be redelivered");
+    }
+}

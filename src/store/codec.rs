@@ -1,0 +1,159 @@
+//! Versioned value encoding. Every value starts with a format version byte so a later release
+//! can read old data (or refuse it clearly) instead of misreading it.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{AlarmRecord, Observation, Status};
+
+const RECORD_V1: u8 = 1;
+const OUTBOX_V1: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("value has format version {0}, this build reads version 1; upgrade the binary")]
+    UnknownVersion(u8),
+    #[error("value is empty")]
+    Empty,
+    #[error("value is corrupt: {0}")]
+    Corrupt(#[from] bincode::Error),
+    #[error("stored instant is out of range")]
+    BadInstant,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ObservationV1 {
+    status: u8,
+    secs: i64,
+    nanos: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RecordV1 {
+    current: ObservationV1,
+    sent: Option<ObservationV1>,
+    changed_since_sent: bool,
+}
+
+fn status_byte(status: Status) -> u8 {
+    match status {
+        Status::Cleared => 0,
+        Status::Warning => 1,
+        Status::Critical => 2,
+    }
+}
+
+fn observation_to_v1(observation: &Observation) -> ObservationV1 {
+    ObservationV1 {
+        status: status_byte(observation.status),
+        secs: observation.changed_at.timestamp(),
+        nanos: observation.changed_at.timestamp_subsec_nanos(),
+    }
+}
+
+fn observation_from_v1(stored: &ObservationV1) -> Result<Observation, CodecError> {
+    let status = match stored.status {
+        0 => Status::Cleared,
+        1 => Status::Warning,
+        2 => Status::Critical,
+        _ => return Err(CodecError::BadInstant),
+    };
+    let changed_at =
+        DateTime::<Utc>::from_timestamp(stored.secs, stored.nanos).ok_or(CodecError::BadInstant)?;
+    Ok(Observation { status, changed_at })
+}
+
+fn versioned<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
+    let mut bytes = vec![version];
+    // bincode into a Vec only fails for types it cannot represent; ours are plain structs.
+    if let Err(error) = bincode::serialize_into(&mut bytes, value) {
+        tracing::error!(%error, "encoding a value failed");
+    }
+    bytes
+}
+
+fn unversioned(expected: u8, bytes: &[u8]) -> Result<&[u8], CodecError> {
+    let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
+    if version != expected {
+        return Err(CodecError::UnknownVersion(version));
+    }
+    Ok(body)
+}
+
+pub fn encode_record(record: &AlarmRecord) -> Vec<u8> {
+    versioned(
+        RECORD_V1,
+        &RecordV1 {
+            current: observation_to_v1(&record.current),
+            sent: record.sent.as_ref().map(observation_to_v1),
+            changed_since_sent: record.changed_since_sent,
+        },
+    )
+}
+
+pub fn decode_record(bytes: &[u8]) -> Result<AlarmRecord, CodecError> {
+    let stored: RecordV1 = bincode::deserialize(unversioned(RECORD_V1, bytes)?)?;
+    Ok(AlarmRecord {
+        current: observation_from_v1(&stored.current)?,
+        sent: stored.sent.as_ref().map(observation_from_v1).transpose()?,
+        changed_since_sent: stored.changed_since_sent,
+    })
+}
+
+/// A digest written in the same atomic batch that marked its alarms sent, waiting for its
+/// PubAck.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    /// Stable across republishing, so JetStream drops a copy published twice across a crash.
+    pub msg_id: String,
+    pub user_id: String,
+    /// The rendered `AlarmDigest` JSON.
+    pub payload: Vec<u8>,
+    pub alarm_count: u32,
+}
+
+pub fn encode_outbox(entry: &OutboxEntry) -> Vec<u8> {
+    versioned(OUTBOX_V1, entry)
+}
+
+pub fn decode_outbox(bytes: &[u8]) -> Result<OutboxEntry, CodecError> {
+    Ok(bincode::deserialize(unversioned(OUTBOX_V1, bytes)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips_with_nanoseconds() {
+        let at = |nanos| DateTime::<Utc>::from_timestamp(1_623_098_415, nanos).unwrap_or_default();
+        let record = AlarmRecord {
+            current: Observation {
+                status: Status::Critical,
+                changed_at: at(598_765_212),
+            },
+            sent: Some(Observation {
+                status: Status::Warning,
+                changed_at: at(1),
+            }),
+            changed_since_sent: true,
+        };
+        let decoded = decode_record(&encode_record(&record)).expect("round trip");
+        assert_eq!(decoded, record);
+    }
+
+    #[test]
+    fn unknown_version_is_refused_not_misread() {
+        let mut bytes = encode_record(&AlarmRecord::new(Observation {
+            status: Status::Warning,
+            changed_at: DateTime::<Utc>::UNIX_EPOCH,
+        }));
+        bytes[0] = 9;
+        assert!(matches!(
+            decode_record(&bytes),
+            Err(CodecError::UnknownVersion(9))
+        ));
+        assert!(matches!(decode_record(&[]), Err(CodecError::Empty)));
+        assert!(decode_record(&[1, 2]).is_err());
+    }
+}

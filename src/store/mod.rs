@@ -1,0 +1,513 @@
+//! The sled adapter: one database per instance, one tree per shard.
+//!
+//! A shard worker collects a whole fetched batch in a [`ShardWrite`] overlay (later messages
+//! in the batch see earlier ones), commits it with one atomic `apply_batch`, and then asks the
+//! [`GroupFlusher`] to make it durable; only then are the messages acked.
+
+mod codec;
+mod flusher;
+pub mod keys;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::domain::{self, AlarmRecord, StatusChange};
+use crate::wire;
+pub use codec::{CodecError, OutboxEntry};
+pub use flusher::GroupFlusher;
+
+const META_SHARD_COUNT: &[u8] = b"shards.count";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the data dir {path}: {source} (is another instance using it, or is it not writable?)")]
+    Open { path: String, source: sled::Error },
+    #[error("flushing the data dir failed: {0}")]
+    Flush(String),
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored value under {key}: {source}")]
+    Codec { key: String, source: CodecError },
+    #[error(
+        "this data dir holds {stored} shards but shards.count is {configured}; shards.count \
+         must not change in place: set it back to {stored}, or migrate by exporting the state \
+         and replaying it into a fresh data dir with the new count"
+    )]
+    ShardCountMismatch { stored: u16, configured: u16 },
+}
+
+impl StoreError {
+    fn codec(key: &[u8], source: CodecError) -> StoreError {
+        StoreError::Codec {
+            key: String::from_utf8_lossy(key).into_owned(),
+            source,
+        }
+    }
+}
+
+/// The instance's sled database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+}
+
+impl Store {
+    pub fn open(path: &Path, cache_capacity_mb: u64) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_capacity_mb.saturating_mul(1024 * 1024))
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(Store { db })
+    }
+
+    /// Records the shard count on first start and refuses a different one later: a changed
+    /// count would route users to shards that do not hold their alarms.
+    pub fn check_shard_count(&self, configured: u16) -> Result<(), StoreError> {
+        let configured_bytes = configured.to_be_bytes();
+        match self.db.compare_and_swap(
+            META_SHARD_COUNT,
+            None as Option<&[u8]>,
+            Some(&configured_bytes[..]),
+        )? {
+            Ok(()) => {
+                self.db.flush()?;
+                Ok(())
+            }
+            Err(existing) => {
+                let stored = existing
+                    .current
+                    .and_then(|v| <[u8; 2]>::try_from(v.as_ref()).ok())
+                    .map(u16::from_be_bytes)
+                    .unwrap_or(0);
+                if stored == configured {
+                    Ok(())
+                } else {
+                    Err(StoreError::ShardCountMismatch { stored, configured })
+                }
+            }
+        }
+    }
+
+    pub fn shard(&self, shard: u16) -> Result<ShardStore, StoreError> {
+        let tree = self.db.open_tree(format!("shard/{shard}"))?;
+        let epoch = match tree.get(keys::META_EPOCH)? {
+            Some(bytes) => read_u64(&bytes),
+            None => {
+                let epoch = rand::random::<u64>();
+                tree.insert(keys::META_EPOCH, &epoch.to_be_bytes())?;
+                epoch
+            }
+        };
+        let next_outbox = tree
+            .get(keys::META_NEXT_OUTBOX)?
+            .map(|b| read_u64(&b))
+            .unwrap_or(0);
+        Ok(ShardStore {
+            shard,
+            tree,
+            epoch,
+            next_outbox,
+        })
+    }
+
+    /// Makes every applied batch durable. Called by the [`GroupFlusher`] and at shutdown.
+    pub fn flush(&self) -> Result<usize, StoreError> {
+        Ok(self.db.flush()?)
+    }
+
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    /// Everything stored about one user, for `alarm-digest inspect`.
+    pub fn inspect_user(&self, shard: u16, user_id: &str) -> Result<UserReport, StoreError> {
+        let store = self.shard(shard)?;
+        let alarms = store
+            .user_alarms(user_id)?
+            .into_iter()
+            .map(|(alarm_id, record)| AlarmReport::new(alarm_id, &record))
+            .collect();
+        Ok(UserReport {
+            user_id: user_id.to_string(),
+            shard,
+            alarms,
+            pending_digests: store.tree.scan_prefix([keys::OUTBOX]).count(),
+        })
+    }
+}
+
+fn read_u64(bytes: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+/// What `inspect user` prints.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct UserReport {
+    pub user_id: String,
+    pub shard: u16,
+    pub alarms: Vec<AlarmReport>,
+    /// Digests of this shard (any user) stored but not yet acknowledged by JetStream.
+    pub pending_digests: usize,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct AlarmReport {
+    pub alarm_id: String,
+    pub status: String,
+    pub changed_at: String,
+    pub sent_status: Option<String>,
+    pub sent_changed_at: Option<String>,
+    pub changed_since_sent: bool,
+    pub due: bool,
+}
+
+impl AlarmReport {
+    fn new(alarm_id: String, record: &AlarmRecord) -> AlarmReport {
+        AlarmReport {
+            alarm_id,
+            status: record.current.status.as_str().into(),
+            changed_at: wire::format_time(&record.current.changed_at),
+            sent_status: record.sent.map(|s| s.status.as_str().into()),
+            sent_changed_at: record.sent.map(|s| wire::format_time(&s.changed_at)),
+            changed_since_sent: record.changed_since_sent,
+            due: record.is_due(),
+        }
+    }
+}
+
+/// One shard's tree. Owned by exactly one shard worker, which is its only writer.
+pub struct ShardStore {
+    shard: u16,
+    tree: sled::Tree,
+    epoch: u64,
+    next_outbox: u64,
+}
+
+/// Result of answering one digest request inside a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DigestOutcome {
+    /// A digest was written to the outbox.
+    Queued { alarms: usize },
+    /// Nothing to report and `digest.skip_empty` is on.
+    SkippedEmpty,
+    /// This request (same shard stream sequence) was answered before: a redelivery.
+    AlreadyAnswered,
+}
+
+impl ShardStore {
+    pub fn shard(&self) -> u16 {
+        self.shard
+    }
+
+    pub fn begin(&mut self) -> ShardWrite<'_> {
+        ShardWrite {
+            store: self,
+            alarms: BTreeMap::new(),
+            answered: HashSet::new(),
+            outbox: Vec::new(),
+        }
+    }
+
+    /// One user's alarms as stored, in AlarmID order.
+    pub fn user_alarms(&self, user_id: &str) -> Result<Vec<(String, AlarmRecord)>, StoreError> {
+        let prefix = keys::user_prefix(user_id);
+        self.tree
+            .scan_prefix(&prefix)
+            .map(|item| {
+                let (key, value) = item?;
+                let alarm_id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+                let record =
+                    codec::decode_record(&value).map_err(|e| StoreError::codec(&key, e))?;
+                Ok((alarm_id, record))
+            })
+            .collect()
+    }
+
+    /// Digests still waiting for their PubAck, oldest first.
+    pub fn pending_outbox(&self) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
+        self.tree
+            .scan_prefix([keys::OUTBOX])
+            .map(|item| {
+                let (key, value) = item?;
+                let sequence = keys::parse_sequence_key(&key).unwrap_or(0);
+                let entry = codec::decode_outbox(&value).map_err(|e| StoreError::codec(&key, e))?;
+                Ok((sequence, entry))
+            })
+            .collect()
+    }
+
+    /// Drops published digests. Not flushed on purpose: if the removal is lost in a crash the
+    /// digest is published again with the same Msg-Id, and JetStream drops the copy.
+    pub fn remove_outbox(&self, sequences: &[u64]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for sequence in sequences {
+            batch.remove(&keys::sequence_key(keys::OUTBOX, *sequence));
+        }
+        Ok(self.tree.apply_batch(batch)?)
+    }
+
+    /// Forgets answered-request markers at or below the consumer's ack floor: JetStream will
+    /// never redeliver those requests.
+    pub fn prune_answered(&self, ack_floor: u64) -> Result<usize, StoreError> {
+        let end = keys::sequence_key(keys::REQUEST, ack_floor.saturating_add(1));
+        let mut batch = sled::Batch::default();
+        let mut count = 0;
+        for item in self.tree.range(keys::sequence_key(keys::REQUEST, 0)..end) {
+            let (key, _) = item?;
+            batch.remove(key);
+            count += 1;
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(count)
+    }
+
+    fn message_id(&self, sequence: u64) -> String {
+        format!(
+            "alarm-digest:{}:{:016x}:{}",
+            self.shard, self.epoch, sequence
+        )
+    }
+}
+
+/// The pending writes of one batch. Reads see the batch's own earlier writes first.
+pub struct ShardWrite<'s> {
+    store: &'s mut ShardStore,
+    alarms: BTreeMap<Vec<u8>, AlarmRecord>,
+    answered: HashSet<u64>,
+    outbox: Vec<(u64, OutboxEntry)>,
+}
+
+impl ShardWrite<'_> {
+    fn record(&self, key: &[u8]) -> Result<Option<AlarmRecord>, StoreError> {
+        if let Some(record) = self.alarms.get(key) {
+            return Ok(Some(*record));
+        }
+        match self.store.tree.get(key)? {
+            Some(bytes) => codec::decode_record(&bytes)
+                .map(Some)
+                .map_err(|e| StoreError::codec(key, e)),
+            None => Ok(None),
+        }
+    }
+
+    /// Applies one status change; returns whether it changed anything.
+    pub fn apply(&mut self, change: &StatusChange) -> Result<bool, StoreError> {
+        let key = keys::alarm_key(&change.user_id, &change.alarm_id);
+        let (record, changed) = match self.record(&key)? {
+            Some(mut record) => {
+                let changed = record.apply(change.observation);
+                (record, changed)
+            }
+            None => (AlarmRecord::new(change.observation), true),
+        };
+        if changed {
+            self.alarms.insert(key, record);
+        }
+        Ok(changed)
+    }
+
+    /// Answers a digest request: selects what is due, marks it sent and queues the digest in
+    /// the outbox, all in this batch. `request_sequence` is the request's shard stream
+    /// sequence, remembered so a redelivery is not answered twice.
+    pub fn digest(
+        &mut self,
+        user_id: &str,
+        request_sequence: u64,
+        skip_empty: bool,
+    ) -> Result<DigestOutcome, StoreError> {
+        let marker = keys::sequence_key(keys::REQUEST, request_sequence);
+        if self.answered.contains(&request_sequence) || self.store.tree.contains_key(marker)? {
+            return Ok(DigestOutcome::AlreadyAnswered);
+        }
+        let prefix = keys::user_prefix(user_id);
+        let mut merged: BTreeMap<Vec<u8>, AlarmRecord> = BTreeMap::new();
+        for item in self.store.tree.scan_prefix(&prefix) {
+            let (key, value) = item?;
+            let record = codec::decode_record(&value).map_err(|e| StoreError::codec(&key, e))?;
+            merged.insert(key.to_vec(), record);
+        }
+        for (key, record) in self.alarms.range(prefix.clone()..) {
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            merged.insert(key.clone(), *record);
+        }
+        let mut alarms: Vec<(String, AlarmRecord)> = merged
+            .iter()
+            .map(|(key, record)| {
+                (
+                    String::from_utf8_lossy(&key[prefix.len()..]).into_owned(),
+                    *record,
+                )
+            })
+            .collect();
+        let (entries, changed) = domain::take_digest(&mut alarms);
+        if entries.is_empty() && skip_empty {
+            return Ok(DigestOutcome::SkippedEmpty);
+        }
+        for index in changed {
+            let (alarm_id, record) = &alarms[index];
+            self.alarms
+                .insert(keys::alarm_key(user_id, alarm_id), *record);
+        }
+        let sequence = self.store.next_outbox + self.outbox.len() as u64;
+        self.outbox.push((
+            sequence,
+            OutboxEntry {
+                msg_id: self.store.message_id(sequence),
+                user_id: user_id.to_string(),
+                payload: wire::encode_digest(user_id, &entries),
+                alarm_count: u32::try_from(entries.len()).unwrap_or(u32::MAX),
+            },
+        ));
+        self.answered.insert(request_sequence);
+        Ok(DigestOutcome::Queued {
+            alarms: entries.len(),
+        })
+    }
+
+    /// Writes the whole batch atomically (not yet durable: flush next). Returns the digests
+    /// queued by this batch.
+    pub fn commit(self) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
+        let mut batch = sled::Batch::default();
+        for (key, record) in &self.alarms {
+            batch.insert(key.as_slice(), codec::encode_record(record));
+        }
+        for sequence in &self.answered {
+            batch.insert(&keys::sequence_key(keys::REQUEST, *sequence), &[][..]);
+        }
+        let next_outbox = self.store.next_outbox + self.outbox.len() as u64;
+        for (sequence, entry) in &self.outbox {
+            batch.insert(
+                &keys::sequence_key(keys::OUTBOX, *sequence),
+                codec::encode_outbox(entry),
+            );
+        }
+        if !self.outbox.is_empty() {
+            batch.insert(keys::META_NEXT_OUTBOX, &next_outbox.to_be_bytes());
+        }
+        self.store.tree.apply_batch(batch)?;
+        self.store.next_outbox = next_outbox;
+        Ok(self.outbox)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Observation, Status};
+    use crate::wire::AlarmDigest;
+
+    fn change(user: &str, alarm: &str, status: Status, secs: i64) -> StatusChange {
+        StatusChange {
+            user_id: user.into(),
+            alarm_id: alarm.into(),
+            observation: Observation {
+                status,
+                changed_at: chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default(),
+            },
+        }
+    }
+
+    fn digest_ids(entry: &OutboxEntry) -> Vec<String> {
+        let digest: AlarmDigest = serde_json::from_slice(&entry.payload).expect("valid digest");
+        digest
+            .active_alarms
+            .into_iter()
+            .map(|a| a.alarm_id)
+            .collect()
+    }
+
+    #[test]
+    fn a_digest_sees_events_earlier_in_the_same_batch_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path(), 8).expect("open");
+            let mut shard = store.shard(3).expect("shard");
+            let mut write = shard.begin();
+            write
+                .apply(&change("u", "a2", Status::Critical, 20))
+                .expect("apply");
+            write
+                .apply(&change("u", "a1", Status::Warning, 10))
+                .expect("apply");
+            write
+                .apply(&change("other", "x", Status::Warning, 5))
+                .expect("apply");
+            assert_eq!(
+                write.digest("u", 7, false).expect("digest"),
+                DigestOutcome::Queued { alarms: 2 }
+            );
+            let queued = write.commit().expect("commit");
+            assert_eq!(digest_ids(&queued[0].1), ["a1", "a2"]);
+            store.flush().expect("flush");
+        }
+        let store = Store::open(dir.path(), 8).expect("reopen");
+        let mut shard = store.shard(3).expect("shard");
+        assert_eq!(shard.pending_outbox().expect("outbox").len(), 1);
+        let mut write = shard.begin();
+        assert_eq!(
+            write.digest("u", 7, false).expect("digest"),
+            DigestOutcome::AlreadyAnswered
+        );
+        assert_eq!(
+            write.digest("u", 8, false).expect("digest"),
+            DigestOutcome::Queued { alarms: 0 }
+        );
+        let queued = write.commit().expect("commit");
+        assert_eq!(queued[0].0, 1, "outbox sequence continues after reopen");
+        assert_ne!(
+            queued[0].1.msg_id,
+            shard.pending_outbox().expect("outbox")[0].1.msg_id
+        );
+    }
+
+    #[test]
+    fn skip_empty_queues_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 8).expect("open");
+        let mut shard = store.shard(0).expect("shard");
+        let mut write = shard.begin();
+        assert_eq!(
+            write.digest("nobody", 1, true).expect("digest"),
+            DigestOutcome::SkippedEmpty
+        );
+        assert!(write.commit().expect("commit").is_empty());
+    }
+
+    #[test]
+    fn shard_count_is_recorded_once_and_a_change_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 8).expect("open");
+        store.check_shard_count(16).expect("first start records it");
+        store.check_shard_count(16).expect("same count is fine");
+        let error = store.check_shard_count(8).expect_err("changed count");
+        assert!(error.to_string().contains("holds 16 shards"), "{error}");
+    }
+
+    #[test]
+    fn answered_markers_are_pruned_up_to_the_ack_floor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 8).expect("open");
+        let mut shard = store.shard(0).expect("shard");
+        let mut write = shard.begin();
+        for sequence in [1, 2, 3] {
+            write.digest("u", sequence, false).expect("digest");
+        }
+        write.commit().expect("commit");
+        assert_eq!(shard.prune_answered(2).expect("prune"), 2);
+        let mut write = shard.begin();
+        assert_eq!(
+            write.digest("u", 3, false).expect("digest"),
+            DigestOutcome::AlreadyAnswered
+        );
+    }
+}

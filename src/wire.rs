@@ -1,0 +1,365 @@
+//! The JSON messages on the bus, and their conversion into domain types.
+//!
+//! This is the only place that knows field names. Everything that is not a valid message
+//! becomes a [`Rejection`], which the caller dead-letters.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{DigestEntry, Observation, Status, StatusChange};
+
+/// IDs longer than this are rejected: they would bloat keys and are never legitimate.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Why an input message was not applied. The `code` is a metric label and a header value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("payload is not a JSON object of the expected shape: {0}")]
+    Malformed(String),
+    #[error("field {0} is missing")]
+    Missing(&'static str),
+    #[error("field {0} is empty")]
+    Empty(&'static str),
+    #[error("field {field} is {len} bytes, longer than {MAX_ID_BYTES}")]
+    TooLong { field: &'static str, len: usize },
+    #[error("Status {0:?} is not one of CLEARED, WARNING, CRITICAL")]
+    UnknownStatus(String),
+    #[error("ChangedAt {0:?} is not an RFC 3339 timestamp")]
+    BadTime(String),
+    #[error("subject {0:?} is not an input subject")]
+    UnknownSubject(String),
+}
+
+impl Rejection {
+    /// A short, stable, low-cardinality name for metrics and dead-letter headers.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::TooLarge { .. } => "too_large",
+            Rejection::Malformed(_) => "malformed",
+            Rejection::Missing(_) => "missing_field",
+            Rejection::Empty(_) => "empty_field",
+            Rejection::TooLong { .. } => "id_too_long",
+            Rejection::UnknownStatus(_) => "unknown_status",
+            Rejection::BadTime(_) => "bad_time",
+            Rejection::UnknownSubject(_) => "unknown_subject",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct AlarmStatusChangedIn {
+    #[serde(rename = "AlarmID")]
+    alarm_id: Option<String>,
+    #[serde(rename = "UserID")]
+    user_id: Option<String>,
+    #[serde(rename = "Status")]
+    status: Option<String>,
+    #[serde(rename = "ChangedAt")]
+    changed_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SendAlarmDigestIn {
+    #[serde(rename = "UserID")]
+    user_id: Option<String>,
+}
+
+/// A validated `SendAlarmDigest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestRequest {
+    pub user_id: String,
+}
+
+/// A validated input message of either kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    StatusChange(StatusChange),
+    DigestRequest(DigestRequest),
+}
+
+impl Input {
+    pub fn user_id(&self) -> &str {
+        match self {
+            Input::StatusChange(change) => &change.user_id,
+            Input::DigestRequest(request) => &request.user_id,
+        }
+    }
+}
+
+/// Which input a subject carries; the subject names are configurable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    StatusChange,
+    DigestRequest,
+}
+
+/// Decodes and validates one input payload of the given kind.
+pub fn decode(kind: InputKind, payload: &[u8], max_payload: usize) -> Result<Input, Rejection> {
+    if payload.len() > max_payload {
+        return Err(Rejection::TooLarge {
+            size: payload.len(),
+            limit: max_payload,
+        });
+    }
+    match kind {
+        InputKind::StatusChange => decode_status_change(payload).map(Input::StatusChange),
+        InputKind::DigestRequest => decode_digest_request(payload).map(Input::DigestRequest),
+    }
+}
+
+fn decode_status_change(payload: &[u8]) -> Result<StatusChange, Rejection> {
+    let raw: AlarmStatusChangedIn =
+        serde_json::from_slice(payload).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    let user_id = id_field("UserID", raw.user_id)?;
+    let alarm_id = id_field("AlarmID", raw.alarm_id)?;
+    let status_text = raw.status.ok_or(Rejection::Missing("Status"))?;
+    let status = Status::parse(&status_text).ok_or(Rejection::UnknownStatus(status_text))?;
+    let changed_at = parse_time(&raw.changed_at.ok_or(Rejection::Missing("ChangedAt"))?)?;
+    Ok(StatusChange {
+        user_id,
+        alarm_id,
+        observation: Observation { status, changed_at },
+    })
+}
+
+fn decode_digest_request(payload: &[u8]) -> Result<DigestRequest, Rejection> {
+    let raw: SendAlarmDigestIn =
+        serde_json::from_slice(payload).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    Ok(DigestRequest {
+        user_id: id_field("UserID", raw.user_id)?,
+    })
+}
+
+fn id_field(field: &'static str, value: Option<String>) -> Result<String, Rejection> {
+    let value = value.ok_or(Rejection::Missing(field))?;
+    if value.is_empty() {
+        return Err(Rejection::Empty(field));
+    }
+    if value.len() > MAX_ID_BYTES {
+        return Err(Rejection::TooLong {
+            field,
+            len: value.len(),
+        });
+    }
+    Ok(value)
+}
+
+/// Parses RFC 3339 with 0–9 fractional digits and `Z` or a numeric offset, keeping
+/// nanoseconds, into the instant it names.
+pub fn parse_time(text: &str) -> Result<DateTime<Utc>, Rejection> {
+    let bad = || Rejection::BadTime(text.chars().take(64).collect());
+    // chrono also takes a space for `T` and more than nine digits (truncating them); the
+    // contract is stricter, so check the shape first.
+    let bytes = text.as_bytes();
+    if bytes.len() < 20 || !matches!(bytes[10], b'T' | b't') {
+        return Err(bad());
+    }
+    if bytes[19] == b'.' {
+        let digits = bytes[20..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        if digits == 0 || digits > 9 {
+            return Err(bad());
+        }
+    }
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| bad())
+}
+
+/// Writes an instant as RFC 3339 in UTC with as many fractional digits as it needs (0, 3, 6
+/// or 9), so nanosecond precision survives the round trip.
+pub fn format_time(instant: &DateTime<Utc>) -> String {
+    instant.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+#[derive(Serialize)]
+struct AlarmDigestOut<'a> {
+    #[serde(rename = "UserID")]
+    user_id: &'a str,
+    #[serde(rename = "ActiveAlarms")]
+    active_alarms: Vec<ActiveAlarmOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct ActiveAlarmOut<'a> {
+    #[serde(rename = "AlarmID")]
+    alarm_id: &'a str,
+    #[serde(rename = "Status")]
+    status: &'static str,
+    #[serde(rename = "LatestChangedAt")]
+    latest_changed_at: String,
+}
+
+/// Renders the `AlarmDigest` payload; `ActiveAlarms` is always an array.
+pub fn encode_digest(user_id: &str, entries: &[DigestEntry]) -> Vec<u8> {
+    let message = AlarmDigestOut {
+        user_id,
+        active_alarms: entries
+            .iter()
+            .map(|entry| ActiveAlarmOut {
+                alarm_id: &entry.alarm_id,
+                status: entry.status.as_str(),
+                latest_changed_at: format_time(&entry.latest_changed_at),
+            })
+            .collect(),
+    };
+    // Serialising a struct of strings into a Vec cannot fail; fall back to a valid document
+    // anyway rather than panic.
+    serde_json::to_vec(&message).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+/// The `AlarmDigest` message as consumers (and tests) read it back.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct AlarmDigest {
+    #[serde(rename = "UserID")]
+    pub user_id: String,
+    #[serde(rename = "ActiveAlarms")]
+    pub active_alarms: Vec<ActiveAlarm>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ActiveAlarm {
+    #[serde(rename = "AlarmID")]
+    pub alarm_id: String,
+    #[serde(rename = "Status")]
+    pub status: String,
+    #[serde(rename = "LatestChangedAt")]
+    pub latest_changed_at: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: usize = 64 * 1024;
+
+    fn status_change(payload: &str) -> Result<StatusChange, Rejection> {
+        match decode(InputKind::StatusChange, payload.as_bytes(), LIMIT)? {
+            Input::StatusChange(change) => Ok(change),
+            Input::DigestRequest(_) => Err(Rejection::Malformed("wrong kind".into())),
+        }
+    }
+
+    #[test]
+    fn accepts_the_documented_example_and_ignores_unknown_fields() {
+        let change = status_change(
+            r#"{"AlarmID":"a1","UserID":"u1","Status":"WARNING","ChangedAt":"2021-06-07T20:40:15.598765212Z","Extra":1}"#,
+        );
+        let change = change.expect("valid");
+        assert_eq!(change.user_id, "u1");
+        assert_eq!(change.observation.status, Status::Warning);
+        assert_eq!(
+            format_time(&change.observation.changed_at),
+            "2021-06-07T20:40:15.598765212Z"
+        );
+    }
+
+    #[test]
+    fn time_keeps_nanoseconds_and_compares_real_instants_across_offsets() {
+        let utc = parse_time("2021-06-07T20:40:15.000000001Z").expect("valid");
+        let offset = parse_time("2021-06-07T22:40:15.000000001+02:00").expect("valid");
+        assert_eq!(utc, offset);
+        let later = parse_time("2021-06-07T20:40:15.000000002Z").expect("valid");
+        assert!(later > utc);
+    }
+
+    #[test]
+    fn time_accepts_zero_to_nine_fraction_digits() {
+        for text in [
+            "2021-06-07T20:40:15Z",
+            "2021-06-07T20:40:15.5Z",
+            "2021-06-07T20:40:15.123456789Z",
+            "2021-06-07T20:40:15.12-07:30",
+            "2021-06-07t20:40:15z",
+        ] {
+            assert!(parse_time(text).is_ok(), "{text} should parse");
+        }
+    }
+
+    #[test]
+    fn time_rejects_what_rfc_3339_does_not_allow() {
+        for text in [
+            "",
+            "2021-06-07",
+            "2021-06-07 20:40:15Z",
+            "2021-06-07T20:40:15",
+            "2021-06-07T20:40:15.Z",
+            "2021-06-07T20:40:15.1234567891Z",
+            "2021-13-07T20:40:15Z",
+            "2021-06-07T25:40:15Z",
+            "2021-06-07T20:40:15+0200",
+            "yesterday at noon, roughly",
+            "2021-06-07T20:40:1é.5Z",
+        ] {
+            assert!(parse_time(text).is_err(), "{text} should be rejected");
+        }
+    }
+
+    #[test]
+    fn formats_utc_with_the_digits_it_needs() {
+        let t = parse_time("2021-06-07T22:40:15+02:00").expect("valid");
+        assert_eq!(format_time(&t), "2021-06-07T20:40:15Z");
+        let t = parse_time("2021-06-07T20:40:15.5Z").expect("valid");
+        assert_eq!(format_time(&t), "2021-06-07T20:40:15.500Z");
+    }
+
+    #[test]
+    fn each_kind_of_bad_input_has_its_own_reason() {
+        let cases = [
+            ("not json", "malformed"),
+            ("[1,2]", "malformed"),
+            (
+                r#"{"UserID":"u","Status":"WARNING","ChangedAt":"2021-06-07T20:40:15Z"}"#,
+                "missing_field",
+            ),
+            (
+                r#"{"AlarmID":"","UserID":"u","Status":"WARNING","ChangedAt":"2021-06-07T20:40:15Z"}"#,
+                "empty_field",
+            ),
+            (
+                r#"{"AlarmID":"a","UserID":"u","Status":"warning","ChangedAt":"2021-06-07T20:40:15Z"}"#,
+                "unknown_status",
+            ),
+            (
+                r#"{"AlarmID":"a","UserID":"u","Status":"WARNING","ChangedAt":"noon"}"#,
+                "bad_time",
+            ),
+            (
+                r#"{"AlarmID":"a","UserID":7,"Status":"WARNING","ChangedAt":"2021-06-07T20:40:15Z"}"#,
+                "malformed",
+            ),
+        ];
+        for (payload, code) in cases {
+            let rejection = status_change(payload).expect_err(payload);
+            assert_eq!(rejection.code(), code, "{payload}");
+        }
+    }
+
+    #[test]
+    fn ids_longer_than_the_limit_are_rejected() {
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        let payload = format!(r#"{{"UserID":"{long}"}}"#);
+        let rejection = decode(InputKind::DigestRequest, payload.as_bytes(), LIMIT);
+        assert_eq!(rejection.map_err(|r| r.code()), Err("id_too_long"));
+        let exact = "x".repeat(MAX_ID_BYTES);
+        let payload = format!(r#"{{"UserID":"{exact}"}}"#);
+        assert!(decode(InputKind::DigestRequest, payload.as_bytes(), LIMIT).is_ok());
+    }
+
+    #[test]
+    fn oversized_payload_is_rejected_before_parsing() {
+        let payload = vec![b' '; 100];
+        let rejection = decode(InputKind::DigestRequest, &payload, 10);
+        assert_eq!(rejection.map_err(|r| r.code()), Err("too_large"));
+    }
+
+    #[test]
+    fn empty_digest_is_an_empty_array_never_null() {
+        let payload = encode_digest("u1", &[]);
+        assert_eq!(payload, br#"{"UserID":"u1","ActiveAlarms":[]}"#);
+    }
+}
