@@ -1,0 +1,9 @@
+//! Integration tests: every test runs its own nats-server (random port, own store dir) and
+//! talks to alarm-digest through the broker only, as producers and consumers do.
+
+mod support;
+
+mod cli;
+mod dead_letter;
+mod durability;
+mod semantics;

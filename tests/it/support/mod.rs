@@ -1,0 +1,9 @@
+//! Test harness: real nats-server processes and alarm-digest instances.
+
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+pub mod nats;
+pub mod service;
+
+pub use nats::NatsServer;
+pub use service::*;

@@ -1,0 +1,149 @@
+//! Starts a real nats-server per test, modelled on nats.rs's own harness: a random port read
+//! back from the ports file, its own JetStream store dir, killed and removed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+const INSTALL_HINT: &str = "nats-server is required for the integration tests and was not found \
+    (looked at $NATS_SERVER_BIN, /usr/sbin/nats-server and $PATH). Install it with \
+    `sudo apt-get install nats-server` on Debian/Ubuntu, or set NATS_SERVER_BIN.";
+
+fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("NATS_SERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    let debian = PathBuf::from("/usr/sbin/nats-server");
+    if debian.is_file() {
+        return debian;
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("nats-server"))
+                .find(|candidate| candidate.is_file())
+        })
+        .unwrap_or_else(|| panic!("{INSTALL_HINT}"))
+}
+
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    jetstream: bool,
+    store: TempDir,
+    extra_args: Vec<String>,
+}
+
+impl NatsServer {
+    /// A server with JetStream on a free port.
+    pub fn start() -> NatsServer {
+        NatsServer::start_with(true, Vec::new())
+    }
+
+    pub fn start_without_jetstream() -> NatsServer {
+        NatsServer::start_with(false, Vec::new())
+    }
+
+    pub fn start_with(jetstream: bool, extra_args: Vec<String>) -> NatsServer {
+        let store = tempfile::tempdir().expect("temp dir for the JetStream store");
+        let mut server = NatsServer {
+            child: None,
+            port: 0,
+            jetstream,
+            store,
+            extra_args,
+        };
+        server.spawn(None);
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn store_dir(&self) -> &Path {
+        self.store.path()
+    }
+
+    /// Kills the server (its store dir stays).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same store dir.
+    pub fn restart(&mut self) {
+        self.stop();
+        let port = self.port;
+        self.spawn(Some(port));
+    }
+
+    fn spawn(&mut self, port: Option<u16>) {
+        let ports_dir = self.store.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).expect("ports dir");
+        let mut command = Command::new(binary());
+        command
+            .args(["-a", "127.0.0.1", "-p"])
+            .arg(port.map_or("-1".to_string(), |p| p.to_string()))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if self.jetstream {
+            command
+                .arg("-js")
+                .arg("-sd")
+                .arg(self.store.path().join("js"));
+        }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting nats-server failed: {e}. {INSTALL_HINT}"));
+        let pid = child.id();
+        self.child = Some(child);
+        let ports_file = ports_dir.join(format!("nats-server_{pid}.ports"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ports_file) {
+                if let Some(found) = parse_port(&text) {
+                    self.port = found;
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The ports file is written once the listener is up; wait for it to accept.
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not accept connections"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn parse_port(ports_json: &str) -> Option<u16> {
+    let value: serde_json::Value = serde_json::from_str(ports_json).ok()?;
+    let url = value.get("nats")?.get(0)?.as_str()?;
+    url.rsplit(':').next()?.parse().ok()
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,319 @@
+//! alarm-digest instances (in-process through the library, or the real binary) and a client
+//! that publishes like producers do and reads digests like the notification service does.
+
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use alarm_digest::bus::Topology;
+use alarm_digest::config::Config;
+use alarm_digest::service::{self, RunningService};
+use alarm_digest::wire::AlarmDigest;
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::{self, Context};
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::NatsServer;
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Config for a test instance: its own data dir, an ephemeral HTTP port, 4 shards, and a
+/// short ack wait so redeliveries after a kill happen within the test.
+pub fn test_config(nats: &NatsServer, data_dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.nats.url = nats.url();
+    config.storage.path = data_dir.to_path_buf();
+    config.storage.cache_capacity_mb = 16;
+    config.http.listen = "127.0.0.1:0".into();
+    config.shards.count = 4;
+    config.tuning.ack_wait_secs = 5;
+    config.shutdown.grace_secs = 10;
+    config
+}
+
+/// Starts an instance in-process and waits until `/readyz` says ready.
+pub async fn start_service(config: Config) -> RunningService {
+    let service = service::start(config).await.expect("service starts");
+    wait_ready(&service.http_addr.to_string()).await;
+    service
+}
+
+pub async fn wait_ready(http: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok((200, _)) = http_get(http, "/readyz").await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "instance at {http} not ready within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A minimal HTTP/1.0 GET, enough for the service's endpoints.
+pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Producer and notification-service side of a test.
+pub struct TestClient {
+    pub nats: async_nats::Client,
+    pub js: Context,
+    pub config: Config,
+}
+
+impl TestClient {
+    /// Connects and creates the streams the way `alarm-digest setup` does, so a test can
+    /// publish before any instance runs.
+    pub async fn connect(config: &Config) -> TestClient {
+        let nats = async_nats::connect(config.nats.url.as_str())
+            .await
+            .expect("connect to nats");
+        let js = jetstream::new(nats.clone());
+        Topology::new(config.streams.clone(), config.shards.count)
+            .ensure_streams(&js)
+            .await
+            .expect("streams");
+        TestClient {
+            nats,
+            js,
+            config: config.clone(),
+        }
+    }
+
+    /// Publishes to an input subject and waits until the input stream stored it.
+    pub async fn publish(&self, subject: &str, payload: impl Into<Vec<u8>>) {
+        self.js
+            .publish(subject.to_string(), payload.into().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored in the input stream");
+    }
+
+    pub async fn status(&self, user: &str, alarm: &str, status: &str, changed_at: &str) {
+        let payload = status_payload(user, alarm, status, changed_at);
+        self.publish(&self.config.streams.status_subject.clone(), payload)
+            .await;
+    }
+
+    pub async fn request_digest(&self, user: &str) {
+        let payload = format!(r#"{{"UserID":"{user}"}}"#);
+        self.publish(&self.config.streams.digest_request_subject.clone(), payload)
+            .await;
+    }
+
+    /// Reads every digest in the output stream from the start, in publish order.
+    pub async fn digests(&self) -> DigestReader {
+        let stream = self
+            .js
+            .get_stream(&self.config.streams.output_stream)
+            .await
+            .expect("output stream");
+        let consumer = stream
+            .create_consumer(pull::Config {
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .expect("output consumer");
+        DigestReader {
+            messages: consumer.messages().await.expect("output messages"),
+        }
+    }
+
+    /// Waits until the input and every shard stream are empty: all work acked.
+    pub async fn wait_drained(&self) {
+        let topology = Topology::new(self.config.streams.clone(), self.config.shards.count);
+        let mut names = vec![self.config.streams.input_stream.clone()];
+        names.extend((0..self.config.shards.count).map(|s| topology.shard_stream(s)));
+        let deadline = Instant::now() + Duration::from_secs(90);
+        'poll: loop {
+            assert!(Instant::now() < deadline, "streams not drained within 90 s");
+            for name in &names {
+                let mut stream = self.js.get_stream(name).await.expect("stream");
+                let info = stream.info().await.expect("stream info");
+                if info.state.messages > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue 'poll;
+                }
+            }
+            return;
+        }
+    }
+
+    pub async fn stream_messages(&self, name: &str) -> u64 {
+        let mut stream = self.js.get_stream(name).await.expect("stream");
+        stream.info().await.expect("stream info").state.messages
+    }
+}
+
+pub fn status_payload(user: &str, alarm: &str, status: &str, changed_at: &str) -> String {
+    format!(
+        r#"{{"AlarmID":"{alarm}","UserID":"{user}","Status":"{status}","ChangedAt":"{changed_at}"}}"#
+    )
+}
+
+pub struct DigestReader {
+    messages: pull::Stream,
+}
+
+impl DigestReader {
+    pub async fn next(&mut self) -> AlarmDigest {
+        let message = tokio::time::timeout(WAIT, self.messages.next())
+            .await
+            .expect("a digest within the wait")
+            .expect("output stream open")
+            .expect("digest message");
+        serde_json::from_slice(&message.payload).expect("digest is valid JSON")
+    }
+
+    /// The next digest for `user`, skipping other users'.
+    pub async fn next_for(&mut self, user: &str) -> AlarmDigest {
+        loop {
+            let digest = self.next().await;
+            if digest.user_id == user {
+                return digest;
+            }
+        }
+    }
+
+    /// Asserts no digest arrives within `wait`.
+    pub async fn assert_none_within(&mut self, wait: Duration) {
+        if let Ok(Some(Ok(message))) = tokio::time::timeout(wait, self.messages.next()).await {
+            panic!(
+                "unexpected digest: {}",
+                String::from_utf8_lossy(&message.payload)
+            );
+        }
+    }
+
+    /// Reads digests until none arrives for `quiet`.
+    pub async fn drain(&mut self, quiet: Duration) -> Vec<AlarmDigest> {
+        let mut digests = Vec::new();
+        while let Ok(Some(Ok(message))) = tokio::time::timeout(quiet, self.messages.next()).await {
+            digests.push(serde_json::from_slice(&message.payload).expect("digest is valid JSON"));
+        }
+        digests
+    }
+}
+
+/// `(AlarmID, Status, LatestChangedAt)` triples of a digest, in its order.
+pub fn entries(digest: &AlarmDigest) -> Vec<(String, String, String)> {
+    digest
+        .active_alarms
+        .iter()
+        .map(|a| {
+            (
+                a.alarm_id.clone(),
+                a.status.clone(),
+                a.latest_changed_at.clone(),
+            )
+        })
+        .collect()
+}
+
+/// The real binary, configured through the documented environment variables.
+pub struct ServiceProcess {
+    child: Child,
+    pub http: String,
+}
+
+impl ServiceProcess {
+    pub fn spawn(nats: &NatsServer, data_dir: &Path, extra_env: &[(&str, &str)]) -> ServiceProcess {
+        let http = format!("127.0.0.1:{}", free_port());
+        let mut command = Command::new(env!("CARGO_BIN_EXE_alarm-digest"));
+        command
+            .arg("run")
+            .env("ALARM_DIGEST_NATS__URL", nats.url())
+            .env("ALARM_DIGEST_STORAGE__PATH", data_dir)
+            .env("ALARM_DIGEST_HTTP__LISTEN", &http)
+            .env("ALARM_DIGEST_SHARDS__COUNT", "4")
+            .env("ALARM_DIGEST_TUNING__ACK_WAIT_SECS", "5")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (key, value) in extra_env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("spawn alarm-digest");
+        ServiceProcess { child, http }
+    }
+
+    pub fn kill_9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill command");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("alarm-digest did not exit within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Runs the binary to completion with the given args and env; returns (code, stderr).
+pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_alarm-digest"))
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run alarm-digest");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
