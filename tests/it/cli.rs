@@ -1,1 +1,171 @@
+//! The binary's contract: exit codes, `setup`, `inspect`, health endpoints.
 
+use std::time::Duration;
+
+use tempfile::tempdir;
+
+use crate::support::*;
+
+#[test]
+fn bad_config_exits_64_and_names_the_key() {
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (&[("ALARM_DIGEST_SHARDS__COUNT", "0")], "shards.count"),
+        (
+            &[("ALARM_DIGEST_HTTP__LISTEN", "not-an-address")],
+            "http.listen",
+        ),
+        (
+            &[
+                ("ALARM_DIGEST_SHARDS__COUNT", "4"),
+                ("ALARM_DIGEST_SHARDS__OWNED", "[9]"),
+            ],
+            "shards.owned",
+        ),
+        (
+            &[("ALARM_DIGEST_CONFIG", "/nonexistent/alarm-digest.toml")],
+            "does not exist",
+        ),
+    ];
+    for (env, key) in cases {
+        let (code, _, stderr) = run_binary(&["run"], env);
+        assert_eq!(code, Some(64), "{env:?}: {stderr}");
+        assert!(stderr.contains(key), "{env:?} should name {key}: {stderr}");
+    }
+}
+
+#[test]
+fn a_changed_shard_count_is_refused_with_how_to_migrate() {
+    let data = tempdir().expect("data dir");
+    let store = alarm_digest::store::Store::open(data.path(), 8).expect("open");
+    store.check_shard_count(4).expect("record");
+    drop(store);
+    let path = data.path().to_string_lossy().into_owned();
+    let (code, _, stderr) = run_binary(
+        &["run"],
+        &[
+            ("ALARM_DIGEST_STORAGE__PATH", &path),
+            ("ALARM_DIGEST_SHARDS__COUNT", "8"),
+        ],
+    );
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("holds 4 shards") && stderr.contains("migrate"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_server_without_jetstream_is_a_clear_fatal_error() {
+    let nats = NatsServer::start_without_jetstream();
+    let data = tempdir().expect("data dir");
+    let path = data.path().to_string_lossy().into_owned();
+    let (code, _, stderr) = run_binary(
+        &["run"],
+        &[
+            ("ALARM_DIGEST_NATS__URL", &nats.url()),
+            ("ALARM_DIGEST_STORAGE__PATH", &path),
+            ("ALARM_DIGEST_HTTP__LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("does not have JetStream enabled"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn setup_creates_every_stream_and_is_idempotent() {
+    let nats = NatsServer::start();
+    let env = [
+        ("ALARM_DIGEST_NATS__URL", nats.url()),
+        ("ALARM_DIGEST_SHARDS__COUNT", "4".into()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    for _ in 0..2 {
+        let (code, stdout, stderr) = run_binary(&["setup"], &env);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(stdout.contains("ok"));
+    }
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let defaults = alarm_digest::config::StreamsConfig::default();
+    let mut names = vec![
+        defaults.input_stream.clone(),
+        defaults.output_stream.clone(),
+        defaults.dead_letter_stream.clone(),
+    ];
+    names.extend((0..4).map(|s| format!("{}_{s}", defaults.shard_stream_prefix)));
+    for name in names {
+        js.get_stream(&name)
+            .await
+            .unwrap_or_else(|e| panic!("{name} missing: {e}"));
+    }
+}
+
+#[tokio::test]
+async fn inspect_reads_a_running_instance_over_http_and_a_stopped_one_from_disk() {
+    let nats = NatsServer::start();
+    let data = tempdir().expect("data dir");
+    let config = test_config(&nats, data.path());
+    let client = TestClient::connect(&config).await;
+    let service = ServiceProcess::spawn(&nats, data.path(), &[]);
+    wait_ready(&service.http).await;
+    client
+        .status("u/1 é", "a", "CRITICAL", "2021-06-07T20:00:01Z")
+        .await;
+    client.request_digest("u/1 é").await;
+    let mut digests = client.digests().await;
+    assert_eq!(digests.next().await.active_alarms.len(), 1);
+
+    let path = data.path().to_string_lossy().into_owned();
+    let http = service.http.clone();
+    let env = [
+        ("ALARM_DIGEST_STORAGE__PATH", path.as_str()),
+        ("ALARM_DIGEST_HTTP__LISTEN", http.as_str()),
+        ("ALARM_DIGEST_SHARDS__COUNT", "4"),
+    ];
+    let (code, online, stderr) = run_binary(&["inspect", "user", "u/1 é"], &env);
+    assert_eq!(code, Some(0), "{stderr}");
+    let report: alarm_digest::store::UserReport =
+        serde_json::from_str(&online).expect("JSON report");
+    assert_eq!(report.alarms.len(), 1);
+    assert_eq!(report.alarms[0].status, "CRITICAL");
+    assert_eq!(report.alarms[0].sent_status.as_deref(), Some("CRITICAL"));
+    assert!(!report.alarms[0].due);
+
+    service.signal("TERM");
+    assert_eq!(service.wait_exit(Duration::from_secs(15)).code(), Some(0));
+    let (code, offline, stderr) = run_binary(&["inspect", "user", "u/1 é"], &env);
+    assert_eq!(code, Some(0), "{stderr}");
+    let offline: alarm_digest::store::UserReport =
+        serde_json::from_str(&offline).expect("JSON report");
+    assert_eq!(offline, report, "the same state, read from disk");
+}
+
+#[tokio::test]
+async fn live_while_waiting_for_nats_ready_only_once_connected() {
+    let data = tempdir().expect("data dir");
+    let port = free_port();
+    let path = data.path().to_string_lossy().into_owned();
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_alarm-digest"));
+    command
+        .arg("run")
+        .env("ALARM_DIGEST_NATS__URL", format!("nats://127.0.0.1:{port}"))
+        .env("ALARM_DIGEST_STORAGE__PATH", &path)
+        .env("ALARM_DIGEST_HTTP__LISTEN", &http)
+        .env("RUST_LOG", "error")
+        .stderr(std::process::Stdio::null());
+    let mut child = command.spawn().expect("spawn");
+    let deadline = std::time::Instant::now() + WAIT;
+    while http_get(&http, "/livez").await.map(|r| r.0).unwrap_or(0) != 200 {
+        assert!(std::time::Instant::now() < deadline, "never live");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, body) = http_get(&http, "/readyz").await.expect("readyz");
+    assert_eq!(code, 503);
+    assert!(body.contains("nats"), "{body}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
