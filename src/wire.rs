@@ -363,3 +363,40 @@ mod tests {
         assert_eq!(payload, br#"{"UserID":"u1","ActiveAlarms":[]}"#);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use chrono::{FixedOffset, TimeZone};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any instant written with any offset and 0-9 fractional digits parses to itself,
+        /// and our UTC rendering round-trips exactly.
+        #[test]
+        fn rfc3339_round_trips_any_instant_and_offset(
+            secs in 0i64..253_402_300_799,
+            nanos in 0u32..1_000_000_000,
+            offset_minutes in -1439i32..1439,
+            digits in 0usize..=9,
+        ) {
+            let nanos = nanos - nanos % 10u32.pow(9 - digits as u32);
+            let instant = DateTime::<Utc>::from_timestamp(secs, nanos).unwrap_or_default();
+            let offset = FixedOffset::east_opt(offset_minutes * 60).expect("offset within a day");
+            let local = offset.from_utc_datetime(&instant.naive_utc());
+            let fraction = if digits == 0 { String::new() } else {
+                format!(".{:09}", nanos)[..=digits].to_string()
+            };
+            let text = format!("{}{}{}", local.format("%Y-%m-%dT%H:%M:%S"), fraction, local.format("%:z"));
+            prop_assert_eq!(parse_time(&text), Ok(instant));
+            prop_assert_eq!(parse_time(&format_time(&instant)), Ok(instant));
+        }
+
+        /// Arbitrary bytes never panic the decoder.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(InputKind::StatusChange, &bytes, 4096);
+            let _ = decode(InputKind::DigestRequest, &bytes, 4096);
+        }
+    }
+}

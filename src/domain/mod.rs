@@ -9,3 +9,6 @@ mod digest;
 
 pub use alarm::{AlarmRecord, Observation, Status, StatusChange};
 pub use digest::{take_digest, DigestEntry};
+
+#[cfg(test)]
+mod properties;
