@@ -43,6 +43,15 @@ pub enum Command {
         #[command(subcommand)]
         target: InspectTarget,
     },
+    /// Publish one plain NATS message, as producers do (for trying things by hand).
+    Publish {
+        /// e.g. AlarmStatusChanged or SendAlarmDigest.
+        subject: String,
+        /// The JSON payload.
+        payload: String,
+    },
+    /// Print every AlarmDigest as it is published.
+    Watch,
 }
 
 #[derive(Debug, Subcommand)]

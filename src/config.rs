@@ -557,6 +557,20 @@ mod tests {
         assert!(Config::default().validate().is_ok());
     }
 
+    /// packaging/config.toml documents every key with its default; keep it true.
+    #[test]
+    fn the_shipped_example_config_loads_and_states_the_defaults() {
+        Jail::expect_with(|jail| {
+            let example = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/config.toml");
+            let config = Config::load(Some(Path::new(example)), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            let defaults = Config::default();
+            assert_eq!(format!("{config:?}"), format!("{defaults:?}"));
+            let _ = jail;
+            Ok(())
+        });
+    }
+
     #[test]
     fn env_overrides_file_and_flags_override_env() {
         Jail::expect_with(|jail| {

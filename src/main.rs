@@ -1,5 +1,6 @@
 //! The `alarm-digest` binary: parse arguments, load and validate config, dispatch.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -22,7 +23,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    init_logging(&config.log);
+    // One-shot commands print their result on stdout; keep their log to warnings.
+    let default_filter = match cli.command {
+        Command::Run => config.log.filter.as_str(),
+        _ => "warn",
+    };
+    init_logging(&config.log, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -40,6 +46,10 @@ fn main() -> ExitCode {
             Command::Inspect {
                 target: InspectTarget::User { user_id },
             } => cmd::inspect::run(config, user_id).await,
+            Command::Publish { subject, payload } => {
+                cmd::publish::run(config, subject, payload).await
+            }
+            Command::Watch => cmd::watch::run(config).await,
         }
     });
     match result {
@@ -59,10 +69,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(log: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.filter));
+fn init_logging(log: &LogConfig, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if log.format == "json" {
         builder.json().init();

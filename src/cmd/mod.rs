@@ -1,5 +1,7 @@
 //! One file per subcommand. Each takes a validated `Config` and returns the exit code.
 
 pub mod inspect;
+pub mod publish;
 pub mod run;
 pub mod setup;
+pub mod watch;

@@ -4,7 +4,7 @@
 //! in the batch see earlier ones), commits it with one atomic `apply_batch`, and then asks the
 //! [`GroupFlusher`] to make it durable; only then are the messages acked.
 
-mod codec;
+pub mod codec;
 mod flusher;
 pub mod keys;
 
