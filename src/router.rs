@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{self, BusError, DeadLetter};
+use crate::bus::{self, BusError, DeadLetter, Outgoing};
 use crate::retry::{until_ok, Backoff};
 use crate::shared::Shared;
 use crate::wire::{self, Input, Rejection};
@@ -21,8 +21,9 @@ use crate::wire::{self, Input, Rejection};
 /// How long JetStream waits before redelivering an input whose republish failed.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
-/// Batches whose PubAcks may be outstanding at once.
-const BATCHES_IN_FLIGHT: usize = 2;
+/// Routed batches queued for the acker. With the one being acked and the one being
+/// published, `QUEUED_BATCHES + 2` batches of PubAcks may be outstanding at once.
+pub const QUEUED_BATCHES: usize = 2;
 
 type Pending = Vec<(Result<PublishAckFuture, BusError>, Message, Routed)>;
 
@@ -54,7 +55,7 @@ impl Router {
         };
         shared.readiness.set("router", true);
 
-        let (to_acker, from_router) = mpsc::channel::<Pending>(BATCHES_IN_FLIGHT);
+        let (to_acker, from_router) = mpsc::channel::<Pending>(QUEUED_BATCHES);
         let acker = tokio::spawn(ack_routed(from_router, self.shared.clone()));
         let mut backoff = Backoff::default();
         loop {
@@ -118,9 +119,9 @@ impl Router {
                 ),
                 None => Err(Rejection::UnknownSubject(message.subject.to_string())),
             };
-            let (published, routed) = match decoded {
+            let (outgoing, routed) = match decoded {
                 Ok(input) => (
-                    self.republish(&input, &message, sequence).await,
+                    self.shard_message(&input, &message, sequence),
                     Routed::ToShard,
                 ),
                 Err(rejection) => {
@@ -139,27 +140,22 @@ impl Router {
                         stream: &streams.input_stream,
                         stream_sequence: sequence,
                     };
-                    let published = record
-                        .publish(
-                            &shared.js,
-                            &streams.dead_letter_subject,
-                            message.payload.clone(),
-                        )
-                        .await;
-                    (published, Routed::DeadLettered)
+                    let outgoing =
+                        record.outgoing(&streams.dead_letter_subject, message.payload.clone());
+                    (outgoing, Routed::DeadLettered)
                 }
             };
+            let published = shared
+                .js
+                .publish_with_headers(outgoing.subject, outgoing.headers, outgoing.payload)
+                .await
+                .map_err(|e| BusError::transient("republishing", e));
             pending.push((published, message, routed));
         }
         pending
     }
 
-    async fn republish(
-        &self,
-        input: &Input,
-        message: &Message,
-        input_sequence: u64,
-    ) -> Result<PublishAckFuture, BusError> {
+    fn shard_message(&self, input: &Input, message: &Message, input_sequence: u64) -> Outgoing {
         let shared = &self.shared;
         let shard = shared.topology.shard_of(input.user_id());
         let (kind, headers) = match input {
@@ -175,15 +171,11 @@ impl Router {
                 (wire::InputKind::DigestRequest, headers)
             }
         };
-        shared
-            .js
-            .publish_with_headers(
-                shared.topology.shard_subject(kind, shard),
-                headers,
-                message.payload.clone(),
-            )
-            .await
-            .map_err(|e| BusError::transient("republishing to a shard", e))
+        Outgoing {
+            subject: shared.topology.shard_subject(kind, shard),
+            headers,
+            payload: message.payload.clone(),
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::retry::until_ok;
-use crate::router::Router;
+use crate::router::{self, Router};
 use crate::shard_worker::ShardWorker;
 use crate::shared::Shared;
 use crate::store::{GroupFlusher, Store};
@@ -129,8 +129,13 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
         return Ok(());
     };
     let _ = parts.nats.set(client.clone());
-    // Room for a full router batch plus every worker's digests without blocking.
-    let in_flight = config.tuning.router_batch * 2 + config.tuning.worker_batch + 1024;
+    // Every holder of PubAck futures is bounded: the router by its queued batches, each
+    // shard worker by one publish window at a time. Size the context's in-flight limit to
+    // their sum so no holder ever waits for a permit another waiting holder owns.
+    let owned = config.shards.owned.resolve(config.shards.count);
+    let in_flight = config.tuning.router_batch * (router::QUEUED_BATCHES + 2)
+        + owned.len() * bus::PUBLISH_WINDOW
+        + 64;
     let js = bus::jetstream(client.clone(), in_flight);
     let ensured = until_ok("creating the streams", shutdown, || {
         parts.topology.ensure_streams(&js)
@@ -151,7 +156,7 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
     let flusher = GroupFlusher::spawn(parts.store.clone());
     let mut tasks: JoinSet<Result<(), BusError>> = JoinSet::new();
     tasks.spawn(Router::new(shared.clone()).run(shutdown.clone()));
-    for shard in config.shards.owned.resolve(config.shards.count) {
+    for shard in owned {
         let store = parts.store.shard(shard)?;
         let worker = ShardWorker::new(shared.clone(), store, flusher.clone());
         tasks.spawn(worker.run(shutdown.clone()));

@@ -15,7 +15,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{self, BusError, DeadLetter};
+use crate::bus::{self, BusError, DeadLetter, Outgoing};
 use crate::retry::{until_ok, Backoff};
 use crate::shared::Shared;
 use crate::store::{DigestOutcome, GroupFlusher, OutboxEntry, ShardStore, StoreError};
@@ -219,6 +219,7 @@ impl ShardWorker {
         self.outbox.extend(queued);
 
         let mut dead_letters = Vec::new();
+        let mut records = Vec::new();
         for (message, (disposition, sequence)) in messages.into_iter().zip(dispositions) {
             match disposition {
                 Disposition::Ack => ack(&message).await,
@@ -240,14 +241,11 @@ impl ShardWorker {
                         stream: &shared.topology.shard_stream(shard),
                         stream_sequence: sequence,
                     };
-                    let published = record
-                        .publish(
-                            &shared.js,
-                            &shared.config.streams.dead_letter_subject,
-                            message.payload.clone(),
-                        )
-                        .await;
-                    dead_letters.push((published, message));
+                    records.push(record.outgoing(
+                        &shared.config.streams.dead_letter_subject,
+                        message.payload.clone(),
+                    ));
+                    dead_letters.push(message);
                 }
             }
         }
@@ -255,11 +253,8 @@ impl ShardWorker {
             // The digests are durable in the outbox; the loop retries before taking more.
             tracing::warn!(shard, %error, "digest publish failed; will retry");
         }
-        for (published, message) in dead_letters {
-            let outcome = match published {
-                Ok(future) => future.await.map(|_| ()).map_err(|e| e.to_string()),
-                Err(error) => Err(error.to_string()),
-            };
+        let outcomes = bus::publish_windowed(&shared.js, records).await;
+        for (message, outcome) in dead_letters.into_iter().zip(outcomes) {
             match outcome {
                 Ok(()) => ack(&message).await,
                 Err(error) => {
@@ -287,29 +282,26 @@ impl ShardWorker {
     /// held requests once the outbox is empty.
     async fn publish_outbox(&mut self) -> Result<(), BusError> {
         let shared = &self.shared;
-        let subject = shared.config.streams.digest_subject.clone();
-        let mut futures = Vec::with_capacity(self.outbox.len());
-        for (sequence, entry) in &self.outbox {
-            let mut headers = HeaderMap::new();
-            headers.insert(NATS_MESSAGE_ID, entry.msg_id.as_str());
-            let published = shared
-                .js
-                .publish_with_headers(subject.clone(), headers, Bytes::from(entry.payload.clone()))
-                .await;
-            futures.push((*sequence, published));
-        }
-        let mut delivered = Vec::with_capacity(futures.len());
+        let subject = &shared.config.streams.digest_subject;
+        let outgoing = self
+            .outbox
+            .iter()
+            .map(|(_, entry)| {
+                let mut headers = HeaderMap::new();
+                headers.insert(NATS_MESSAGE_ID, entry.msg_id.as_str());
+                Outgoing {
+                    subject: subject.clone(),
+                    headers,
+                    payload: Bytes::from(entry.payload.clone()),
+                }
+            })
+            .collect();
+        let outcomes = bus::publish_windowed(&shared.js, outgoing).await;
+        let mut delivered = Vec::with_capacity(outcomes.len());
         let mut first_error = None;
-        for (sequence, published) in futures {
-            let outcome = match published {
-                Ok(future) => future
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| BusError::transient("awaiting a digest PubAck", e)),
-                Err(error) => Err(BusError::transient("publishing a digest", error)),
-            };
+        for ((sequence, _), outcome) in self.outbox.iter().zip(outcomes) {
             match outcome {
-                Ok(()) => delivered.push(sequence),
+                Ok(()) => delivered.push(*sequence),
                 Err(error) => {
                     shared.metrics.publish_failures.fetch_add(1, Relaxed);
                     first_error.get_or_insert(error);

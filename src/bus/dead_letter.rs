@@ -1,9 +1,7 @@
-use async_nats::jetstream::context::PublishAckFuture;
-use async_nats::jetstream::Context;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
-use super::BusError;
+use super::Outgoing;
 
 /// Header names on a dead-letter record.
 pub struct DeadLetterHeaders;
@@ -28,14 +26,9 @@ pub struct DeadLetter<'a> {
 }
 
 impl DeadLetter<'_> {
-    /// Publishes the original payload to the dead-letter subject with these headers. The
-    /// caller acks the original only after the returned PubAck arrives.
-    pub async fn publish(
-        &self,
-        js: &Context,
-        dead_letter_subject: &str,
-        payload: Bytes,
-    ) -> Result<PublishAckFuture, BusError> {
+    /// The dead-letter record: the original payload with why and where it came from. The
+    /// caller acks the original only after this record's PubAck.
+    pub fn outgoing(&self, dead_letter_subject: &str, payload: Bytes) -> Outgoing {
         let mut headers = HeaderMap::new();
         headers.insert(DeadLetterHeaders::REASON, self.reason);
         // Header values cannot hold line breaks.
@@ -52,8 +45,10 @@ impl DeadLetter<'_> {
             DeadLetterHeaders::STREAM_SEQUENCE,
             self.stream_sequence.to_string().as_str(),
         );
-        js.publish_with_headers(dead_letter_subject.to_string(), headers, payload)
-            .await
-            .map_err(|e| BusError::transient("publishing a dead letter", e))
+        Outgoing {
+            subject: dead_letter_subject.to_string(),
+            headers,
+            payload,
+        }
     }
 }

@@ -3,10 +3,12 @@
 
 mod connect;
 mod dead_letter;
+mod publish;
 mod topology;
 
 pub use connect::{connect, jetstream};
 pub use dead_letter::{DeadLetter, DeadLetterHeaders};
+pub use publish::{publish_windowed, Outgoing, PUBLISH_WINDOW};
 pub use topology::Topology;
 
 use std::time::Duration;

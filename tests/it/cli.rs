@@ -144,7 +144,7 @@ async fn inspect_reads_a_running_instance_over_http_and_a_stopped_one_from_disk(
 }
 
 #[tokio::test]
-async fn live_while_waiting_for_nats_ready_only_once_connected() {
+async fn live_while_waiting_for_nats_and_ready_once_it_comes_up() {
     let data = tempdir().expect("data dir");
     let port = free_port();
     let path = data.path().to_string_lossy().into_owned();
@@ -166,6 +166,10 @@ async fn live_while_waiting_for_nats_ready_only_once_connected() {
     let (code, body) = http_get(&http, "/readyz").await.expect("readyz");
     assert_eq!(code, 503);
     assert!(body.contains("nats"), "{body}");
+
+    // The broker comes up later: start order does not matter.
+    let _nats = NatsServer::start_on(port);
+    wait_ready(&http).await;
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -312,3 +312,40 @@ async fn sigterm_under_load_drains_and_exits_0_without_losing_work() {
     assert_eq!(reported, expected);
     drop(service);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_requests_larger_than_the_publish_window_is_answered_in_full() {
+    let nats = NatsServer::start();
+    let data = tempdir().expect("data dir");
+    let mut config = test_config(&nats, data.path());
+    // One shard: a single batch queues up to worker_batch digests, far above the window.
+    config.shards.count = 1;
+    let client = TestClient::connect(&config).await;
+    let users: Vec<String> = (0..3_000).map(|u| format!("burst-{u}")).collect();
+    let subject = config.streams.digest_request_subject.clone();
+    let payloads: Vec<String> = users
+        .iter()
+        .map(|u| format!(r#"{{"UserID":"{u}"}}"#))
+        .collect();
+    let mut acks = Vec::new();
+    for payload in payloads {
+        acks.push(
+            client
+                .js
+                .publish(subject.clone(), payload.into())
+                .await
+                .expect("publish"),
+        );
+    }
+    for ack in acks {
+        ack.await.expect("stored");
+    }
+    assert!(users.len() > 4 * alarm_digest::bus::PUBLISH_WINDOW);
+
+    let service = start_service(config).await;
+    client.wait_drained().await;
+    let mut reader = client.digests().await;
+    let digests = reader.drain(Duration::from_secs(2)).await;
+    assert_eq!(digests.len(), users.len(), "every request answered once");
+    service.stop().await.expect("clean stop");
+}

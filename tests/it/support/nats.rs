@@ -46,6 +46,20 @@ impl NatsServer {
         NatsServer::start_with(false, Vec::new())
     }
 
+    /// A server with JetStream on a given port (for a service that was started first).
+    pub fn start_on(port: u16) -> NatsServer {
+        let store = tempfile::tempdir().expect("temp dir for the JetStream store");
+        let mut server = NatsServer {
+            child: None,
+            port,
+            jetstream: true,
+            store,
+            extra_args: Vec::new(),
+        };
+        server.spawn(Some(port));
+        server
+    }
+
     pub fn start_with(jetstream: bool, extra_args: Vec<String>) -> NatsServer {
         let store = tempfile::tempdir().expect("temp dir for the JetStream store");
         let mut server = NatsServer {
