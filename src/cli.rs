@@ -52,6 +52,8 @@ pub enum Command {
     },
     /// Print every AlarmDigest as it is published.
     Watch,
+    /// Load a running deployment and report ingest rate, digest latency, RSS and disk use.
+    Bench(crate::cmd::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,6 +8,7 @@ pub mod cmd;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod load;
 pub mod metrics;
 pub mod readiness;
 pub mod retry;

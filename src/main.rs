@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     };
     // One-shot commands print their result on stdout; keep their log to warnings.
     let default_filter = match cli.command {
-        Command::Run => config.log.filter.as_str(),
+        Command::Run | Command::Bench(_) => config.log.filter.as_str(),
         _ => "warn",
     };
     init_logging(&config.log, default_filter);
@@ -50,6 +50,7 @@ fn main() -> ExitCode {
                 cmd::publish::run(config, subject, payload).await
             }
             Command::Watch => cmd::watch::run(config).await,
+            Command::Bench(args) => cmd::bench::run(config, args).await,
         }
     });
     match result {

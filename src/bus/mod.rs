@@ -17,24 +17,50 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::Message;
 use futures::StreamExt;
 
-/// Pulls up to `max` messages, waiting at most `expires` for them. An empty batch is normal.
+/// Pulls up to `max` messages. Whatever is already queued comes back at once; when nothing
+/// is, this waits server-side (up to `expires`) for the first message instead of polling,
+/// then takes whatever else arrived meanwhile. So an idle consumer costs one request per
+/// `expires`, and a lone message is handled without waiting for a batch to fill.
 pub async fn fetch(
     consumer: &PullConsumer,
     max: usize,
     expires: Duration,
 ) -> Result<Vec<Message>, BusError> {
-    let mut batch = consumer
-        .fetch()
-        .max_messages(max)
-        .expires(expires)
-        .messages()
-        .await
-        .map_err(|e| BusError::transient("requesting a batch", e))?;
+    let mut messages = pull(consumer, max, None).await?;
+    if messages.is_empty() {
+        // A batch of one cannot be left half-filled at expiry, which nats-server 2.9 can
+        // fail to close (README, Pitfalls).
+        messages = pull(consumer, 1, Some(expires)).await?;
+        if !messages.is_empty() && max > 1 {
+            messages.extend(pull(consumer, max - 1, None).await?);
+        }
+    }
+    Ok(messages)
+}
+
+/// One pull request: `no_wait` when `wait` is `None`.
+async fn pull(
+    consumer: &PullConsumer,
+    max: usize,
+    wait: Option<Duration>,
+) -> Result<Vec<Message>, BusError> {
+    let mut batch = match wait {
+        None => consumer.fetch().max_messages(max).messages().await,
+        Some(expires) => {
+            consumer
+                .batch()
+                .max_messages(max)
+                .expires(expires)
+                .messages()
+                .await
+        }
+    }
+    .map_err(|e| BusError::transient("requesting a batch", e))?;
     let mut messages = Vec::with_capacity(max);
     while let Some(item) = batch.next().await {
         match item {
             Ok(message) => messages.push(message),
-            // Keep what arrived; the next fetch reports a persistent problem.
+            // Keep what arrived; the next pull reports a persistent problem.
             Err(error) if !messages.is_empty() => {
                 tracing::debug!(%error, "batch ended early");
                 break;

@@ -1,5 +1,6 @@
 //! One file per subcommand. Each takes a validated `Config` and returns the exit code.
 
+pub mod bench;
 pub mod inspect;
 pub mod publish;
 pub mod run;

@@ -1,0 +1,178 @@
+//! `alarm-digest bench`: end-to-end load against a running deployment (see README,
+//! Performance). It talks to the broker only; RSS and disk are read when the service is local.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{self, Topology};
+use crate::config::Config;
+use crate::load::{self, ceiling, Workload};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Status changes to publish.
+    #[arg(long, default_value_t = 100_000)]
+    pub events: u64,
+    /// Distinct users.
+    #[arg(long, default_value_t = 10_000)]
+    pub users: u64,
+    /// Alarms per user.
+    #[arg(long, default_value_t = 10)]
+    pub alarms: u64,
+    /// Events per second to publish (0: as fast as the broker takes them).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Digest requests to send after ingest has drained.
+    #[arg(long, default_value_t = 2_000)]
+    pub digests: u64,
+    /// Digest requests per second.
+    #[arg(long, default_value_t = 500)]
+    pub digest_rate: u64,
+    /// Events per second to keep publishing while digests are measured (0: ingest idle).
+    #[arg(long, default_value_t = 0)]
+    pub background_rate: u64,
+    /// First measure the broker alone doing the same work (zero processing), same server.
+    #[arg(long)]
+    pub broker_ceiling: bool,
+    /// The service's pid for RSS (default: the one local `alarm-digest run`, if any).
+    #[arg(long)]
+    pub service_pid: Option<u32>,
+    /// The service's data dir for bytes per alarm (default: storage.path).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Give up waiting after this long.
+    #[arg(long, default_value_t = 900)]
+    pub timeout_secs: u64,
+}
+
+pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let Some(client) = bus::connect(&config.nats, &CancellationToken::new()).await? else {
+        return Ok(ExitCode::from(130));
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    Topology::new(config.streams.clone(), config.shards.count)
+        .ensure_streams(&js)
+        .await?;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let workload = Workload {
+        events: args.events,
+        users: args.users.max(1),
+        alarms: args.alarms.max(1),
+    };
+    println!(
+        "alarm-digest bench  {}  events={} users={} alarms={} rate={} shards={}",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        workload.events,
+        workload.users,
+        workload.alarms,
+        if args.rate == 0 {
+            "max".to_string()
+        } else {
+            args.rate.to_string()
+        },
+        config.shards.count,
+    );
+
+    let ceiling = if args.broker_ceiling && workload.events > 0 {
+        let elapsed = ceiling::measure(&client, &config, &workload, args.rate, timeout).await?;
+        let per_second = workload.events as f64 / elapsed.as_secs_f64();
+        println!(
+            "broker ceiling   {:>9} msgs in {:>7.2} s = {:>8.0} msgs/s  (input stream → router hop → shard streams → ack, no processing)",
+            workload.events,
+            elapsed.as_secs_f64(),
+            per_second
+        );
+        Some(per_second)
+    } else {
+        None
+    };
+
+    if workload.events > 0 {
+        let input = &config.streams.input_stream;
+        let first = load::last_sequence(&js, input).await?;
+        let started = Instant::now();
+        let subject = config.streams.status_subject.clone();
+        load::publish_events(&client, &subject, &workload, 0..workload.events, args.rate).await?;
+        let consumers = load::service_consumers(&config);
+        load::wait_drained(&js, (input, first + workload.events), &consumers, timeout).await?;
+        let elapsed = started.elapsed();
+        let per_second = workload.events as f64 / elapsed.as_secs_f64();
+        let ratio = ceiling
+            .map(|c| format!("  = {:.2} of the broker ceiling", per_second / c))
+            .unwrap_or_default();
+        println!(
+            "ingest           {:>9} evts in {:>7.2} s = {:>8.0} events/s{ratio}",
+            workload.events,
+            elapsed.as_secs_f64(),
+            per_second
+        );
+    }
+
+    if args.digests > 0 {
+        let background = (args.background_rate > 0).then(|| {
+            let seconds = args.digests / args.digest_rate.max(1) + 3;
+            let range = workload.events..workload.events + args.background_rate * seconds;
+            let client = client.clone();
+            let subject = config.streams.status_subject.clone();
+            let rate = args.background_rate;
+            tokio::spawn(async move {
+                load::publish_events(&client, &subject, &workload, range, rate).await
+            })
+        });
+        let latencies = load::digest_latencies(
+            &client,
+            &config,
+            &workload,
+            args.digests,
+            args.digest_rate,
+            timeout,
+        )
+        .await?;
+        if let Some(background) = background {
+            background.abort();
+        }
+        let [p50, p90, p99, max] = load::percentiles(latencies);
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let during = if args.background_rate > 0 {
+            format!("  (ingest running at {}/s)", args.background_rate)
+        } else {
+            "  (ingest idle)".to_string()
+        };
+        println!(
+            "digest latency   {:>9} reqs at {}/s: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms{during}",
+            args.digests,
+            args.digest_rate,
+            ms(p50),
+            ms(p90),
+            ms(p99),
+            ms(max)
+        );
+    }
+
+    match args
+        .service_pid
+        .or_else(load::find_service_pid)
+        .and_then(|pid| load::rss_bytes(pid).map(|rss| (pid, rss)))
+    {
+        Some((pid, rss)) => println!(
+            "service RSS      {:>9.1} MiB (pid {pid})",
+            rss as f64 / 1048576.0
+        ),
+        None => println!("service RSS      not local (or several instances): pass --service-pid"),
+    }
+    let data_dir = args.data_dir.clone().unwrap_or(config.storage.path.clone());
+    let bytes = load::dir_bytes(&data_dir);
+    if bytes > 0 && workload.stored_alarms() > 0 {
+        println!(
+            "data dir         {:>9} bytes / {} stored alarms = {:.0} B per alarm ({})",
+            bytes,
+            workload.stored_alarms(),
+            bytes as f64 / workload.stored_alarms() as f64,
+            data_dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,168 @@
+//! The broker alone doing the service's work with zero processing, on the same server and
+//! through the same topology: input stream → a router hop (republish to the user's shard
+//! stream, ack after the PubAck) → one stream per shard → consume and ack.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, Context, Message};
+use async_nats::HeaderMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{publish_events, wait_drained, Workload};
+use crate::bus::{self, Topology};
+use crate::config::{Config, StreamsConfig};
+use crate::router::QUEUED_BATCHES;
+use crate::wire::InputKind;
+
+fn ceiling_streams(base: &StreamsConfig) -> StreamsConfig {
+    StreamsConfig {
+        status_subject: "BenchCeiling.AlarmStatusChanged".into(),
+        digest_request_subject: "BenchCeiling.SendAlarmDigest".into(),
+        digest_subject: "BenchCeiling.AlarmDigest".into(),
+        dead_letter_subject: "BenchCeiling.DeadLetter".into(),
+        input_stream: "BENCH_CEILING_INPUT".into(),
+        shard_stream_prefix: "BENCH_CEILING_SHARD".into(),
+        output_stream: "BENCH_CEILING_OUTPUT".into(),
+        dead_letter_stream: "BENCH_CEILING_DEAD_LETTER".into(),
+        ..base.clone()
+    }
+}
+
+async fn delete_streams(js: &Context, topology: &Topology) {
+    let s = &topology.streams;
+    let mut names = vec![
+        s.input_stream.clone(),
+        s.output_stream.clone(),
+        s.dead_letter_stream.clone(),
+    ];
+    names.extend((0..topology.shard_count).map(|shard| topology.shard_stream(shard)));
+    for name in names {
+        let _ = js.delete_stream(&name).await;
+    }
+}
+
+/// Returns how long the broker alone took to move `workload` through the topology, with the
+/// events published meanwhile by `producer` at `rate`.
+pub async fn measure(
+    producer: &async_nats::Client,
+    config: &Config,
+    workload: &Workload,
+    rate: u64,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    // The consumers get their own connection, as the service has its own.
+    let consumer_client = async_nats::connect(config.nats.url.as_str()).await?;
+    let js = bus::jetstream(
+        consumer_client.clone(),
+        config.tuning.router_batch * (QUEUED_BATCHES + 2) + 64,
+    );
+    let topology = Topology::new(ceiling_streams(&config.streams), config.shards.count);
+    delete_streams(&js, &topology).await;
+    topology.ensure_streams(&js).await?;
+
+    let cancel = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let router = topology.router_consumer(&js, &config.tuning).await?;
+    tasks.push(tokio::spawn(route(
+        router,
+        js.clone(),
+        topology.clone(),
+        config.tuning.clone(),
+        cancel.clone(),
+    )));
+    for shard in 0..topology.shard_count {
+        let consumer = topology.worker_consumer(&js, shard, &config.tuning).await?;
+        tasks.push(tokio::spawn(drain_shard(
+            consumer,
+            config.tuning.clone(),
+            cancel.clone(),
+        )));
+    }
+
+    let input = topology.streams.input_stream.clone();
+    let first = super::last_sequence(&js, &input).await?;
+    let started = Instant::now();
+    let subject = topology.input_subject(InputKind::StatusChange).to_string();
+    publish_events(producer, &subject, workload, 0..workload.events, rate).await?;
+    let consumers = super::service_consumers(&Config {
+        streams: topology.streams.clone(),
+        shards: config.shards.clone(),
+        ..Config::default()
+    });
+    wait_drained(&js, (&input, first + workload.events), &consumers, timeout).await?;
+    let elapsed = started.elapsed();
+
+    cancel.cancel();
+    for task in tasks {
+        let _ = task.await;
+    }
+    delete_streams(&js, &topology).await;
+    Ok(elapsed)
+}
+
+type Published = (
+    Result<jetstream::context::PublishAckFuture, async_nats::Error>,
+    Message,
+);
+
+async fn route(
+    consumer: jetstream::consumer::PullConsumer,
+    js: Context,
+    topology: Topology,
+    tuning: crate::config::TuningConfig,
+    cancel: CancellationToken,
+) {
+    let (to_acker, mut batches) = mpsc::channel::<Vec<Published>>(QUEUED_BATCHES);
+    let acker = tokio::spawn(async move {
+        while let Some(batch) = batches.recv().await {
+            for (published, message) in batch {
+                if let Ok(future) = published {
+                    if future.await.is_ok() {
+                        let _ = message.ack().await;
+                    }
+                }
+            }
+        }
+    });
+    loop {
+        let fetched = tokio::select! {
+            _ = cancel.cancelled() => break,
+            fetched = bus::fetch(&consumer, tuning.router_batch, tuning.fetch_expires()) => fetched,
+        };
+        let Ok(messages) = fetched else { continue };
+        let mut batch = Vec::with_capacity(messages.len());
+        for message in messages {
+            // Zero processing: route on the raw payload's checksum instead of the UserID.
+            let shard =
+                (crc32fast::hash(&message.payload) % u32::from(topology.shard_count)) as u16;
+            let subject = topology.shard_subject(InputKind::StatusChange, shard);
+            let published = js
+                .publish_with_headers(subject, HeaderMap::new(), message.payload.clone())
+                .await
+                .map_err(Into::into);
+            batch.push((published, message));
+        }
+        if to_acker.send(batch).await.is_err() {
+            break;
+        }
+    }
+    drop(to_acker);
+    let _ = acker.await;
+}
+
+async fn drain_shard(
+    consumer: jetstream::consumer::PullConsumer,
+    tuning: crate::config::TuningConfig,
+    cancel: CancellationToken,
+) {
+    loop {
+        let fetched = tokio::select! {
+            _ = cancel.cancelled() => break,
+            fetched = bus::fetch(&consumer, tuning.worker_batch, tuning.fetch_expires()) => fetched,
+        };
+        for message in fetched.unwrap_or_default() {
+            let _ = message.ack().await;
+        }
+    }
+}

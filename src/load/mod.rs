@@ -1,0 +1,322 @@
+//! The end-to-end load tool behind `alarm-digest bench`: publishes a workload the way
+//! producers do, waits for the service to drain it (from the consumers' state), measures
+//! request-to-digest latency, and optionally the broker-only ceiling through the same topology.
+
+pub mod ceiling;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use async_nats::jetstream::Context;
+use async_nats::Client;
+use futures::StreamExt;
+
+use crate::bus::Topology;
+use crate::config::Config;
+use crate::wire::AlarmDigest;
+
+/// `events` status changes spread over `users` × `alarms`: the first users×alarms events
+/// create every alarm once, later ones change them again.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    pub events: u64,
+    pub users: u64,
+    pub alarms: u64,
+}
+
+const STATUSES: [&str; 3] = ["WARNING", "CRITICAL", "CLEARED"];
+
+impl Workload {
+    pub fn user_id(user: u64) -> String {
+        format!("bench-user-{user:08}")
+    }
+
+    pub fn payload(&self, event: u64) -> String {
+        let pair = event % (self.users * self.alarms);
+        let user = pair / self.alarms;
+        let alarm = pair % self.alarms;
+        let round = event / (self.users * self.alarms);
+        // Mostly active, a third cleared, varying per alarm and round.
+        let status = STATUSES[((pair * 7 + round) % 3) as usize];
+        let nanos = 1_600_000_000_000_000_000i64 + event as i64;
+        let at = chrono::DateTime::from_timestamp_nanos(nanos);
+        format!(
+            r#"{{"AlarmID":"bench-alarm-{alarm:04}","UserID":"{}","Status":"{status}","ChangedAt":"{}"}}"#,
+            Workload::user_id(user),
+            crate::wire::format_time(&at)
+        )
+    }
+
+    pub fn stored_alarms(&self) -> u64 {
+        self.events.min(self.users * self.alarms)
+    }
+}
+
+/// Paces a loop to `per_second` (0 = unpaced). It checks the clock about once a millisecond's
+/// worth of messages (every message below 1000/s), so a paced load is smooth, not bursts.
+pub struct Pacer {
+    per_second: u64,
+    every: u64,
+    started: Instant,
+}
+
+impl Pacer {
+    pub fn new(per_second: u64) -> Pacer {
+        Pacer {
+            per_second,
+            every: (per_second / 1000).max(1),
+            started: Instant::now(),
+        }
+    }
+
+    pub async fn pace(&self, sent: u64) {
+        if self.per_second == 0 || !sent.is_multiple_of(self.every) {
+            return;
+        }
+        let due = Duration::from_secs_f64(sent as f64 / self.per_second as f64);
+        if let Some(ahead) = due.checked_sub(self.started.elapsed()) {
+            tokio::time::sleep(ahead).await;
+        }
+    }
+}
+
+/// Publishes events `from..to` as plain NATS messages, paced to `rate` per second.
+pub async fn publish_events(
+    client: &Client,
+    subject: &str,
+    workload: &Workload,
+    range: std::ops::Range<u64>,
+    rate: u64,
+) -> anyhow::Result<()> {
+    let pacer = Pacer::new(rate);
+    for (sent, event) in range.enumerate() {
+        client
+            .publish(subject.to_string(), workload.payload(event).into())
+            .await?;
+        pacer.pace(sent as u64).await;
+    }
+    client.flush().await?;
+    Ok(())
+}
+
+/// Waits until `stream` holds at least `last_sequence`, and every named consumer has
+/// nothing pending or unacknowledged.
+pub async fn wait_drained(
+    js: &Context,
+    input: (&str, u64),
+    consumers: &[(String, String)],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let (input_stream, last_sequence) = input;
+    loop {
+        if Instant::now() > deadline {
+            bail!("not drained within {timeout:?}");
+        }
+        let mut stream = js.get_stream(input_stream).await?;
+        if stream.info().await?.state.last_sequence >= last_sequence {
+            let mut idle = true;
+            for (stream_name, consumer_name) in consumers {
+                let stream = js.get_stream_no_info(stream_name).await?;
+                let info = stream
+                    .consumer_info(consumer_name)
+                    .await
+                    .with_context(|| format!("consumer {consumer_name} on {stream_name}"))?;
+                if info.num_pending > 0 || info.num_ack_pending > 0 {
+                    idle = false;
+                    break;
+                }
+            }
+            if idle {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The service's consumers: the router's and every shard worker's.
+pub fn service_consumers(config: &Config) -> Vec<(String, String)> {
+    let topology = Topology::new(config.streams.clone(), config.shards.count);
+    let mut consumers = vec![(
+        config.streams.input_stream.clone(),
+        config.streams.router_consumer.clone(),
+    )];
+    consumers.extend((0..config.shards.count).map(|shard| {
+        (
+            topology.shard_stream(shard),
+            config.streams.worker_consumer.clone(),
+        )
+    }));
+    consumers
+}
+
+pub async fn last_sequence(js: &Context, stream: &str) -> anyhow::Result<u64> {
+    let mut stream = js.get_stream(stream).await?;
+    Ok(stream.info().await?.state.last_sequence)
+}
+
+/// Sends `count` digest requests at `rate` per second for users spread over the workload and
+/// returns each request-to-digest latency.
+pub async fn digest_latencies(
+    client: &Client,
+    config: &Config,
+    workload: &Workload,
+    count: u64,
+    rate: u64,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Duration>> {
+    let sent: Arc<Mutex<HashMap<String, VecDeque<Instant>>>> = Arc::default();
+    let mut digests = client
+        .subscribe(config.streams.digest_subject.clone())
+        .await?;
+    // Let the server register the subscription before the first answer can arrive.
+    client.flush().await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let receiver_sent = sent.clone();
+    let receiver = tokio::spawn(async move {
+        let mut latencies = Vec::with_capacity(count as usize);
+        while (latencies.len() as u64) < count {
+            let Ok(Some(message)) = tokio::time::timeout(timeout, digests.next()).await else {
+                break;
+            };
+            let Ok(digest) = serde_json::from_slice::<AlarmDigest>(&message.payload) else {
+                continue;
+            };
+            let started = receiver_sent
+                .lock()
+                .ok()
+                .and_then(|mut sent| sent.get_mut(&digest.user_id)?.pop_front());
+            if let Some(started) = started {
+                latencies.push(started.elapsed());
+            }
+        }
+        latencies
+    });
+    let pacer = Pacer::new(rate);
+    for request in 0..count {
+        let user = Workload::user_id((request * 7_919) % workload.users);
+        let payload = format!(r#"{{"UserID":"{user}"}}"#);
+        if let Ok(mut sent) = sent.lock() {
+            sent.entry(user).or_default().push_back(Instant::now());
+        }
+        client
+            .publish(
+                config.streams.digest_request_subject.clone(),
+                payload.into(),
+            )
+            .await?;
+        if rate > 0 {
+            pacer.pace(request).await;
+        }
+    }
+    client.flush().await?;
+    let latencies = receiver.await?;
+    if (latencies.len() as u64) < count {
+        bail!("only {} of {count} digests arrived", latencies.len());
+    }
+    Ok(latencies)
+}
+
+/// p50/p90/p99/max of a set of latencies.
+pub fn percentiles(mut latencies: Vec<Duration>) -> [Duration; 4] {
+    latencies.sort();
+    let at = |q: f64| {
+        let index = ((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1);
+        latencies.get(index).copied().unwrap_or_default()
+    };
+    [
+        at(0.50),
+        at(0.90),
+        at(0.99),
+        latencies.last().copied().unwrap_or_default(),
+    ]
+}
+
+/// Resident set size of a process, from /proc.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The pid of a local `alarm-digest run`, if exactly one runs.
+pub fn find_service_pid() -> Option<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_service = args.first().is_some_and(|a| a.ends_with(b"alarm-digest"))
+            && args.iter().any(|a| *a == b"run");
+        if is_service && pid != std::process::id() {
+            found.push(pid);
+        }
+    }
+    (found.len() == 1).then(|| found[0])
+}
+
+/// Bytes of every file below `dir`.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_bytes(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{decode, Input, InputKind};
+
+    #[test]
+    fn workload_events_are_valid_and_cover_every_alarm_first() {
+        let workload = Workload {
+            events: 40,
+            users: 4,
+            alarms: 5,
+        };
+        let mut pairs = std::collections::BTreeSet::new();
+        for event in 0..20 {
+            let payload = workload.payload(event);
+            let Ok(Input::StatusChange(change)) =
+                decode(InputKind::StatusChange, payload.as_bytes(), 1024)
+            else {
+                panic!("invalid workload event {payload}");
+            };
+            pairs.insert((change.user_id, change.alarm_id));
+        }
+        assert_eq!(pairs.len(), 20);
+        assert_eq!(workload.stored_alarms(), 20);
+    }
+
+    #[test]
+    fn percentiles_pick_the_nearest_rank() {
+        let latencies = (1..=100).map(Duration::from_millis).collect();
+        let [p50, p90, p99, max] = percentiles(latencies);
+        assert_eq!(
+            (p50, p90, p99, max),
+            (
+                Duration::from_millis(50),
+                Duration::from_millis(90),
+                Duration::from_millis(99),
+                Duration::from_millis(100)
+            )
+        );
+    }
+}
