@@ -11,8 +11,9 @@ shards="${ALARM_DIGEST_SHARDS__COUNT:-16}"
 
 nats_bin="$(command -v nats-server || echo /usr/sbin/nats-server)"
 [ -x "$nats_bin" ] || { echo "bench: nats-server missing: apt-get install nats-server" >&2; exit 1; }
-cargo build --release --locked --quiet
-bin="$PWD/target/release/alarm-digest"
+# BENCH_BIN runs another build (A/B comparisons); by default the release build.
+if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --locked --quiet; fi
+bin="${BENCH_BIN:-$PWD/target/release/alarm-digest}"
 
 work="$(mktemp -d /tmp/alarm-digest-bench.XXXXXX)"
 pids=()
@@ -33,10 +34,21 @@ for _ in $(seq 100); do ls "$work/ports"/*.ports >/dev/null 2>&1 && break; sleep
 url="$(grep -o 'nats://[0-9.:]*' "$work/ports"/*.ports | head -1)"
 export ALARM_DIGEST_NATS__URL="$url" ALARM_DIGEST_SHARDS__COUNT="$shards"
 
-for ((i = 0; i < instances; i++)); do
+http0="127.0.0.1:$((20000 + RANDOM % 20000))"
+start_instance() {
+  local i="$1" listen=127.0.0.1:0 owned
   owned="$(seq -s, "$i" "$instances" $((shards - 1)))"
-  ALARM_DIGEST_STORAGE__PATH="$work/data-$i" ALARM_DIGEST_HTTP__LISTEN=127.0.0.1:0 \
+  [ "$i" -eq 0 ] && listen="$http0"
+  ALARM_DIGEST_STORAGE__PATH="$work/data-$i" ALARM_DIGEST_HTTP__LISTEN="$listen" \
     ALARM_DIGEST_SHARDS__OWNED="[$owned]" RUST_LOG=warn "$bin" run &
+}
+ready() {
+  exec 3<>"/dev/tcp/${http0%:*}/${http0##*:}" 2>/dev/null || return 1
+  printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3
+  head -c 12 <&3 | grep -q 200
+}
+for ((i = 0; i < instances; i++)); do
+  start_instance "$i"
   pids+=("$!")
 done
 "$bin" setup >/dev/null
@@ -45,3 +57,14 @@ sleep 1
 extra=()
 if [ "$instances" -eq 1 ]; then extra=(--service-pid "${pids[1]}" --data-dir "$work/data-0"); fi
 ALARM_DIGEST_STORAGE__PATH="$work/data-0" "$bin" bench "${extra[@]}" "$@"
+
+# MEASURE_RESTART=1: stop instance 0 gracefully, start it again on its data, time to ready.
+if [ "${MEASURE_RESTART:-0}" = 1 ]; then
+  kill -TERM "${pids[1]}"
+  wait "${pids[1]}" || true
+  started="$(date +%s%N)"
+  start_instance 0
+  pids[1]="$!"
+  until ready; do sleep 0.01; done
+  echo "restart to ready $(( ($(date +%s%N) - started) / 1000000 )) ms  (instance 0, $(du -sh "$work/data-0" | cut -f1) data dir)"
+fi

@@ -126,7 +126,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             path: PathBuf::from("alarm-digest-data"),
-            cache_capacity_mb: 64,
+            cache_capacity_mb: 32,
         }
     }
 }

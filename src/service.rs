@@ -129,14 +129,19 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
         return Ok(());
     };
     let _ = parts.nats.set(client.clone());
-    // Every holder of PubAck futures is bounded: the router by its queued batches, each
-    // shard worker by one publish window at a time. Size the context's in-flight limit to
-    // their sum so no holder ever waits for a permit another waiting holder owns.
+    // Every holder of PubAck futures is bounded: each shard worker by one publish window at
+    // a time, the router (on its own connection) by its queued batches. Each context's
+    // in-flight limit is the sum of its holders' bounds, so no holder ever waits for a
+    // permit that another waiting holder owns.
     let owned = config.shards.owned.resolve(config.shards.count);
-    let in_flight = config.tuning.router_batch * (router::QUEUED_BATCHES + 2)
-        + owned.len() * bus::PUBLISH_WINDOW
-        + 64;
-    let js = bus::jetstream(client.clone(), in_flight);
+    let js = bus::jetstream(client.clone(), owned.len() * bus::PUBLISH_WINDOW + 64);
+    let Some(router_client) = bus::connect(&config.nats, shutdown).await? else {
+        return Ok(());
+    };
+    let router_js = bus::jetstream(
+        router_client,
+        config.tuning.router_batch * (router::QUEUED_BATCHES + 2) + 64,
+    );
     let ensured = until_ok("creating the streams", shutdown, || {
         parts.topology.ensure_streams(&js)
     })
@@ -155,7 +160,7 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
     };
     let flusher = GroupFlusher::spawn(parts.store.clone());
     let mut tasks: JoinSet<Result<(), BusError>> = JoinSet::new();
-    tasks.spawn(Router::new(shared.clone()).run(shutdown.clone()));
+    tasks.spawn(Router::new(shared.clone(), router_js).run(shutdown.clone()));
     for shard in owned {
         let store = parts.store.shard(shard)?;
         let worker = ShardWorker::new(shared.clone(), store, flusher.clone());

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
@@ -282,7 +282,7 @@ impl ShardWorker {
     /// held requests once the outbox is empty.
     async fn publish_outbox(&mut self) -> Result<(), BusError> {
         let shared = &self.shared;
-        let subject = &shared.config.streams.digest_subject;
+        let subject = Subject::from(shared.config.streams.digest_subject.as_str());
         let outgoing = self
             .outbox
             .iter()

@@ -1,4 +1,4 @@
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 
 use super::Outgoing;
@@ -46,7 +46,7 @@ impl DeadLetter<'_> {
             self.stream_sequence.to_string().as_str(),
         );
         Outgoing {
-            subject: dead_letter_subject.to_string(),
+            subject: Subject::from(dead_letter_subject),
             headers,
             payload,
         }

@@ -2,7 +2,7 @@ use std::collections::VecDeque;
 
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::Context;
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 
 use super::BusError;
@@ -14,7 +14,7 @@ pub const PUBLISH_WINDOW: usize = 256;
 
 /// One JetStream publish.
 pub struct Outgoing {
-    pub subject: String,
+    pub subject: Subject,
     pub headers: HeaderMap,
     pub payload: Bytes,
 }

@@ -6,6 +6,7 @@ use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use async_nats::jetstream::Context;
 use async_nats::jetstream::ErrorCode;
+use async_nats::Subject;
 
 use super::BusError;
 use crate::config::{StreamsConfig, TuningConfig};
@@ -20,13 +21,25 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 pub struct Topology {
     pub streams: StreamsConfig,
     pub shard_count: u16,
+    /// Per shard, the status and request subjects: built once, since the router and the
+    /// workers need one for every message (a `Subject` clone is a reference count).
+    shard_subjects: Vec<[Subject; 2]>,
 }
 
 impl Topology {
     pub fn new(streams: StreamsConfig, shard_count: u16) -> Topology {
+        let shard_subjects = (0..shard_count)
+            .map(|shard| {
+                [
+                    Subject::from(format!("{}.shard.{shard}", streams.status_subject)),
+                    Subject::from(format!("{}.shard.{shard}", streams.digest_request_subject)),
+                ]
+            })
+            .collect();
         Topology {
             streams,
             shard_count,
+            shard_subjects,
         }
     }
 
@@ -40,8 +53,14 @@ impl Topology {
         format!("{}_{shard}", self.streams.shard_stream_prefix)
     }
 
-    pub fn shard_subject(&self, kind: InputKind, shard: u16) -> String {
-        format!("{}.shard.{shard}", self.input_subject(kind))
+    /// `<input subject>.shard.<N>`. Panics on a shard outside `0..shard_count`, which only
+    /// `shard_of` and validated config produce.
+    pub fn shard_subject(&self, kind: InputKind, shard: u16) -> Subject {
+        let index = match kind {
+            InputKind::StatusChange => 0,
+            InputKind::DigestRequest => 1,
+        };
+        self.shard_subjects[usize::from(shard)][index].clone()
     }
 
     pub fn input_subject(&self, kind: InputKind) -> &str {
@@ -60,9 +79,14 @@ impl Topology {
 
     /// What a shard-stream subject carries, if it belongs to `shard`.
     pub fn shard_kind(&self, shard: u16, subject: &str) -> Option<InputKind> {
-        [InputKind::StatusChange, InputKind::DigestRequest]
-            .into_iter()
-            .find(|kind| subject == self.shard_subject(*kind, shard))
+        let [status, request] = self.shard_subjects.get(usize::from(shard))?;
+        if subject == status.as_str() {
+            Some(InputKind::StatusChange)
+        } else if subject == request.as_str() {
+            Some(InputKind::DigestRequest)
+        } else {
+            None
+        }
     }
 
     fn stream_configs(&self) -> Vec<stream::Config> {
@@ -81,8 +105,10 @@ impl Topology {
                 name: self.shard_stream(shard),
                 description: Some(format!("alarm-digest shard {shard}")),
                 subjects: vec![
-                    self.shard_subject(InputKind::StatusChange, shard),
-                    self.shard_subject(InputKind::DigestRequest, shard),
+                    self.shard_subject(InputKind::StatusChange, shard)
+                        .to_string(),
+                    self.shard_subject(InputKind::DigestRequest, shard)
+                        .to_string(),
                 ],
                 retention: RetentionPolicy::WorkQueue,
                 storage: StorageType::File,
@@ -271,7 +297,7 @@ mod tests {
     fn shard_subjects_map_back_to_their_kind_only_on_their_shard() {
         let topology = Topology::new(StreamsConfig::default(), 4);
         let subject = topology.shard_subject(InputKind::DigestRequest, 2);
-        assert_eq!(subject, "SendAlarmDigest.shard.2");
+        assert_eq!(subject.as_str(), "SendAlarmDigest.shard.2");
         assert_eq!(
             topology.shard_kind(2, &subject),
             Some(InputKind::DigestRequest)

@@ -51,10 +51,13 @@ pub async fn measure(
     rate: u64,
     timeout: Duration,
 ) -> anyhow::Result<Duration> {
-    // The consumers get their own connection, as the service has its own.
+    // Same connection layout as the service: consumers on one connection, the router's
+    // republishes on another, both apart from the producer's.
     let consumer_client = async_nats::connect(config.nats.url.as_str()).await?;
-    let js = bus::jetstream(
-        consumer_client.clone(),
+    let js = bus::jetstream(consumer_client.clone(), 64);
+    let publisher_client = async_nats::connect(config.nats.url.as_str()).await?;
+    let publisher = bus::jetstream(
+        publisher_client,
         config.tuning.router_batch * (QUEUED_BATCHES + 2) + 64,
     );
     let topology = Topology::new(ceiling_streams(&config.streams), config.shards.count);
@@ -66,7 +69,7 @@ pub async fn measure(
     let router = topology.router_consumer(&js, &config.tuning).await?;
     tasks.push(tokio::spawn(route(
         router,
-        js.clone(),
+        publisher,
         topology.clone(),
         config.tuning.clone(),
         cancel.clone(),

@@ -1,0 +1,103 @@
+//! The sled store: one shard batch with its flush, and one user's digest among 1M alarms.
+//! `cargo bench --bench store`
+
+use chrono::DateTime;
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
+
+use alarm_digest::domain::{Observation, Status, StatusChange};
+use alarm_digest::store::Store;
+
+fn change(user: u64, alarm: u64, status: Status, nanos: i64) -> StatusChange {
+    StatusChange {
+        user_id: format!("bench-user-{user:08}"),
+        alarm_id: format!("bench-alarm-{alarm:04}"),
+        observation: Observation {
+            status,
+            changed_at: DateTime::from_timestamp_nanos(1_600_000_000_000_000_000 + nanos),
+        },
+    }
+}
+
+const STATUSES: [Status; 3] = [Status::Warning, Status::Critical, Status::Cleared];
+
+/// 450 status changes and 50 digest requests over 10k users, applied, committed and flushed.
+fn batch_with_flush(c: &mut Criterion) {
+    let Ok(dir) = tempfile::tempdir() else { return };
+    let Ok(store) = Store::open(dir.path(), 32) else {
+        return;
+    };
+    let Ok(mut shard) = store.shard(0) else {
+        return;
+    };
+    let mut round = 0u64;
+    c.bench_function("store: batch of 500 mixed messages + flush", |b| {
+        b.iter_batched(
+            || {
+                round += 1;
+                round
+            },
+            |round| {
+                let mut write = shard.begin();
+                for i in 0..450u64 {
+                    let n = round * 450 + i;
+                    let _ = write.apply(&change(
+                        n % 10_000,
+                        n % 10,
+                        STATUSES[(n % 3) as usize],
+                        n as i64,
+                    ));
+                }
+                for i in 0..50u64 {
+                    let _ = write.digest(
+                        &format!("bench-user-{:08}", (round * 50 + i) % 10_000),
+                        round * 50 + i,
+                        false,
+                    );
+                }
+                let _ = black_box(write.commit());
+                let _ = store.flush();
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+/// Reading (and selecting) one user's 10 alarms among 100k users × 10 alarms.
+fn digest_among_a_million(c: &mut Criterion) {
+    let Ok(dir) = tempfile::tempdir() else { return };
+    let Ok(store) = Store::open(dir.path(), 32) else {
+        return;
+    };
+    let Ok(mut shard) = store.shard(0) else {
+        return;
+    };
+    for chunk in 0..100u64 {
+        let mut write = shard.begin();
+        for n in chunk * 10_000..(chunk + 1) * 10_000 {
+            let _ = write.apply(&change(
+                n / 10,
+                n % 10,
+                STATUSES[(n % 3) as usize],
+                n as i64,
+            ));
+        }
+        let _ = write.commit();
+    }
+    let _ = store.flush();
+    let mut sequence = 0;
+    c.bench_function("store: one user's digest among 1M alarms", |b| {
+        b.iter(|| {
+            sequence += 1;
+            let mut write = shard.begin();
+            // Not committed: every iteration reads the same state.
+            black_box(write.digest(
+                &format!("bench-user-{:08}", (sequence * 7_919) % 100_000),
+                sequence,
+                false,
+            ))
+        })
+    });
+}
+
+criterion_group!(benches, batch_with_flush, digest_among_a_million);
+criterion_main!(benches);
