@@ -43,9 +43,12 @@ start_instance() {
     ALARM_DIGEST_SHARDS__OWNED="[$owned]" RUST_LOG=warn "$bin" run &
 }
 ready() {
-  exec 3<>"/dev/tcp/${http0%:*}/${http0##*:}" 2>/dev/null || return 1
-  printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3
-  head -c 12 <&3 | grep -q 200
+  # In a subshell: the redirections must not outlive the probe.
+  (
+    exec 3<>"/dev/tcp/${http0%:*}/${http0##*:}" || exit 1
+    printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3
+    head -c 12 <&3 | grep -q 200
+  ) 2>/dev/null
 }
 for ((i = 0; i < instances; i++)); do
   start_instance "$i"

@@ -26,27 +26,44 @@ pub async fn fetch(
     max: usize,
     expires: Duration,
 ) -> Result<Vec<Message>, BusError> {
-    let mut messages = pull(consumer, max, None).await?;
+    let mut messages = pull(consumer, max, expires, Wait::No).await?;
     if messages.is_empty() {
         // A batch of one cannot be left half-filled at expiry, which nats-server 2.9 can
         // fail to close (README, Pitfalls).
-        messages = pull(consumer, 1, Some(expires)).await?;
+        messages = pull(consumer, 1, expires, Wait::ForFirst).await?;
         if !messages.is_empty() && max > 1 {
-            messages.extend(pull(consumer, max - 1, None).await?);
+            messages.extend(pull(consumer, max - 1, expires, Wait::No).await?);
         }
     }
     Ok(messages)
 }
 
-/// One pull request: `no_wait` when `wait` is `None`.
+enum Wait {
+    /// Answer at once with whatever is queued.
+    No,
+    /// Wait up to the expiry for the batch.
+    ForFirst,
+}
+
+/// One pull request. `expires` is set even on `no_wait` pulls: the client only arms its own
+/// timer (expires + 5 s) when it is, and without it a pull lost in a broker restart would
+/// wait forever.
 async fn pull(
     consumer: &PullConsumer,
     max: usize,
-    wait: Option<Duration>,
+    expires: Duration,
+    wait: Wait,
 ) -> Result<Vec<Message>, BusError> {
     let mut batch = match wait {
-        None => consumer.fetch().max_messages(max).messages().await,
-        Some(expires) => {
+        Wait::No => {
+            consumer
+                .fetch()
+                .max_messages(max)
+                .expires(expires)
+                .messages()
+                .await
+        }
+        Wait::ForFirst => {
             consumer
                 .batch()
                 .max_messages(max)

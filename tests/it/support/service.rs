@@ -32,8 +32,23 @@ pub fn test_config(nats: &NatsServer, data_dir: &Path) -> Config {
     config
 }
 
+/// Logs of in-process instances go to the test's output, filtered by `RUST_LOG` (off
+/// unless set), so a failing test can be rerun with `RUST_LOG=alarm_digest=debug`.
+fn init_test_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
 /// Starts an instance in-process and waits until `/readyz` says ready.
 pub async fn start_service(config: Config) -> RunningService {
+    init_test_logging();
     let service = service::start(config).await.expect("service starts");
     wait_ready(&service.http_addr.to_string()).await;
     service
