@@ -61,6 +61,15 @@ extra=()
 if [ "$instances" -eq 1 ]; then extra=(--service-pid "${pids[1]}" --data-dir "$work/data-0"); fi
 ALARM_DIGEST_STORAGE__PATH="$work/data-0" "$bin" bench "${extra[@]}" "$@"
 
+# SHOW_METRICS=1: print instance 0's /metrics counters after the run.
+if [ "${SHOW_METRICS:-0}" = 1 ]; then
+  (
+    exec 3<>"/dev/tcp/${http0%:*}/${http0##*:}"
+    printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
+    grep -E '^alarm_digest_[a-z_]+(_total|_count|_sum) ' <&3
+  ) 2>/dev/null || true
+fi
+
 # MEASURE_RESTART=1: stop instance 0 gracefully, start it again on its data, time to ready.
 if [ "${MEASURE_RESTART:-0}" = 1 ]; then
   kill -TERM "${pids[1]}"
