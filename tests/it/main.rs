@@ -5,5 +5,6 @@ mod support;
 
 mod cli;
 mod dead_letter;
+mod drills;
 mod durability;
 mod semantics;

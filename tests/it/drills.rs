@@ -1,0 +1,244 @@
+//! Fault drills: repeated crashes, broker outages and a missing output stream while traffic
+//! flows. Every drill ends by checking that no active alarm was lost.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use alarm_digest::wire::AlarmDigest;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tempfile::tempdir;
+
+use crate::support::*;
+
+const STATUSES: [&str; 3] = ["CLEARED", "WARNING", "CRITICAL"];
+
+/// Publishes random status changes and digest requests until stopped, retrying each publish
+/// until JetStream stored it (the broker may be away), and remembers the final state.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    requests: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<HashMap<(String, String), (i64, usize)>>,
+}
+
+impl Traffic {
+    fn start(client: &TestClient, seed: u64, users: usize) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicU64::new(0));
+        let js = client.js.clone();
+        let config = client.config.clone();
+        let (stop_flag, request_count) = (stop.clone(), requests.clone());
+        let task = tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut state: HashMap<(String, String), (i64, usize)> = HashMap::new();
+            let mut clock = 0i64;
+            while !stop_flag.load(Ordering::Relaxed) {
+                let user = format!("drill-user-{}", rng.gen_range(0..users));
+                let (subject, payload) = if rng.gen_ratio(1, 20) {
+                    request_count.fetch_add(1, Ordering::Relaxed);
+                    (
+                        config.streams.digest_request_subject.clone(),
+                        format!(r#"{{"UserID":"{user}"}}"#),
+                    )
+                } else {
+                    let alarm = format!("alarm-{}", rng.gen_range(0..5));
+                    let status = rng.gen_range(0..3);
+                    // Mostly moving forward, sometimes late: the broker reorders.
+                    clock += 1_000;
+                    let nanos = clock - rng.gen_range(0..5_000);
+                    let entry = state
+                        .entry((user.clone(), alarm.clone()))
+                        .or_insert((nanos, status));
+                    if (nanos, status) > *entry {
+                        *entry = (nanos, status);
+                    }
+                    let at =
+                        chrono::DateTime::from_timestamp_nanos(1_623_000_000_000_000_000 + nanos);
+                    let payload = status_payload(
+                        &user,
+                        &alarm,
+                        STATUSES[status],
+                        &alarm_digest::wire::format_time(&at),
+                    );
+                    (config.streams.status_subject.clone(), payload)
+                };
+                loop {
+                    match js.publish(subject.clone(), payload.clone().into()).await {
+                        Ok(ack) => match ack.await {
+                            Ok(_) => break,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        },
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            }
+            state
+        });
+        Traffic {
+            stop,
+            requests,
+            task,
+        }
+    }
+
+    async fn finish(self) -> (HashMap<(String, String), (i64, usize)>, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let state = self.task.await.expect("traffic task");
+        (state, self.requests.load(Ordering::Relaxed))
+    }
+}
+
+/// Requests a final digest for every user and checks that the last digest mentioning each
+/// finally-active alarm reports its final status. Returns all digests.
+async fn assert_nothing_lost(
+    client: &TestClient,
+    state: &HashMap<(String, String), (i64, usize)>,
+) -> Vec<AlarmDigest> {
+    client.wait_drained().await;
+    let mut users: Vec<&String> = state.keys().map(|(user, _)| user).collect();
+    users.sort();
+    users.dedup();
+    for user in &users {
+        client.request_digest(user).await;
+    }
+    client.wait_drained().await;
+    let digests = client.digests().await.drain(Duration::from_secs(2)).await;
+    let mut last_reported: HashMap<(String, String), String> = HashMap::new();
+    for digest in &digests {
+        for alarm in &digest.active_alarms {
+            last_reported.insert(
+                (digest.user_id.clone(), alarm.alarm_id.clone()),
+                alarm.status.clone(),
+            );
+        }
+    }
+    for ((user, alarm), (_, status)) in state {
+        if *status > 0 {
+            assert_eq!(
+                last_reported
+                    .get(&(user.clone(), alarm.clone()))
+                    .map(String::as_str),
+                Some(STATUSES[*status]),
+                "{user}/{alarm} lost"
+            );
+        }
+    }
+    digests
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_kill_9s_at_random_moments_lose_nothing_and_answer_every_request_once() {
+    let nats = NatsServer::start();
+    let data = tempdir().expect("data dir");
+    let config = test_config(&nats, data.path());
+    let client = TestClient::connect(&config).await;
+    let traffic = Traffic::start(&client, 5, 200);
+    let mut rng = StdRng::seed_from_u64(99);
+    for _ in 0..5 {
+        let service = ServiceProcess::spawn(&nats, data.path(), &[]);
+        wait_ready(&service.http).await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
+        service.kill_9();
+    }
+    let (state, requests) = traffic.finish().await;
+    let service = ServiceProcess::spawn(&nats, data.path(), &[]);
+    wait_ready(&service.http).await;
+    let digests = assert_nothing_lost(&client, &state).await;
+
+    let users = state
+        .keys()
+        .map(|(u, _)| u)
+        .collect::<std::collections::HashSet<_>>()
+        .len() as u64;
+    let answered = digests.len() as u64;
+    eprintln!("kill -9 x5: {requests} requests during traffic + {users} final; {answered} digests");
+    assert_eq!(
+        answered,
+        requests + users,
+        "every request answered exactly once"
+    );
+    assert!(
+        state.len() > 500,
+        "the drill touched many alarms ({})",
+        state.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_while_traffic_flows_loses_nothing() {
+    let mut nats = NatsServer::start();
+    let data = tempdir().expect("data dir");
+    let config = test_config(&nats, data.path());
+    let client = TestClient::connect(&config).await;
+    let service = start_service(config.clone()).await;
+    let traffic = Traffic::start(&client, 8, 100);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nats.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    nats.restart();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (state, _) = traffic.finish().await;
+    let client = TestClient::connect(&config).await;
+    assert_nothing_lost(&client, &state).await;
+    service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn digests_wait_while_the_output_stream_is_missing_and_resume_when_it_returns() {
+    let nats = NatsServer::start();
+    let data = tempdir().expect("data dir");
+    let config = test_config(&nats, data.path());
+    let client = TestClient::connect(&config).await;
+    let service = start_service(config.clone()).await;
+    client
+        .status("u", "a", "CRITICAL", "2021-06-07T20:00:01Z")
+        .await;
+    client
+        .js
+        .delete_stream(&config.streams.output_stream)
+        .await
+        .expect("delete output");
+
+    client.request_digest("u").await;
+    // The shard holds the digest in its outbox and reports not ready until it is delivered.
+    let http = service.http_addr.to_string();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (code, body) = http_get(&http, "/readyz").await.expect("readyz");
+        if code == 503 && body.contains("shard") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reported the blocked shard"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let inbox = client.stream_messages(&config.streams.input_stream).await;
+    assert_eq!(inbox, 0, "the request was taken (and is held), not lost");
+
+    // The stream returns (here: as `alarm-digest setup` would create it).
+    let client = TestClient::connect(&config).await;
+    let digest = client.digests().await.next().await;
+    assert_eq!(
+        entries(&digest),
+        [("a".into(), "CRITICAL".into(), "2021-06-07T20:00:01Z".into())]
+    );
+    wait_ready(&http).await;
+    service.stop().await.expect("clean stop");
+}
+
+#[test]
+fn a_data_dir_that_cannot_be_created_is_a_clear_startup_error() {
+    let parent = tempfile::NamedTempFile::new().expect("a file");
+    let path = parent.path().join("data");
+    let path = path.to_string_lossy().into_owned();
+    let (code, _, stderr) = run_binary(&["run"], &[("ALARM_DIGEST_STORAGE__PATH", &path)]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot open the data dir") && stderr.contains(&path),
+        "{stderr}"
+    );
+}
