@@ -7,4 +7,5 @@ mod cli;
 mod dead_letter;
 mod drills;
 mod durability;
+mod security;
 mod semantics;

@@ -60,6 +60,15 @@ impl NatsServer {
         server
     }
 
+    /// A server with JetStream and this config file text (authorization, tls, ...).
+    pub fn start_with_config(config_text: &str) -> NatsServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("nats-server.conf");
+        std::fs::write(&path, config_text).expect("write server config");
+        // The server reads its config once, at start; the file may go afterwards.
+        NatsServer::start_with(true, vec!["-c".into(), path.to_string_lossy().into_owned()])
+    }
+
     pub fn start_with(jetstream: bool, extra_args: Vec<String>) -> NatsServer {
         let store = tempfile::tempdir().expect("temp dir for the JetStream store");
         let mut server = NatsServer {

@@ -98,7 +98,13 @@ impl TestClient {
     /// Connects and creates the streams the way `alarm-digest setup` does, so a test can
     /// publish before any instance runs.
     pub async fn connect(config: &Config) -> TestClient {
-        let nats = async_nats::connect(config.nats.url.as_str())
+        TestClient::connect_with(async_nats::ConnectOptions::new(), config).await
+    }
+
+    /// Like `connect`, with credentials or TLS for a server that requires them.
+    pub async fn connect_with(options: async_nats::ConnectOptions, config: &Config) -> TestClient {
+        let nats = options
+            .connect(config.nats.url.as_str())
             .await
             .expect("connect to nats");
         let js = jetstream::new(nats.clone());

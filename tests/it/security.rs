@@ -1,0 +1,153 @@
+//! The service against nats-servers that require authentication or TLS.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::ConnectOptions;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use tempfile::tempdir;
+
+use alarm_digest::config::{Config, Secret};
+
+use crate::support::*;
+
+/// Starts an instance with `config`, then checks one status change → digest round trip
+/// through a producer connected with `producer`.
+async fn round_trip(config: Config, producer: ConnectOptions) {
+    let service = start_service(config.clone()).await;
+    let client = TestClient::connect_with(producer, &config).await;
+    client
+        .status("u", "a", "WARNING", "2021-06-07T20:00:01Z")
+        .await;
+    client.request_digest("u").await;
+    let digest = client.digests().await.next().await;
+    assert_eq!(
+        entries(&digest),
+        [("a".into(), "WARNING".into(), "2021-06-07T20:00:01Z".into())]
+    );
+    service.stop().await.expect("clean stop");
+}
+
+fn secret(text: &str) -> Secret {
+    serde_json::from_value(serde_json::Value::String(text.into())).expect("a secret")
+}
+
+#[tokio::test]
+async fn user_and_password() {
+    let nats =
+        NatsServer::start_with_config(r#"authorization { user: "svc", password: "pa55-w0rd-x" }"#);
+    let data = tempdir().expect("data dir");
+    let mut config = test_config(&nats, data.path());
+    config.nats.user = Some("svc".into());
+    config.nats.password = Some(secret("pa55-w0rd-x"));
+    let producer = ConnectOptions::new().user_and_password("svc".into(), "pa55-w0rd-x".into());
+    round_trip(config, producer).await;
+}
+
+#[tokio::test]
+async fn token() {
+    let nats = NatsServer::start_with_config(r#"authorization { token: "t0ken-value-x" }"#);
+    let data = tempdir().expect("data dir");
+    let mut config = test_config(&nats, data.path());
+    config.nats.token = Some(secret("t0ken-value-x"));
+    round_trip(config, ConnectOptions::new().token("t0ken-value-x".into())).await;
+}
+
+#[tokio::test]
+async fn nkey() {
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("seed");
+    let nats = NatsServer::start_with_config(&format!(
+        r#"authorization {{ users: [ {{ nkey: "{}" }} ] }}"#,
+        user.public_key()
+    ));
+    let data = tempdir().expect("data dir");
+    let mut config = test_config(&nats, data.path());
+    config.nats.nkey_seed = Some(secret(&seed));
+    round_trip(config, ConnectOptions::new().nkey(seed.clone())).await;
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.
+fn write_certificates(dir: &Path) {
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "alarm-digest test CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
+    let issuer = Issuer::new(ca, ca_key);
+    for (name, sans) in [
+        (
+            "server",
+            vec!["127.0.0.1".to_string(), "localhost".to_string()],
+        ),
+        ("client", vec!["alarm-digest".to_string()]),
+    ] {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(sans).expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.signed_by(&key, &issuer).expect("signed");
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("write cert");
+        std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem())
+            .expect("write key");
+    }
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).expect("write ca");
+}
+
+#[tokio::test]
+async fn tls_with_a_private_ca_and_verified_client_certificates() {
+    let certs = tempdir().expect("cert dir");
+    write_certificates(certs.path());
+    let p = |name: &str| certs.path().join(name);
+    let nats = NatsServer::start_with_config(&format!(
+        "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}",
+        p("server.pem"),
+        p("server-key.pem"),
+        p("ca.pem")
+    ));
+    let data = tempdir().expect("data dir");
+    let mut config = test_config(&nats, data.path());
+    config.nats.tls.required = true;
+    config.nats.tls.ca_file = Some(p("ca.pem"));
+    config.nats.tls.cert_file = Some(p("client.pem"));
+    config.nats.tls.key_file = Some(p("client-key.pem"));
+    let producer = ConnectOptions::new()
+        .require_tls(true)
+        .add_root_certificates(p("ca.pem"))
+        .add_client_certificate(p("client.pem"), p("client-key.pem"));
+    round_trip(config, producer).await;
+}
+
+#[test]
+fn a_wrong_password_is_retried_and_never_logged() {
+    let nats =
+        NatsServer::start_with_config(r#"authorization { user: "svc", password: "right-one" }"#);
+    let data = tempdir().expect("data dir");
+    let mut service = std::process::Command::new(env!("CARGO_BIN_EXE_alarm-digest"))
+        .arg("run")
+        .env("ALARM_DIGEST_NATS__URL", nats.url())
+        .env("ALARM_DIGEST_NATS__USER", "svc")
+        .env("ALARM_DIGEST_NATS__PASSWORD", "wr0ng-s3cret-value")
+        .env("ALARM_DIGEST_STORAGE__PATH", data.path())
+        .env("ALARM_DIGEST_HTTP__LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "debug")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = service.kill();
+    let output = service.wait_with_output().expect("output");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        log.contains("cannot connect") || log.contains("retrying"),
+        "retries, logged: {log:.2000}"
+    );
+    assert!(
+        log.to_lowercase().contains("authorization"),
+        "says why: {log:.2000}"
+    );
+    assert!(
+        !log.contains("wr0ng-s3cret-value"),
+        "the password leaked into the log"
+    );
+}
