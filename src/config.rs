@@ -44,6 +44,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub tuning: TuningConfig,
     pub shutdown: ShutdownConfig,
+    pub retention: RetentionConfig,
     pub log: LogConfig,
 }
 
@@ -336,6 +337,34 @@ impl Default for ShutdownConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// CLEARED alarms are kept as tombstones (so a late redelivery of an older CRITICAL
+    /// cannot resurrect them) until their ChangedAt is this old, then swept away.
+    pub cleared_after_hours: u64,
+    /// How often a sweep pass over each shard starts.
+    pub sweep_every_secs: u64,
+    /// Alarms a sweep step examines between two batches: bounds how long it holds a shard.
+    pub sweep_page: usize,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            cleared_after_hours: 24 * 7,
+            sweep_every_secs: 600,
+            sweep_page: 1000,
+        }
+    }
+}
+
+impl RetentionConfig {
+    pub fn cleared_after(&self) -> chrono::Duration {
+        chrono::Duration::hours(i64::try_from(self.cleared_after_hours).unwrap_or(i64::MAX / 3600))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` or `json`.
     pub format: String,
@@ -511,6 +540,22 @@ impl Config {
         }
         if t.ack_wait_secs < 5 {
             return Err(invalid("tuning.ack_wait_secs", "must be at least 5"));
+        }
+        let r = &self.retention;
+        if r.cleared_after_hours == 0 || r.cleared_after_hours > 24 * 365 * 100 {
+            return Err(invalid(
+                "retention.cleared_after_hours",
+                "must be between 1 and 876000",
+            ));
+        }
+        if r.sweep_every_secs == 0 {
+            return Err(invalid("retention.sweep_every_secs", "must be at least 1"));
+        }
+        if !(1..=100_000).contains(&r.sweep_page) {
+            return Err(invalid(
+                "retention.sweep_page",
+                "must be between 1 and 100000",
+            ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be `text` or `json`"));

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub redeliveries: AtomicU64,
     pub publish_failures: AtomicU64,
     pub store_failures: AtomicU64,
+    pub tombstones_swept: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     batch_latency: Histogram,
 }
@@ -112,6 +113,11 @@ impl Metrics {
                 "store_failures_total",
                 "Batches the store could not apply or flush (retried).",
                 &self.store_failures,
+            ),
+            (
+                "tombstones_swept_total",
+                "CLEARED alarms removed by the retention sweep.",
+                &self.tombstones_swept,
             ),
         ];
         for (name, help, value) in counters {

@@ -35,6 +35,15 @@ pub struct ShardWorker {
     /// Digest requests whose digests are in `outbox`; acked once it is empty.
     held: Vec<Message>,
     part: String,
+    sweep: Sweep,
+}
+
+/// Progress of the incremental retention sweep over this shard's alarms.
+struct Sweep {
+    /// Where the running pass continues; `None` between passes.
+    cursor: Option<Vec<u8>>,
+    running: bool,
+    last_pass: Instant,
 }
 
 /// What to do with one message of a batch once the batch is durable.
@@ -57,6 +66,49 @@ impl ShardWorker {
             outbox: Vec::new(),
             held: Vec::new(),
             part,
+            sweep: Sweep {
+                cursor: None,
+                // The first pass starts soon after start-up.
+                running: true,
+                last_pass: Instant::now(),
+            },
+        }
+    }
+
+    /// One sweep step if a pass is running or due: at most `sweep_page` alarms examined.
+    fn sweep_step(&mut self) {
+        let retention = &self.shared.config.retention;
+        if !self.sweep.running {
+            if self.sweep.last_pass.elapsed() < Duration::from_secs(retention.sweep_every_secs) {
+                return;
+            }
+            self.sweep.running = true;
+        }
+        let now = chrono::Utc::now();
+        match self.store.sweep_cleared(
+            self.sweep.cursor.as_deref(),
+            retention.sweep_page,
+            now,
+            retention.cleared_after(),
+        ) {
+            Ok((removed, next)) => {
+                if removed > 0 {
+                    self.shared
+                        .metrics
+                        .tombstones_swept
+                        .fetch_add(removed as u64, Relaxed);
+                }
+                if next.is_none() {
+                    self.sweep.running = false;
+                    self.sweep.last_pass = Instant::now();
+                }
+                self.sweep.cursor = next;
+            }
+            Err(error) => {
+                tracing::warn!(shard = self.store.shard(), %error, "retention sweep step failed");
+                self.sweep.running = false;
+                self.sweep.last_pass = Instant::now();
+            }
         }
     }
 
@@ -85,6 +137,7 @@ impl ShardWorker {
                 }
             }
             self.shared.readiness.set(self.part.clone(), true);
+            self.sweep_step();
             let tuning = &self.shared.config.tuning;
             let fetched = tokio::select! {
                 _ = cancel.cancelled() => break,

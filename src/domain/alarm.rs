@@ -116,6 +116,13 @@ impl AlarmRecord {
         self.sent = Some(self.current);
         self.changed_since_sent = false;
     }
+
+    /// A CLEARED alarm is kept as a tombstone, so a late redelivery of an older CRITICAL
+    /// cannot resurrect it, until its ChangedAt is older than `cleared_after` before `now`.
+    /// Only then may it be forgotten.
+    pub fn is_expired(&self, now: DateTime<Utc>, cleared_after: chrono::Duration) -> bool {
+        self.current.status == Status::Cleared && self.current.changed_at < now - cleared_after
+    }
 }
 
 #[cfg(test)]
@@ -187,6 +194,19 @@ mod tests {
         record.mark_sent();
         record.apply(obs(Status::Cleared, 5));
         assert!(!record.is_due());
+    }
+
+    #[test]
+    fn only_cleared_alarms_older_than_the_retention_expire() {
+        let week = chrono::Duration::days(7);
+        let now = Utc
+            .timestamp_opt(100 * 86_400, 0)
+            .single()
+            .unwrap_or_default();
+        let days_ago = |days: i64| (now - chrono::Duration::days(days)).timestamp();
+        assert!(AlarmRecord::new(obs(Status::Cleared, days_ago(8))).is_expired(now, week));
+        assert!(!AlarmRecord::new(obs(Status::Cleared, days_ago(6))).is_expired(now, week));
+        assert!(!AlarmRecord::new(obs(Status::Critical, days_ago(30))).is_expired(now, week));
     }
 
     #[test]

@@ -269,6 +269,44 @@ impl ShardStore {
         Ok(count)
     }
 
+    /// One incremental step of the retention sweep: examines at most `limit` alarms after
+    /// `cursor` and removes the expired CLEARED tombstones among them in one batch. Returns
+    /// how many were removed and where to continue (`None`: the tree was covered; start over
+    /// next time). `now` is passed in so tests need no clock.
+    pub fn sweep_cleared(
+        &self,
+        cursor: Option<&[u8]>,
+        limit: usize,
+        now: chrono::DateTime<chrono::Utc>,
+        cleared_after: chrono::Duration,
+    ) -> Result<(usize, Option<Vec<u8>>), StoreError> {
+        let start = match cursor {
+            Some(after) => std::ops::Bound::Excluded(after.to_vec()),
+            None => std::ops::Bound::Included(vec![keys::ALARM]),
+        };
+        let end = std::ops::Bound::Excluded(vec![keys::ALARM + 1]);
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        let mut examined = 0;
+        let mut last = None;
+        for item in self.tree.range::<Vec<u8>, _>((start, end)).take(limit) {
+            let (key, value) = item?;
+            examined += 1;
+            // An unreadable record is left for the worker to report, not silently dropped.
+            if let Ok(record) = codec::decode_record(&value) {
+                if record.is_expired(now, cleared_after) {
+                    batch.remove(key.clone());
+                    removed += 1;
+                }
+            }
+            last = Some(key.to_vec());
+        }
+        self.tree.apply_batch(batch)?;
+        // A short page means the end of the alarms was reached: start over next time.
+        let next = if examined < limit { None } else { last };
+        Ok((removed, next))
+    }
+
     fn message_id(&self, sequence: u64) -> String {
         format!(
             "alarm-digest:{}:{:016x}:{}",
@@ -491,6 +529,63 @@ mod tests {
         store.check_shard_count(16).expect("same count is fine");
         let error = store.check_shard_count(8).expect_err("changed count");
         assert!(error.to_string().contains("holds 16 shards"), "{error}");
+    }
+
+    #[test]
+    fn the_sweep_removes_only_expired_tombstones_a_page_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 8).expect("open");
+        let mut shard = store.shard(0).expect("shard");
+        let day = 86_400;
+        let mut write = shard.begin();
+        for n in 0..25 {
+            // Old cleared, recent cleared, old critical: only the first kind may go.
+            write
+                .apply(&change(
+                    "u",
+                    &format!("old-cleared-{n:02}"),
+                    Status::Cleared,
+                    day,
+                ))
+                .expect("apply");
+            write
+                .apply(&change(
+                    "u",
+                    &format!("new-cleared-{n:02}"),
+                    Status::Cleared,
+                    9 * day,
+                ))
+                .expect("apply");
+            write
+                .apply(&change(
+                    "u",
+                    &format!("old-critical-{n:02}"),
+                    Status::Critical,
+                    day,
+                ))
+                .expect("apply");
+        }
+        write.commit().expect("commit");
+        // The injected clock: day 10, so day 1 is past a 7-day retention and day 9 is not.
+        let now = chrono::DateTime::from_timestamp(10 * day, 0).unwrap_or_default();
+        let week = chrono::Duration::days(7);
+        let (mut removed, mut cursor, mut steps) = (0, None, 0);
+        loop {
+            let (count, next) = shard
+                .sweep_cleared(cursor.as_deref(), 10, now, week)
+                .expect("sweep");
+            removed += count;
+            steps += 1;
+            match next {
+                Some(key) => cursor = Some(key),
+                None => break,
+            }
+        }
+        assert_eq!(removed, 25);
+        assert_eq!(steps, 8, "75 alarms in pages of 10");
+        let left = shard.user_alarms("u").expect("alarms");
+        assert_eq!(left.len(), 50);
+        assert!(left.iter().all(|(id, _)| !id.starts_with("old-cleared")));
     }
 
     #[test]

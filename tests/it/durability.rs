@@ -349,3 +349,50 @@ async fn a_burst_of_requests_larger_than_the_publish_window_is_answered_in_full(
     assert_eq!(digests.len(), users.len(), "every request answered once");
     service.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn cleared_tombstones_older_than_the_retention_are_swept_and_others_kept() {
+    let nats = NatsServer::start();
+    let data = tempdir().expect("data dir");
+    let mut config = test_config(&nats, data.path());
+    config.retention.sweep_every_secs = 1;
+    let client = TestClient::connect(&config).await;
+    let service = start_service(config).await;
+    let recent = alarm_digest::wire::format_time(&chrono::Utc::now());
+    // 2021 is far past the default 7 days; a CLEARED from just now must stay a tombstone.
+    client
+        .status("u", "cleared-long-ago", "CLEARED", "2021-06-07T20:00:01Z")
+        .await;
+    client
+        .status("u", "cleared-just-now", "CLEARED", &recent)
+        .await;
+    client
+        .status("u", "old-but-critical", "CRITICAL", "2021-06-07T20:00:01Z")
+        .await;
+    client.wait_drained().await;
+
+    let http = service.http_addr.to_string();
+    let deadline = std::time::Instant::now() + WAIT;
+    let report: alarm_digest::store::UserReport = loop {
+        let (_, body) = http_get(&http, "/inspect/user?id=u")
+            .await
+            .expect("inspect");
+        let report: alarm_digest::store::UserReport = serde_json::from_str(&body).expect("report");
+        if report.alarms.len() < 3 {
+            break report;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing swept: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let ids: Vec<&str> = report.alarms.iter().map(|a| a.alarm_id.as_str()).collect();
+    assert_eq!(ids, ["cleared-just-now", "old-but-critical"]);
+    let (_, metrics) = http_get(&http, "/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains("alarm_digest_tombstones_swept_total 1\n"),
+        "{metrics}"
+    );
+    service.stop().await.expect("clean stop");
+}
