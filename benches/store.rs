@@ -18,6 +18,9 @@ fn change(user: u64, alarm: u64, status: Status, nanos: i64) -> StatusChange {
     }
 }
 
+/// The default `limits.max_alarms_per_user`.
+const MAX_ALARMS: usize = 10_000;
+
 const STATUSES: [Status; 3] = [Status::Warning, Status::Critical, Status::Cleared];
 
 /// 450 status changes and 50 digest requests over 10k users, applied, committed and flushed.
@@ -40,12 +43,10 @@ fn batch_with_flush(c: &mut Criterion) {
                 let mut write = shard.begin();
                 for i in 0..450u64 {
                     let n = round * 450 + i;
-                    let _ = write.apply(&change(
-                        n % 10_000,
-                        n % 10,
-                        STATUSES[(n % 3) as usize],
-                        n as i64,
-                    ));
+                    let _ = write.apply(
+                        &change(n % 10_000, n % 10, STATUSES[(n % 3) as usize], n as i64),
+                        MAX_ALARMS,
+                    );
                 }
                 for i in 0..50u64 {
                     let _ = write.digest(
@@ -74,12 +75,10 @@ fn digest_among_a_million(c: &mut Criterion) {
     for chunk in 0..100u64 {
         let mut write = shard.begin();
         for n in chunk * 10_000..(chunk + 1) * 10_000 {
-            let _ = write.apply(&change(
-                n / 10,
-                n % 10,
-                STATUSES[(n % 3) as usize],
-                n as i64,
-            ));
+            let _ = write.apply(
+                &change(n / 10, n % 10, STATUSES[(n % 3) as usize], n as i64),
+                MAX_ALARMS,
+            );
         }
         let _ = write.commit();
     }

@@ -276,12 +276,16 @@ pub struct DigestConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     pub max_payload_bytes: usize,
+    /// A status change that would create one alarm more than this for its user is
+    /// dead-lettered (`too_many_alarms`): one producer cannot grow a user without bound.
+    pub max_alarms_per_user: usize,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_payload_bytes: 64 * 1024,
+            max_alarms_per_user: 10_000,
         }
     }
 }
@@ -518,6 +522,9 @@ impl Config {
         }
         if !(1..=5).contains(&s.replicas) {
             return Err(invalid("streams.replicas", "must be between 1 and 5"));
+        }
+        if self.limits.max_alarms_per_user == 0 {
+            return Err(invalid("limits.max_alarms_per_user", "must be at least 1"));
         }
         if self.limits.max_payload_bytes < 64 {
             return Err(invalid("limits.max_payload_bytes", "must be at least 64"));

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{self, BusError, DeadLetter, Outgoing};
 use crate::retry::{until_ok, Backoff};
 use crate::shared::Shared;
-use crate::store::{DigestOutcome, GroupFlusher, OutboxEntry, ShardStore, StoreError};
+use crate::store::{Applied, DigestOutcome, GroupFlusher, OutboxEntry, ShardStore, StoreError};
 use crate::wire::{self, Input, Rejection};
 
 /// Redelivery delay for a batch the store could not take.
@@ -230,17 +230,26 @@ impl ShardWorker {
                         ),
                     }
                 }
-                Ok(Input::StatusChange(change)) => match write.apply(&change) {
-                    Ok(true) => {
-                        shared.metrics.events_applied.fetch_add(1, Relaxed);
-                        Disposition::Ack
+                Ok(Input::StatusChange(change)) => {
+                    match write.apply(&change, limits.max_alarms_per_user) {
+                        Ok(Applied::Changed) => {
+                            shared.metrics.events_applied.fetch_add(1, Relaxed);
+                            Disposition::Ack
+                        }
+                        Ok(Applied::Unchanged) => {
+                            shared.metrics.events_unchanged.fetch_add(1, Relaxed);
+                            Disposition::Ack
+                        }
+                        Ok(Applied::TooManyAlarms) => Disposition::DeadLetter {
+                            code: "too_many_alarms",
+                            error: format!(
+                                "the user already has limits.max_alarms_per_user = {} alarms",
+                                limits.max_alarms_per_user
+                            ),
+                        },
+                        Err(error) => unreadable_or_fail(error)?,
                     }
-                    Ok(false) => {
-                        shared.metrics.events_unchanged.fetch_add(1, Relaxed);
-                        Disposition::Ack
-                    }
-                    Err(error) => unreadable_or_fail(error)?,
-                },
+                }
                 Ok(Input::DigestRequest(request)) => {
                     match write.digest(&request.user_id, sequence, skip_empty) {
                         Ok(DigestOutcome::Queued { .. }) => {

@@ -191,6 +191,16 @@ pub struct ShardStore {
     next_outbox: u64,
 }
 
+/// Result of applying one status change inside a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Changed,
+    /// Stale or duplicate: nothing to write.
+    Unchanged,
+    /// It would create an alarm beyond `limits.max_alarms_per_user`.
+    TooManyAlarms,
+}
+
 /// Result of answering one digest request inside a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DigestOutcome {
@@ -336,20 +346,52 @@ impl ShardWrite<'_> {
         }
     }
 
-    /// Applies one status change; returns whether it changed anything.
-    pub fn apply(&mut self, change: &StatusChange) -> Result<bool, StoreError> {
+    /// Applies one status change. Creating an alarm beyond `max_alarms` for its user is
+    /// refused and changes nothing.
+    pub fn apply(
+        &mut self,
+        change: &StatusChange,
+        max_alarms: usize,
+    ) -> Result<Applied, StoreError> {
         let key = keys::alarm_key(&change.user_id, &change.alarm_id);
         let (record, changed) = match self.record(&key)? {
             Some(mut record) => {
                 let changed = record.apply(change.observation);
                 (record, changed)
             }
-            None => (AlarmRecord::new(change.observation), true),
+            None => {
+                if self.user_alarm_count(&change.user_id, max_alarms)? >= max_alarms {
+                    return Ok(Applied::TooManyAlarms);
+                }
+                (AlarmRecord::new(change.observation), true)
+            }
         };
         if changed {
             self.alarms.insert(key, record);
+            Ok(Applied::Changed)
+        } else {
+            Ok(Applied::Unchanged)
         }
-        Ok(changed)
+    }
+
+    /// The user's alarms, stored or created earlier in this batch, counted up to `cap`: only
+    /// called when an event would create an alarm, and never scanning more than `cap` keys.
+    fn user_alarm_count(&self, user_id: &str, cap: usize) -> Result<usize, StoreError> {
+        let prefix = keys::user_prefix(user_id);
+        let mut count = 0;
+        for item in self.store.tree.scan_prefix(&prefix).take(cap) {
+            item?;
+            count += 1;
+        }
+        for (key, _) in self.alarms.range(prefix.clone()..) {
+            if !key.starts_with(&prefix) || count >= cap {
+                break;
+            }
+            if !self.store.tree.contains_key(key)? {
+                count += 1;
+            }
+        }
+        Ok(count)
     }
 
     /// Answers a digest request: selects what is due, marks it sent and queues the digest in
@@ -439,6 +481,13 @@ impl ShardWrite<'_> {
 }
 
 #[cfg(test)]
+impl ShardWrite<'_> {
+    fn apply_unlimited(&mut self, change: &StatusChange) -> Result<Applied, StoreError> {
+        self.apply(change, usize::MAX)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::{Observation, Status};
@@ -472,13 +521,13 @@ mod tests {
             let mut shard = store.shard(3).expect("shard");
             let mut write = shard.begin();
             write
-                .apply(&change("u", "a2", Status::Critical, 20))
+                .apply_unlimited(&change("u", "a2", Status::Critical, 20))
                 .expect("apply");
             write
-                .apply(&change("u", "a1", Status::Warning, 10))
+                .apply_unlimited(&change("u", "a1", Status::Warning, 10))
                 .expect("apply");
             write
-                .apply(&change("other", "x", Status::Warning, 5))
+                .apply_unlimited(&change("other", "x", Status::Warning, 5))
                 .expect("apply");
             assert_eq!(
                 write.digest("u", 7, false).expect("digest"),
@@ -505,6 +554,47 @@ mod tests {
         assert_ne!(
             queued[0].1.msg_id,
             shard.pending_outbox().expect("outbox")[0].1.msg_id
+        );
+    }
+
+    #[test]
+    fn creating_alarms_beyond_the_per_user_limit_is_refused_but_updates_are_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 8).expect("open");
+        let mut shard = store.shard(0).expect("shard");
+        let mut write = shard.begin();
+        for n in 0..2 {
+            let applied = write
+                .apply(&change("u", &format!("a{n}"), Status::Warning, 1), 3)
+                .expect("apply");
+            assert_eq!(applied, Applied::Changed);
+        }
+        write.commit().expect("commit");
+        // Two stored + one new in this batch reach the limit of three.
+        let mut write = shard.begin();
+        assert_eq!(
+            write
+                .apply(&change("u", "a2", Status::Warning, 1), 3)
+                .expect("apply"),
+            Applied::Changed
+        );
+        assert_eq!(
+            write
+                .apply(&change("u", "a3", Status::Warning, 1), 3)
+                .expect("apply"),
+            Applied::TooManyAlarms
+        );
+        assert_eq!(
+            write
+                .apply(&change("u", "a0", Status::Critical, 2), 3)
+                .expect("apply"),
+            Applied::Changed
+        );
+        assert_eq!(
+            write
+                .apply(&change("other", "a3", Status::Warning, 1), 3)
+                .expect("apply"),
+            Applied::Changed
         );
     }
 
@@ -541,7 +631,7 @@ mod tests {
         for n in 0..25 {
             // Old cleared, recent cleared, old critical: only the first kind may go.
             write
-                .apply(&change(
+                .apply_unlimited(&change(
                     "u",
                     &format!("old-cleared-{n:02}"),
                     Status::Cleared,
@@ -549,7 +639,7 @@ mod tests {
                 ))
                 .expect("apply");
             write
-                .apply(&change(
+                .apply_unlimited(&change(
                     "u",
                     &format!("new-cleared-{n:02}"),
                     Status::Cleared,
@@ -557,7 +647,7 @@ mod tests {
                 ))
                 .expect("apply");
             write
-                .apply(&change(
+                .apply_unlimited(&change(
                     "u",
                     &format!("old-critical-{n:02}"),
                     Status::Critical,

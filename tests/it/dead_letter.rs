@@ -132,3 +132,58 @@ async fn garbage_on_both_input_subjects_is_dead_lettered_while_good_traffic_flow
     );
     service.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn an_alarm_beyond_the_per_user_limit_is_dead_lettered_and_updates_still_apply() {
+    let nats = NatsServer::start();
+    let data = tempdir().expect("data dir");
+    let mut config = test_config(&nats, data.path());
+    config.limits.max_alarms_per_user = 2;
+    let client = TestClient::connect(&config).await;
+    let service = start_service(config.clone()).await;
+    client
+        .status("big", "a1", "WARNING", "2021-06-07T20:00:01Z")
+        .await;
+    client
+        .status("big", "a2", "WARNING", "2021-06-07T20:00:02Z")
+        .await;
+    client
+        .status("big", "a3", "CRITICAL", "2021-06-07T20:00:03Z")
+        .await;
+    client
+        .status("big", "a1", "CRITICAL", "2021-06-07T20:00:04Z")
+        .await;
+    client.request_digest("big").await;
+
+    let digest = client.digests().await.next().await;
+    assert_eq!(
+        entries(&digest),
+        [
+            ("a2".into(), "WARNING".into(), "2021-06-07T20:00:02Z".into()),
+            (
+                "a1".into(),
+                "CRITICAL".into(),
+                "2021-06-07T20:00:04Z".into()
+            ),
+        ]
+    );
+    let mut dead_letters = client
+        .js
+        .get_stream(&config.streams.dead_letter_stream)
+        .await
+        .expect("dead-letter stream");
+    let record = dead_letters
+        .get_raw_message(1)
+        .await
+        .expect("one dead letter");
+    assert!(String::from_utf8_lossy(&record.payload).contains(r#""AlarmID":"a3""#));
+    let headers = record.headers;
+    assert_eq!(
+        headers
+            .get(DeadLetterHeaders::REASON)
+            .map(|v| v.to_string()),
+        Some("too_many_alarms".to_string())
+    );
+    assert_eq!(dead_letters.info().await.expect("info").state.messages, 1);
+    service.stop().await.expect("clean stop");
+}
