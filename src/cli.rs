@@ -54,6 +54,11 @@ pub enum Command {
     Watch,
     /// Load a running deployment and report ingest rate, digest latency, RSS and disk use.
     Bench(crate::cmd::bench::BenchArgs),
+    /// List or replay dead-letter records.
+    Dlq {
+        #[command(subcommand)]
+        action: crate::cmd::dlq::DlqAction,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -51,6 +51,7 @@ fn main() -> ExitCode {
             }
             Command::Watch => cmd::watch::run(config).await,
             Command::Bench(args) => cmd::bench::run(config, args).await,
+            Command::Dlq { action } => cmd::dlq::run(config, action).await,
         }
     });
     match result {

@@ -1,6 +1,7 @@
 //! One file per subcommand. Each takes a validated `Config` and returns the exit code.
 
 pub mod bench;
+pub mod dlq;
 pub mod inspect;
 pub mod publish;
 pub mod run;

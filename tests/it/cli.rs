@@ -173,3 +173,73 @@ async fn live_while_waiting_for_nats_and_ready_once_it_comes_up() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test]
+async fn dlq_lists_records_and_replays_them_once_the_cause_is_fixed() {
+    let nats = NatsServer::start();
+    let data = tempdir().expect("data dir");
+    let mut config = test_config(&nats, data.path());
+    config.limits.max_alarms_per_user = 1;
+    let client = TestClient::connect(&config).await;
+    let service = start_service(config.clone()).await;
+    client
+        .status("u", "first", "WARNING", "2021-06-07T20:00:01Z")
+        .await;
+    client
+        .status("u", "second", "CRITICAL", "2021-06-07T20:00:02Z")
+        .await;
+    let subject = config.streams.status_subject.clone();
+    client.publish(&subject, "not json").await;
+    client.wait_drained().await;
+    service.stop().await.expect("clean stop");
+
+    let url = nats.url();
+    let env = [
+        ("ALARM_DIGEST_NATS__URL", url.as_str()),
+        ("ALARM_DIGEST_SHARDS__COUNT", "4"),
+    ];
+    let (code, listed, stderr) = run_binary(&["dlq", "list"], &env);
+    assert_eq!(code, Some(0), "{stderr}");
+    let reasons: Vec<String> = listed
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).expect("JSON line")["reason"]
+                .to_string()
+        })
+        .collect();
+    assert_eq!(reasons.len(), 2, "{listed}");
+    assert!(
+        listed.contains("too_many_alarms") && listed.contains("malformed"),
+        "{listed}"
+    );
+    let (code, _, stderr) = run_binary(&["dlq", "replay"], &env);
+    assert_eq!(code, Some(1), "replay needs a selector");
+    assert!(
+        stderr.contains("--seq") && stderr.contains("--all"),
+        "{stderr}"
+    );
+
+    // The cause is fixed: the limit is raised. Replay puts the event back through the router.
+    config.limits.max_alarms_per_user = 100;
+    let service = start_service(config.clone()).await;
+    let (code, replayed, stderr) =
+        run_binary(&["dlq", "replay", "--reason", "too_many_alarms"], &env);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(replayed.contains("replayed 1"), "{replayed}");
+    client.wait_drained().await;
+    client.request_digest("u").await;
+    let digest = client.digests().await.next().await;
+    let ids: Vec<&str> = digest
+        .active_alarms
+        .iter()
+        .map(|a| a.alarm_id.as_str())
+        .collect();
+    assert_eq!(ids, ["first", "second"]);
+    let (_, listed, _) = run_binary(&["dlq", "list"], &env);
+    assert_eq!(
+        listed.lines().count(),
+        1,
+        "only the malformed record is left: {listed}"
+    );
+    service.stop().await.expect("clean stop");
+}
