@@ -425,6 +425,22 @@ impl Config {
         Ok(config)
     }
 
+    /// Whether the file holds a secret and anyone on the machine may read it. Checked at
+    /// start-up so the operator is told (logging is not up yet while loading).
+    pub fn world_readable_secret_file(file: Option<&Path>) -> Option<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from))?;
+        let mode = std::fs::metadata(&path).ok()?.permissions().mode();
+        let text = std::fs::read_to_string(&path).ok()?;
+        let has_secret = text.lines().any(|line| {
+            let key = line.split('=').next().unwrap_or("").trim();
+            matches!(key, "password" | "token" | "nkey_seed")
+        });
+        (has_secret && mode & 0o004 != 0).then_some(path)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.nats.url.contains("://") && self.nats.url.contains(' ') {
             return Err(invalid(
@@ -687,6 +703,28 @@ mod tests {
             assert!(error.to_string().contains("cuont"), "{error}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_world_readable_file_with_a_secret_is_flagged_and_a_private_one_is_not() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[nats]\nuser = \"svc\"\npassword = \"x\"\n").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(
+            Config::world_readable_secret_file(Some(&path)),
+            Some(path.clone())
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        assert_eq!(Config::world_readable_secret_file(Some(&path)), None);
+        std::fs::write(&path, "[nats]\nurl = \"nats://x:4222\"\n").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(
+            Config::world_readable_secret_file(Some(&path)),
+            None,
+            "no secret in it"
+        );
     }
 
     #[test]

@@ -29,6 +29,12 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     init_logging(&config.log, default_filter);
+    if let Some(path) = Config::world_readable_secret_file(cli.config.as_deref()) {
+        tracing::warn!(
+            message = "the config file holds a secret and is readable by every user; chmod o-r it",
+            path = %path.display(),
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -13,7 +13,8 @@ use crate::support::*;
 
 /// Starts an instance with `config`, then checks one status change → digest round trip
 /// through a producer connected with `producer`.
-async fn round_trip(config: Config, producer: ConnectOptions) {
+/// Also checks that `secret` shows on none of the HTTP pages.
+async fn round_trip(config: Config, producer: ConnectOptions, secret: &str) {
     let service = start_service(config.clone()).await;
     let client = TestClient::connect_with(producer, &config).await;
     client
@@ -25,6 +26,12 @@ async fn round_trip(config: Config, producer: ConnectOptions) {
         entries(&digest),
         [("a".into(), "WARNING".into(), "2021-06-07T20:00:01Z".into())]
     );
+    let http = service.http_addr.to_string();
+    for path in ["/metrics", "/readyz", "/livez", "/inspect/user?id=u"] {
+        let (code, body) = http_get(&http, path).await.expect("http");
+        assert_eq!(code, 200, "{path}");
+        assert!(!body.contains(secret), "{path} shows the secret");
+    }
     service.stop().await.expect("clean stop");
 }
 
@@ -41,7 +48,7 @@ async fn user_and_password() {
     config.nats.user = Some("svc".into());
     config.nats.password = Some(secret("pa55-w0rd-x"));
     let producer = ConnectOptions::new().user_and_password("svc".into(), "pa55-w0rd-x".into());
-    round_trip(config, producer).await;
+    round_trip(config, producer, "pa55-w0rd-x").await;
 }
 
 #[tokio::test]
@@ -50,7 +57,12 @@ async fn token() {
     let data = tempdir().expect("data dir");
     let mut config = test_config(&nats, data.path());
     config.nats.token = Some(secret("t0ken-value-x"));
-    round_trip(config, ConnectOptions::new().token("t0ken-value-x".into())).await;
+    round_trip(
+        config,
+        ConnectOptions::new().token("t0ken-value-x".into()),
+        "t0ken-value-x",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -64,7 +76,7 @@ async fn nkey() {
     let data = tempdir().expect("data dir");
     let mut config = test_config(&nats, data.path());
     config.nats.nkey_seed = Some(secret(&seed));
-    round_trip(config, ConnectOptions::new().nkey(seed.clone())).await;
+    round_trip(config, ConnectOptions::new().nkey(seed.clone()), &seed).await;
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.
@@ -115,7 +127,9 @@ async fn tls_with_a_private_ca_and_verified_client_certificates() {
         .require_tls(true)
         .add_root_certificates(p("ca.pem"))
         .add_client_certificate(p("client.pem"), p("client-key.pem"));
-    round_trip(config, producer).await;
+    let client_key = std::fs::read_to_string(p("client-key.pem")).expect("key");
+    let key_line = client_key.lines().nth(1).expect("a key line").to_string();
+    round_trip(config, producer, &key_line).await;
 }
 
 #[test]
@@ -150,4 +164,33 @@ fn a_wrong_password_is_retried_and_never_logged() {
         !log.contains("wr0ng-s3cret-value"),
         "the password leaked into the log"
     );
+}
+
+#[tokio::test]
+async fn http_serves_only_get_on_its_paths() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    assert!(
+        Config::default().http.listen.starts_with("127.0.0.1:"),
+        "localhost by default"
+    );
+    let nats = NatsServer::start();
+    let data = tempdir().expect("data dir");
+    let service = start_service(test_config(&nats, data.path())).await;
+    let http = service.http_addr.to_string();
+    let (code, _) = http_get(&http, "/nothing-here").await.expect("http");
+    assert_eq!(code, 404);
+    for method in ["POST", "PUT", "DELETE"] {
+        let mut stream = tokio::net::TcpStream::connect(&http)
+            .await
+            .expect("connect");
+        let request = format!("{method} /livez HTTP/1.0\r\nContent-Length: 0\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        assert!(
+            response.split_whitespace().nth(1) == Some("405"),
+            "{method}: {response}"
+        );
+    }
+    service.stop().await.expect("clean stop");
 }
