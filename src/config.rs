@@ -121,6 +121,10 @@ pub struct StorageConfig {
     pub path: PathBuf,
     /// sled's page cache; memory use is bounded by this, not by the number of users.
     pub cache_capacity_mb: u64,
+    /// After a write or flush error sled keeps failing until the process restarts, so a
+    /// shard whose store has failed this long stops the instance (exit 1) for systemd or
+    /// Kubernetes to restart it; nothing it failed to store was acked.
+    pub give_up_after_secs: u64,
 }
 
 impl Default for StorageConfig {
@@ -128,6 +132,7 @@ impl Default for StorageConfig {
         StorageConfig {
             path: PathBuf::from("alarm-digest-data"),
             cache_capacity_mb: 32,
+            give_up_after_secs: 30,
         }
     }
 }
@@ -343,7 +348,8 @@ impl Default for ShutdownConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionConfig {
     /// CLEARED alarms are kept as tombstones (so a late redelivery of an older CRITICAL
-    /// cannot resurrect them) until their ChangedAt is this old, then swept away.
+    /// cannot resurrect them) until their ChangedAt is this much older than the newest
+    /// ChangedAt their shard has applied (capped at the clock), then swept away.
     pub cleared_after_hours: u64,
     /// How often a sweep pass over each shard starts.
     pub sweep_every_secs: u64,

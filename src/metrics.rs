@@ -24,6 +24,7 @@ pub struct Metrics {
     pub publish_failures: AtomicU64,
     pub store_failures: AtomicU64,
     pub tombstones_swept: AtomicU64,
+    pub sweep_passes: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     batch_latency: Histogram,
 }
@@ -118,6 +119,11 @@ impl Metrics {
                 "tombstones_swept_total",
                 "CLEARED alarms removed by the retention sweep.",
                 &self.tombstones_swept,
+            ),
+            (
+                "sweep_passes_total",
+                "Completed retention sweep passes over a shard.",
+                &self.sweep_passes,
             ),
         ];
         for (name, help, value) in counters {

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{self, BusError, Topology};
+use crate::bus::{self, Topology};
 use crate::config::Config;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
@@ -159,8 +159,10 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
         readiness: parts.readiness.clone(),
     };
     let flusher = GroupFlusher::spawn(parts.store.clone());
-    let mut tasks: JoinSet<Result<(), BusError>> = JoinSet::new();
-    tasks.spawn(Router::new(shared.clone(), router_js).run(shutdown.clone()));
+    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let router = Router::new(shared.clone(), router_js);
+    let router_cancel = shutdown.clone();
+    tasks.spawn(async move { Ok(router.run(router_cancel).await?) });
     for shard in owned {
         let store = parts.store.shard(shard)?;
         let worker = ShardWorker::new(shared.clone(), store, flusher.clone());
@@ -204,13 +206,13 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
 }
 
 fn task_failure(
-    joined: Result<Result<(), BusError>, tokio::task::JoinError>,
+    joined: Result<anyhow::Result<()>, tokio::task::JoinError>,
 ) -> Option<anyhow::Error> {
     match joined {
         Ok(Ok(())) => None,
         Ok(Err(error)) => {
-            tracing::error!(%error, "a part stopped with a fatal error");
-            Some(error.into())
+            tracing::error!(error = %format!("{error:#}"), "a part stopped with a fatal error");
+            Some(error)
         }
         Err(error) => {
             tracing::error!(%error, "a part panicked");

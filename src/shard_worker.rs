@@ -44,6 +44,10 @@ struct Sweep {
     cursor: Option<Vec<u8>>,
     running: bool,
     last_pass: Instant,
+    /// The newest ChangedAt this worker has applied. Retention is measured from it, not
+    /// from the wall clock alone: replayed or backfilled events with old timestamps must not
+    /// expire each other's tombstones (a late, older CRITICAL would then resurrect an alarm).
+    newest_seen: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What to do with one message of a batch once the batch is durable.
@@ -68,9 +72,10 @@ impl ShardWorker {
             part,
             sweep: Sweep {
                 cursor: None,
-                // The first pass starts soon after start-up.
+                // The first pass starts once events have shown what time it is.
                 running: true,
                 last_pass: Instant::now(),
+                newest_seen: None,
             },
         }
     }
@@ -84,7 +89,12 @@ impl ShardWorker {
             }
             self.sweep.running = true;
         }
-        let now = chrono::Utc::now();
+        // The reference instant: the newest event applied, never later than the clock (a
+        // far-future ChangedAt must not expire everything). No events yet: nothing to judge.
+        let Some(newest_seen) = self.sweep.newest_seen else {
+            return;
+        };
+        let now = newest_seen.min(chrono::Utc::now());
         match self.store.sweep_cleared(
             self.sweep.cursor.as_deref(),
             retention.sweep_page,
@@ -101,6 +111,7 @@ impl ShardWorker {
                 if next.is_none() {
                     self.sweep.running = false;
                     self.sweep.last_pass = Instant::now();
+                    self.shared.metrics.sweep_passes.fetch_add(1, Relaxed);
                 }
                 self.sweep.cursor = next;
             }
@@ -112,7 +123,7 @@ impl ShardWorker {
         }
     }
 
-    pub async fn run(mut self, cancel: CancellationToken) -> Result<(), BusError> {
+    pub async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
         let shard = self.store.shard();
         self.shared.readiness.set(self.part.clone(), false);
         let Some(mut consumer) = self.bind(&cancel).await? else {
@@ -125,6 +136,9 @@ impl ShardWorker {
         }
         let mut backoff = Backoff::default();
         let mut last_prune = Instant::now();
+        // Set on a failed batch, cleared by the next one that is applied and flushed.
+        let mut store_failing_since: Option<Instant> = None;
+        let give_up = Duration::from_secs(self.shared.config.storage.give_up_after_secs);
         loop {
             if !self.outbox.is_empty() {
                 if let Err(error) = self.publish_outbox().await {
@@ -136,7 +150,9 @@ impl ShardWorker {
                     continue;
                 }
             }
-            self.shared.readiness.set(self.part.clone(), true);
+            self.shared
+                .readiness
+                .set(self.part.clone(), store_failing_since.is_none());
             self.sweep_step();
             let tuning = &self.shared.config.tuning;
             let fetched = tokio::select! {
@@ -152,12 +168,24 @@ impl ShardWorker {
                 }
                 Ok(messages) => {
                     backoff.reset();
-                    if let Err(error) = self.process(messages).await {
-                        self.shared.metrics.store_failures.fetch_add(1, Relaxed);
-                        self.shared.readiness.set(self.part.clone(), false);
-                        tracing::error!(shard, %error, "batch not applied; it will be redelivered");
-                        if !backoff.wait(&cancel).await {
-                            break;
+                    match self.process(messages).await {
+                        Ok(()) => store_failing_since = None,
+                        Err(error) => {
+                            self.shared.metrics.store_failures.fetch_add(1, Relaxed);
+                            self.shared.readiness.set(self.part.clone(), false);
+                            tracing::error!(shard, %error, "batch not applied; it will be redelivered");
+                            let since = *store_failing_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= give_up {
+                                anyhow::bail!(
+                                    "shard {shard}: the data dir has failed for {}s ({error}); \
+                                     stopping so a restart can recover the store \
+                                     (storage.give_up_after_secs)",
+                                    give_up.as_secs()
+                                );
+                            }
+                            if !backoff.wait(&cancel).await {
+                                break;
+                            }
                         }
                     }
                 }
@@ -201,6 +229,7 @@ impl ShardWorker {
         let limits = &shared.config.limits;
         let skip_empty = shared.config.digest.skip_empty;
         let mut dispositions = Vec::with_capacity(messages.len());
+        let mut counts = BatchCounts::default();
         let mut write = self.store.begin();
         for message in &messages {
             let sequence = match message.info() {
@@ -231,13 +260,17 @@ impl ShardWorker {
                     }
                 }
                 Ok(Input::StatusChange(change)) => {
+                    let at = change.observation.changed_at;
+                    if self.sweep.newest_seen.is_none_or(|seen| at > seen) {
+                        self.sweep.newest_seen = Some(at);
+                    }
                     match write.apply(&change, limits.max_alarms_per_user) {
                         Ok(Applied::Changed) => {
-                            shared.metrics.events_applied.fetch_add(1, Relaxed);
+                            counts.applied += 1;
                             Disposition::Ack
                         }
                         Ok(Applied::Unchanged) => {
-                            shared.metrics.events_unchanged.fetch_add(1, Relaxed);
+                            counts.unchanged += 1;
                             Disposition::Ack
                         }
                         Ok(Applied::TooManyAlarms) => Disposition::DeadLetter {
@@ -253,16 +286,16 @@ impl ShardWorker {
                 Ok(Input::DigestRequest(request)) => {
                     match write.digest(&request.user_id, sequence, skip_empty) {
                         Ok(DigestOutcome::Queued { .. }) => {
-                            shared.metrics.digest_requests.fetch_add(1, Relaxed);
+                            counts.requests += 1;
                             Disposition::AfterDigest
                         }
                         Ok(DigestOutcome::SkippedEmpty) => {
-                            shared.metrics.digest_requests.fetch_add(1, Relaxed);
-                            shared.metrics.digests_skipped_empty.fetch_add(1, Relaxed);
+                            counts.requests += 1;
+                            counts.skipped_empty += 1;
                             Disposition::Ack
                         }
                         Ok(DigestOutcome::AlreadyAnswered) => {
-                            shared.metrics.duplicate_requests.fetch_add(1, Relaxed);
+                            counts.duplicates += 1;
                             Disposition::Ack
                         }
                         Err(error) => unreadable_or_fail(error)?,
@@ -278,6 +311,7 @@ impl ShardWorker {
         if let Err(error) = self.flusher.flush().await {
             return Err(self.nak_all(messages, error).await);
         }
+        counts.record(&shared.metrics);
         self.outbox.extend(queued);
 
         let mut dead_letters = Vec::new();
@@ -404,6 +438,31 @@ impl ShardWorker {
             },
             Err(error) => tracing::debug!(%error, "no consumer info for pruning"),
         }
+    }
+}
+
+/// What one batch did, added to the metrics only once the batch is durable (a failed batch
+/// is redelivered and would otherwise be counted twice).
+#[derive(Default)]
+struct BatchCounts {
+    applied: u64,
+    unchanged: u64,
+    requests: u64,
+    skipped_empty: u64,
+    duplicates: u64,
+}
+
+impl BatchCounts {
+    fn record(&self, metrics: &crate::metrics::Metrics) {
+        metrics.events_applied.fetch_add(self.applied, Relaxed);
+        metrics.events_unchanged.fetch_add(self.unchanged, Relaxed);
+        metrics.digest_requests.fetch_add(self.requests, Relaxed);
+        metrics
+            .digests_skipped_empty
+            .fetch_add(self.skipped_empty, Relaxed);
+        metrics
+            .duplicate_requests
+            .fetch_add(self.duplicates, Relaxed);
     }
 }
 

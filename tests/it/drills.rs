@@ -2,6 +2,7 @@
 //! flows. Every drill ends by checking that no active alarm was lost.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -241,4 +242,117 @@ fn a_data_dir_that_cannot_be_created_is_a_clear_startup_error() {
         stderr.contains("cannot open the data dir") && stderr.contains(&path),
         "{stderr}"
     );
+}
+
+/// A small tmpfs for a data dir that can fill up, resized or removed on drop. Mounting needs
+/// root, as the project's machines and CI run.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(megabytes: u32) -> SmallDisk {
+        let dir = tempdir().expect("mount point");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "this drill mounts a small tmpfs and needs root (as CI runs)"
+        );
+        SmallDisk { dir }
+    }
+
+    fn resize(&self, megabytes: u32) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={megabytes}m")])
+            .arg(self.dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success());
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_naks_reports_not_ready_exits_and_loses_nothing_after_restart() {
+    let nats = NatsServer::start();
+    let disk = SmallDisk::mount(6);
+    let config = test_config(&nats, disk.path());
+    let client = TestClient::connect(&config).await;
+    let give_up = [("ALARM_DIGEST_STORAGE__GIVE_UP_AFTER_SECS", "3")];
+    let service = ServiceProcess::spawn(&nats, disk.path(), &give_up);
+    wait_ready(&service.http).await;
+
+    // 40k events over 20k alarms: well past what 6 MiB holds.
+    let mut state: HashMap<(String, String), (i64, usize)> = HashMap::new();
+    let subject = config.streams.status_subject.clone();
+    let mut acks = Vec::new();
+    for n in 0..40_000i64 {
+        let (user, alarm, status) = (
+            format!("disk-user-{}", n % 2_000),
+            format!("alarm-{}", (n / 2_000) % 10),
+            (n % 3) as usize,
+        );
+        state.insert((user.clone(), alarm.clone()), (n, status));
+        let at = chrono::DateTime::from_timestamp_nanos(1_623_000_000_000_000_000 + n);
+        let payload = status_payload(
+            &user,
+            &alarm,
+            STATUSES[status],
+            &alarm_digest::wire::format_time(&at),
+        );
+        acks.push(
+            client
+                .js
+                .publish(subject.clone(), payload.into())
+                .await
+                .expect("publish"),
+        );
+        if acks.len() == 1_000 {
+            for ack in acks.drain(..) {
+                ack.await.expect("stored");
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.expect("stored");
+    }
+
+    // While the store fails the shard reports not ready, then the instance gives up.
+    let mut saw_not_ready = false;
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline && !saw_not_ready {
+        if let Ok((503, body)) = http_get(&service.http, "/readyz").await {
+            saw_not_ready = body.contains("shard");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_not_ready, "a failing store must show on /readyz");
+    let status = service.wait_exit(Duration::from_secs(60));
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "gives up with exit 1 for the supervisor to restart it"
+    );
+
+    // Space returns; the restarted instance applies everything that was never acked.
+    disk.resize(256);
+    let service = ServiceProcess::spawn(&nats, disk.path(), &give_up);
+    wait_ready(&service.http).await;
+    assert_nothing_lost(&client, &state).await;
+    drop(service);
 }

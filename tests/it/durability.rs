@@ -396,3 +396,43 @@ async fn cleared_tombstones_older_than_the_retention_are_swept_and_others_kept()
     );
     service.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn backfilled_old_events_keep_their_tombstones_through_a_sweep() {
+    let nats = NatsServer::start();
+    let data = tempdir().expect("data dir");
+    let mut config = test_config(&nats, data.path());
+    config.retention.sweep_every_secs = 1;
+    let client = TestClient::connect(&config).await;
+    let service = start_service(config).await;
+    // A backfill: everything is years old by the clock, but only a minute apart.
+    client
+        .status("u", "a", "CLEARED", "2021-06-07T20:01:00Z")
+        .await;
+    client.wait_drained().await;
+    // Wait for two more completed sweep passes: at least one ran entirely after the event.
+    let passes = || {
+        service
+            .metrics
+            .sweep_passes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let target = passes() + 2;
+    let deadline = std::time::Instant::now() + WAIT;
+    while passes() < target {
+        assert!(std::time::Instant::now() < deadline, "no sweep pass ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The broker delivers an older CRITICAL late: it must not resurrect the alarm.
+    client
+        .status("u", "a", "CRITICAL", "2021-06-07T20:00:00Z")
+        .await;
+    client.request_digest("u").await;
+    let digest = client.digests().await.next().await;
+    assert!(
+        digest.active_alarms.is_empty(),
+        "resurrected: {:?}",
+        digest.active_alarms
+    );
+    service.stop().await.expect("clean stop");
+}

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use alarm_digest::bus::Topology;
 use alarm_digest::config::Config;
+use alarm_digest::load;
 use alarm_digest::service::{self, RunningService};
 use alarm_digest::wire::AlarmDigest;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
@@ -162,23 +163,33 @@ impl TestClient {
         }
     }
 
-    /// Waits until the input and every shard stream are empty: all work acked.
+    /// Waits until every consumer of the service (router and shard workers) has nothing
+    /// pending and nothing unacknowledged. Judged from consumer state, not stream sizes: a
+    /// broker killed mid-write can keep a WorkQueue message whose ack it already recorded.
     pub async fn wait_drained(&self) {
-        let topology = Topology::new(self.config.streams.clone(), self.config.shards.count);
-        let mut names = vec![self.config.streams.input_stream.clone()];
-        names.extend((0..self.config.shards.count).map(|s| topology.shard_stream(s)));
-        let deadline = Instant::now() + Duration::from_secs(90);
-        'poll: loop {
-            assert!(Instant::now() < deadline, "streams not drained within 90 s");
-            for name in &names {
-                let mut stream = self.js.get_stream(name).await.expect("stream");
-                let info = stream.info().await.expect("stream info");
-                if info.state.messages > 0 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue 'poll;
+        let input = &self.config.streams.input_stream;
+        let last = load::last_sequence(&self.js, input)
+            .await
+            .expect("input stream");
+        let consumers = load::service_consumers(&self.config);
+        if let Err(error) =
+            load::wait_drained(&self.js, (input, last), &consumers, Duration::from_secs(90)).await
+        {
+            let mut state = String::new();
+            for (stream, consumer) in &consumers {
+                if let Ok(stream) = self.js.get_stream_no_info(stream).await {
+                    if let Ok(info) = stream.consumer_info(consumer).await {
+                        state += &format!(
+                            "\n{}: pending {} ack-pending {} redelivered {}",
+                            info.stream_name,
+                            info.num_pending,
+                            info.num_ack_pending,
+                            info.num_redelivered
+                        );
+                    }
                 }
             }
-            return;
+            panic!("not drained: {error}{state}");
         }
     }
 
