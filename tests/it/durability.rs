@@ -436,3 +436,51 @@ async fn backfilled_old_events_keep_their_tombstones_through_a_sweep() {
     );
     service.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_dir_stops_growing_when_events_only_churn_existing_alarms() {
+    let nats = NatsServer::start();
+    let data = tempdir().expect("data dir");
+    let config = test_config(&nats, data.path());
+    let client = TestClient::connect(&config).await;
+    let service = start_service(config.clone()).await;
+    let subject = config.streams.status_subject.clone();
+    let mut sizes = Vec::new();
+    // 2,000 alarms, each changed once per round; 40 rounds = 80k events. sled appends
+    // until it starts reusing its segments (round ~21 here), then the files stay put.
+    for round in 0..40i64 {
+        let mut acks = Vec::with_capacity(2_000);
+        for n in 0..2_000i64 {
+            let at = chrono::DateTime::from_timestamp_nanos(
+                1_623_000_000_000_000_000 + round * 10_000 + n,
+            );
+            let status = ["WARNING", "CRITICAL"][((round + n) % 2) as usize];
+            let payload = status_payload(
+                &format!("churn-{}", n % 200),
+                &format!("a{}", n / 200),
+                status,
+                &alarm_digest::wire::format_time(&at),
+            );
+            acks.push(
+                client
+                    .js
+                    .publish(subject.clone(), payload.into())
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for ack in acks {
+            ack.await.expect("stored");
+        }
+        client.wait_drained().await;
+        sizes.push(alarm_digest::load::dir_bytes(data.path()));
+    }
+    eprintln!("data dir bytes per round: {sizes:?}");
+    let before_last_ten = sizes[29];
+    let last = *sizes.last().expect("rounds");
+    assert!(
+        last <= before_last_ten + before_last_ten / 20,
+        "still growing: {sizes:?}"
+    );
+    service.stop().await.expect("clean stop");
+}
