@@ -105,15 +105,7 @@ impl Router {
         let streams = &shared.config.streams;
         let mut pending = Vec::with_capacity(messages.len());
         for message in messages {
-            let sequence = match message.info() {
-                Ok(info) => {
-                    if info.delivered > 1 {
-                        shared.metrics.redeliveries.fetch_add(1, Relaxed);
-                    }
-                    info.stream_sequence
-                }
-                Err(_) => 0,
-            };
+            let sequence = shared.note_delivery(&message);
             let decoded = match shared.topology.input_kind(&message.subject) {
                 Some(kind) => wire::decode(
                     kind,

@@ -232,15 +232,7 @@ impl ShardWorker {
         let mut counts = BatchCounts::default();
         let mut write = self.store.begin();
         for message in &messages {
-            let sequence = match message.info() {
-                Ok(info) => {
-                    if info.delivered > 1 {
-                        shared.metrics.redeliveries.fetch_add(1, Relaxed);
-                    }
-                    info.stream_sequence
-                }
-                Err(_) => 0,
-            };
+            let sequence = shared.note_delivery(message);
             let decoded = match shared.topology.shard_kind(shard, &message.subject) {
                 Some(kind) => wire::decode(kind, &message.payload, limits.max_payload_bytes),
                 None => Err(Rejection::UnknownSubject(message.subject.to_string())),

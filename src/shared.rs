@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use async_nats::jetstream::Context;
+use std::sync::atomic::Ordering::Relaxed;
+
+use async_nats::jetstream::{Context, Message};
 
 use crate::bus::Topology;
 use crate::config::Config;
@@ -16,4 +18,20 @@ pub struct Shared {
     pub js: Context,
     pub metrics: Arc<Metrics>,
     pub readiness: Readiness,
+}
+
+impl Shared {
+    /// The message's stream sequence (0 if its reply subject carries none), counting it as
+    /// a redelivery when JetStream delivered it before.
+    pub fn note_delivery(&self, message: &Message) -> u64 {
+        match message.info() {
+            Ok(info) => {
+                if info.delivered > 1 {
+                    self.metrics.redeliveries.fetch_add(1, Relaxed);
+                }
+                info.stream_sequence
+            }
+            Err(_) => 0,
+        }
+    }
 }

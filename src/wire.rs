@@ -398,5 +398,96 @@ mod properties {
             let _ = decode(InputKind::StatusChange, &bytes, 4096);
             let _ = decode(InputKind::DigestRequest, &bytes, 4096);
         }
+
+        /// Near-valid messages (each field valid, missing, empty, oversized, of another JSON
+        /// type or garbage, plus unknown fields) never panic, and whatever is accepted obeys
+        /// every rule the rest of the service relies on.
+        #[test]
+        fn near_valid_messages_are_accepted_only_when_fully_valid(
+            fields in prop::collection::vec((field_name(), field_value()), 0..7),
+        ) {
+            let object: serde_json::Map<String, serde_json::Value> = fields.into_iter().collect();
+            let payload = serde_json::to_vec(&object).unwrap_or_default();
+            for kind in [InputKind::StatusChange, InputKind::DigestRequest] {
+                match decode(kind, &payload, 4096) {
+                    Ok(Input::StatusChange(change)) => {
+                        prop_assert!(!change.user_id.is_empty() && change.user_id.len() <= MAX_ID_BYTES);
+                        prop_assert!(!change.alarm_id.is_empty() && change.alarm_id.len() <= MAX_ID_BYTES);
+                        prop_assert_eq!(Some(&serde_json::Value::String(change.observation.status.as_str().into())), object.get("Status"));
+                    }
+                    Ok(Input::DigestRequest(request)) => {
+                        prop_assert!(!request.user_id.is_empty() && request.user_id.len() <= MAX_ID_BYTES);
+                    }
+                    Err(rejection) => prop_assert!(!rejection.code().is_empty()),
+                }
+            }
+        }
+    }
+
+    fn field_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("AlarmID".to_string()),
+            Just("UserID".to_string()),
+            Just("Status".to_string()),
+            Just("ChangedAt".to_string()),
+            "[a-zA-Z]{1,8}",
+        ]
+    }
+
+    fn field_value() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::Value;
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| Value::Number(n.into())),
+            Just(Value::String(String::new())),
+            Just(Value::String("x".repeat(MAX_ID_BYTES + 1))),
+            prop_oneof![
+                Just("CLEARED"),
+                Just("WARNING"),
+                Just("CRITICAL"),
+                Just("critical")
+            ]
+            .prop_map(|s| Value::String(s.into())),
+            prop_oneof![
+                Just("2021-06-07T20:40:15.598765212Z"),
+                Just("2021-06-07T22:40:15+02:00"),
+                Just("2021-02-30T20:40:15Z"),
+                Just("2021-06-07T20:40:15.1234567890Z"),
+            ]
+            .prop_map(|s| Value::String(s.into())),
+            ".{0,40}".prop_map(Value::String),
+            prop::collection::vec(any::<u8>(), 0..4).prop_map(|b| Value::Array(
+                b.into_iter().map(|n| Value::Number(n.into())).collect()
+            )),
+        ]
+    }
+
+    proptest! {
+        /// Every well-formed message built from valid parts is accepted as exactly that.
+        #[test]
+        fn valid_messages_round_trip(
+            user in "[a-zA-Z0-9-]{1,64}",
+            alarm in "[a-zA-Z0-9-]{1,64}",
+            status in prop_oneof![Just(Status::Cleared), Just(Status::Warning), Just(Status::Critical)],
+            secs in 0i64..4_000_000_000,
+            nanos in 0u32..1_000_000_000,
+        ) {
+            let at = DateTime::<Utc>::from_timestamp(secs, nanos).unwrap_or_default();
+            let payload = format!(
+                r#"{{"AlarmID":"{alarm}","UserID":"{user}","Status":"{}","ChangedAt":"{}"}}"#,
+                status.as_str(),
+                format_time(&at)
+            );
+            let decoded = decode(InputKind::StatusChange, payload.as_bytes(), 4096);
+            prop_assert_eq!(
+                decoded,
+                Ok(Input::StatusChange(StatusChange {
+                    user_id: user,
+                    alarm_id: alarm,
+                    observation: Observation { status, changed_at: at },
+                }))
+            );
+        }
     }
 }

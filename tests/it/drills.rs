@@ -356,3 +356,67 @@ async fn a_full_disk_naks_reports_not_ready_exits_and_loses_nothing_after_restar
     assert_nothing_lost(&client, &state).await;
     drop(service);
 }
+
+#[tokio::test]
+async fn digests_wait_while_the_output_stream_is_full_and_resume_when_it_has_room() {
+    use async_nats::jetstream::stream::DiscardPolicy;
+    let nats = NatsServer::start();
+    let data = tempdir().expect("data dir");
+    let config = test_config(&nats, data.path());
+    let client = TestClient::connect(&config).await;
+    let service = start_service(config.clone()).await;
+    let mut digests = client.digests().await;
+    client
+        .status("u", "a", "WARNING", "2021-06-07T20:00:01Z")
+        .await;
+    client.request_digest("u").await;
+    assert_eq!(digests.next().await.active_alarms.len(), 1);
+
+    // An operator caps the output stream at what it holds, refusing new messages.
+    let mut output = client
+        .js
+        .get_stream(&config.streams.output_stream)
+        .await
+        .expect("output");
+    let mut capped = output.info().await.expect("info").config.clone();
+    capped.max_messages = 1;
+    capped.discard = DiscardPolicy::New;
+    client
+        .js
+        .update_stream(capped.clone())
+        .await
+        .expect("cap the stream");
+
+    client
+        .status("u", "b", "CRITICAL", "2021-06-07T20:00:02Z")
+        .await;
+    client.request_digest("u").await;
+    let http = service.http_addr.to_string();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (code, body) = http_get(&http, "/readyz").await.expect("readyz");
+        if code == 503 && body.contains("shard") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a full output stream must show on /readyz"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Room again: the held digest goes out, with exactly what was due.
+    capped.max_messages = -1;
+    client
+        .js
+        .update_stream(capped)
+        .await
+        .expect("uncap the stream");
+    let digest = digests.next().await;
+    assert_eq!(
+        entries(&digest),
+        [("b".into(), "CRITICAL".into(), "2021-06-07T20:00:02Z".into())]
+    );
+    wait_ready(&http).await;
+    service.stop().await.expect("clean stop");
+}
