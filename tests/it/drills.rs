@@ -205,18 +205,7 @@ async fn digests_wait_while_the_output_stream_is_missing_and_resume_when_it_retu
     client.request_digest("u").await;
     // The shard holds the digest in its outbox and reports not ready until it is delivered.
     let http = service.http_addr.to_string();
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (code, body) = http_get(&http, "/readyz").await.expect("readyz");
-        if code == 503 && body.contains("shard") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never reported the blocked shard"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_shard_not_ready(&http).await;
     let inbox = client.stream_messages(&config.streams.input_stream).await;
     assert_eq!(inbox, 0, "the request was taken (and is held), not lost");
 
@@ -406,18 +395,7 @@ async fn digests_wait_while_the_output_stream_is_full_and_resume_when_it_has_roo
         .await;
     client.request_digest("u").await;
     let http = service.http_addr.to_string();
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (code, body) = http_get(&http, "/readyz").await.expect("readyz");
-        if code == 503 && body.contains("shard") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a full output stream must show on /readyz"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_shard_not_ready(&http).await;
 
     // Room again: the held digest goes out, with exactly what was due.
     capped.max_messages = -1;

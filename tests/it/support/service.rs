@@ -69,6 +69,23 @@ pub async fn wait_ready(http: &str) {
     }
 }
 
+/// Waits until `/readyz` answers 503 naming a shard (one that holds work it cannot finish).
+pub async fn wait_shard_not_ready(http: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok((503, body)) = http_get(http, "/readyz").await {
+            if body.contains("shard") {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{http} never reported a blocked shard"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A minimal HTTP/1.0 GET, enough for the service's endpoints.
 pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
