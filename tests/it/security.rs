@@ -194,3 +194,88 @@ async fn http_serves_only_get_on_its_paths() {
     }
     service.stop().await.expect("clean stop");
 }
+
+/// A NATS JWT (v2): `header.claims.signature`, signed by the issuer's NKey.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        "jti": format!("{:032X}", rand::random::<u128>()),
+        "iat": chrono::Utc::now().timestamp(),
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let signing_input = format!("{header}.{}", b64.encode(claims.to_string()));
+    let signature = issuer.sign(signing_input.as_bytes()).expect("sign");
+    format!("{signing_input}.{}", b64.encode(signature))
+}
+
+#[tokio::test]
+async fn creds_file_against_an_operator_mode_server() {
+    use serde_json::json;
+    let (operator, account, user) = (
+        nkeys::KeyPair::new_operator(),
+        nkeys::KeyPair::new_account(),
+        nkeys::KeyPair::new_user(),
+    );
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "test-operator",
+        json!({"type": "operator", "version": 2}),
+    );
+    let unlimited = json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+        "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "test-account",
+        json!({"limits": unlimited, "type": "account", "version": 2}),
+    );
+    let user_jwt = jwt(
+        &account,
+        &user.public_key(),
+        "alarm-digest",
+        json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2}),
+    );
+    let seed = user.seed().expect("seed");
+    // JetStream in operator mode needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        json!({"type": "account", "version": 2}),
+    );
+
+    let dir = tempdir().expect("dir");
+    let operator_path = dir.path().join("operator.jwt");
+    std::fs::write(&operator_path, &operator_jwt).expect("write operator");
+    let creds = dir.path().join("alarm-digest.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        ),
+    )
+    .expect("write creds");
+    let nats = NatsServer::start_with_config(&format!(
+        "operator: {operator_path:?}\nsystem_account: {sys}\nresolver: MEMORY\n\
+         resolver_preload: {{ {acc}: {account_jwt:?}, {sys}: {system_jwt:?} }}\n",
+        sys = system.public_key(),
+        acc = account.public_key(),
+    ));
+    let data = tempdir().expect("data dir");
+    let mut config = test_config(&nats, data.path());
+    config.nats.creds_file = Some(creds.clone());
+    let producer = ConnectOptions::with_credentials_file(creds)
+        .await
+        .expect("creds");
+    round_trip(config, producer, &seed).await;
+}
