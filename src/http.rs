@@ -7,9 +7,10 @@ use std::sync::{Arc, OnceLock};
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing;
 use axum::Json;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::Topology;
@@ -27,12 +28,33 @@ pub struct HttpState {
     pub nats: Arc<OnceLock<async_nats::Client>>,
 }
 
+/// A minimal HTTP/1.0 GET against an instance's endpoint (for `inspect` and the tests):
+/// returns the status code and the body. `path` must already be percent-encoded.
+pub async fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 pub async fn serve(listener: TcpListener, state: HttpState, cancel: CancellationToken) {
     let app = axum::Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/inspect/user", get(inspect_user))
+        .route("/livez", routing::get(|| async { "ok\n" }))
+        .route("/readyz", routing::get(readyz))
+        .route("/metrics", routing::get(metrics))
+        .route("/inspect/user", routing::get(inspect_user))
         .with_state(state);
     let shutdown = async move { cancel.cancelled().await };
     if let Err(error) = axum::serve(listener, app)

@@ -4,11 +4,10 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::bus::Topology;
 use crate::config::Config;
+use crate::http;
 use crate::store::{Store, UserReport};
 
 pub async fn run(config: Config, user_id: &str) -> anyhow::Result<ExitCode> {
@@ -31,29 +30,20 @@ fn from_data_dir(config: &Config, user_id: &str) -> anyhow::Result<UserReport> {
 
 /// `Ok(None)` when nothing listens there.
 async fn from_running_instance(listen: &str, user_id: &str) -> anyhow::Result<Option<UserReport>> {
-    let mut stream = match TcpStream::connect(listen).await {
-        Ok(stream) => stream,
+    let path = format!("/inspect/user?id={}", percent_encode(user_id));
+    let (status, body) = match http::get(listen, &path).await {
+        Ok(answer) => answer,
         Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
-        Err(error) => return Err(error).context(format!("connecting to {listen}")),
+        Err(error) => return Err(error).context(format!("asking the instance at {listen}")),
     };
-    let request = format!(
-        "GET /inspect/user?id={} HTTP/1.0\r\nHost: {listen}\r\nConnection: close\r\n\r\n",
-        percent_encode(user_id)
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        let status = head.lines().next().unwrap_or("no response");
+    if status != 200 {
         bail!(
             "the instance at {listen} answered {status}: {}",
             body.trim()
         );
     }
     Ok(Some(
-        serde_json::from_str(body).context("reading the instance's answer")?,
+        serde_json::from_str(&body).context("reading the instance's answer")?,
     ))
 }
 

@@ -121,10 +121,6 @@ impl Store {
         Ok(self.db.flush()?)
     }
 
-    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
-    }
-
     /// Everything stored about one user, for `alarm-digest inspect`.
     pub fn inspect_user(&self, shard: u16, user_id: &str) -> Result<UserReport, StoreError> {
         let store = self.shard(shard)?;

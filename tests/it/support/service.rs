@@ -13,7 +13,6 @@ use alarm_digest::wire::AlarmDigest;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, Context};
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::NatsServer;
 
@@ -86,24 +85,7 @@ pub async fn wait_shard_not_ready(http: &str) {
     }
 }
 
-/// A minimal HTTP/1.0 GET, enough for the service's endpoints.
-pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
+pub use alarm_digest::http::get as http_get;
 
 /// Producer and notification-service side of a test.
 pub struct TestClient {
