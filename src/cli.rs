@@ -25,7 +25,7 @@ pub struct Cli {
     /// Overrides http.listen.
     #[arg(long, global = true, value_name = "ADDR")]
     pub http_listen: Option<String>,
-    /// Overrides shards.owned (`all` or a list such as `0,2`).
+    /// Overrides shards.owned (`all`, `ordinal`, or a list such as `0,2`).
     #[arg(long, global = true, value_name = "SHARDS")]
     pub shards_owned: Option<String>,
     #[command(subcommand)]
@@ -54,6 +54,11 @@ pub enum Command {
     Watch,
     /// Load a running deployment and report ingest rate, digest latency, RSS and disk use.
     Bench(crate::cmd::bench::BenchArgs),
+    /// Move a shard's state between data dirs; show where shards live.
+    Shard {
+        #[command(subcommand)]
+        action: crate::cmd::shard::ShardAction,
+    },
     /// List or replay dead-letter records.
     Dlq {
         #[command(subcommand)]

@@ -154,8 +154,18 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShardsConfig {
+    /// Fixed for the life of a cluster: recorded in the local data dir and in the cluster's
+    /// shards bucket.
     pub count: u16,
     pub owned: OwnedShards,
+    /// With `owned = "ordinal"`: how many instances share the shards.
+    pub replicas: u16,
+    /// With `owned = "ordinal"`: this instance's ordinal. Unset: the number after the last
+    /// `-` of the hostname (`alarm-digest-3` → 3), as a StatefulSet names its pods.
+    pub ordinal: Option<u16>,
+    /// The lease period, used when the leases bucket is created (its max age). A holder
+    /// renews every third of it and stops applying once two thirds passed without renewal.
+    pub lease_secs: u64,
 }
 
 impl Default for ShardsConfig {
@@ -163,6 +173,26 @@ impl Default for ShardsConfig {
         ShardsConfig {
             count: 16,
             owned: OwnedShards::All,
+            replicas: 1,
+            ordinal: None,
+            lease_secs: 15,
+        }
+    }
+}
+
+impl ShardsConfig {
+    /// The shards this instance runs workers for. `ordinal` must have been resolved
+    /// (`Config::load` does).
+    pub fn owned_shards(&self) -> Vec<u16> {
+        match &self.owned {
+            OwnedShards::All => (0..self.count).collect(),
+            OwnedShards::List(list) => list.iter().copied().collect(),
+            OwnedShards::Ordinal => {
+                let ordinal = self.ordinal.unwrap_or(0);
+                (0..self.count)
+                    .filter(|shard| shard % self.replicas.max(1) == ordinal)
+                    .collect()
+            }
         }
     }
 }
@@ -172,20 +202,18 @@ impl Default for ShardsConfig {
 pub enum OwnedShards {
     All,
     List(BTreeSet<u16>),
+    /// Every shard s with `s % shards.replicas == ordinal`.
+    Ordinal,
 }
 
 impl OwnedShards {
-    pub fn resolve(&self, count: u16) -> Vec<u16> {
-        match self {
-            OwnedShards::All => (0..count).collect(),
-            OwnedShards::List(list) => list.iter().copied().collect(),
-        }
-    }
-
     fn parse(text: &str) -> Result<OwnedShards, String> {
         let text = text.trim();
         if text.eq_ignore_ascii_case("all") {
             return Ok(OwnedShards::All);
+        }
+        if text.eq_ignore_ascii_case("ordinal") {
+            return Ok(OwnedShards::Ordinal);
         }
         let inner = text.trim_start_matches('[').trim_end_matches(']');
         inner
@@ -206,6 +234,7 @@ impl Serialize for OwnedShards {
         match self {
             OwnedShards::All => serializer.serialize_str("all"),
             OwnedShards::List(list) => list.serialize(serializer),
+            OwnedShards::Ordinal => serializer.serialize_str("ordinal"),
         }
     }
 }
@@ -242,6 +271,10 @@ pub struct StreamsConfig {
     pub dead_letter_stream: String,
     pub router_consumer: String,
     pub worker_consumer: String,
+    /// JetStream key-value bucket holding the cluster's shard count and each shard's home.
+    pub shards_bucket: String,
+    /// Key-value bucket of shard leases; its max age is the lease period.
+    pub leases_bucket: String,
     /// Stream replicas; production runs 3 (see README, Guarantees).
     pub replicas: usize,
     pub output_max_age_hours: u64,
@@ -262,6 +295,8 @@ impl Default for StreamsConfig {
             dead_letter_stream: "ALARM_DIGEST_DEAD_LETTER".into(),
             router_consumer: "alarm-digest-router".into(),
             worker_consumer: "alarm-digest-worker".into(),
+            shards_bucket: "alarm_digest_shards".into(),
+            leases_bucket: "alarm_digest_leases".into(),
             replicas: 1,
             output_max_age_hours: 24 * 7,
             dead_letter_max_age_hours: 24 * 14,
@@ -391,6 +426,38 @@ impl Default for LogConfig {
     }
 }
 
+/// This machine's name: `$HOSTNAME` first (Kubernetes sets it to the pod name; tests can set
+/// it), else the kernel's.
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|name| !name.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The ordinal a StatefulSet gives its pod, as the hostname's suffix: `alarm-digest-3` → 3.
+fn ordinal_from_hostname() -> Result<u16, ConfigError> {
+    let hostname = hostname();
+    let hostname = hostname.as_str();
+    hostname
+        .rsplit('-')
+        .next()
+        .and_then(|suffix| suffix.parse::<u16>().ok())
+        .filter(|_| hostname.contains('-'))
+        .ok_or_else(|| {
+            invalid(
+                "shards.ordinal",
+                format!(
+                    "shards.owned = \"ordinal\" but the hostname {hostname:?} has no numeric \
+                     suffix such as alarm-digest-3; set shards.ordinal \
+                     (ALARM_DIGEST_SHARDS__ORDINAL) explicitly"
+                ),
+            )
+        })
+}
+
 /// Flags given on the command line; they win over every other layer.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -424,9 +491,12 @@ impl Config {
         if let Some(owned) = &overrides.shards_owned {
             figment = figment.merge(Serialized::default("shards.owned", owned));
         }
-        let config: Config = figment
+        let mut config: Config = figment
             .extract()
             .map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
+        if config.shards.owned == OwnedShards::Ordinal && config.shards.ordinal.is_none() {
+            config.shards.ordinal = Some(ordinal_from_hostname()?);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -504,6 +574,29 @@ impl Config {
                 ));
             }
         }
+        if self.shards.replicas == 0 || self.shards.replicas > self.shards.count {
+            return Err(invalid(
+                "shards.replicas",
+                format!("must be between 1 and shards.count ({})", self.shards.count),
+            ));
+        }
+        if let Some(ordinal) = self.shards.ordinal {
+            if ordinal >= self.shards.replicas {
+                return Err(invalid(
+                    "shards.ordinal",
+                    format!(
+                        "{ordinal} is not below shards.replicas ({}): with {} instances the \
+                         ordinals are 0 to {}",
+                        self.shards.replicas,
+                        self.shards.replicas,
+                        self.shards.replicas - 1
+                    ),
+                ));
+            }
+        }
+        if !(3..=3600).contains(&self.shards.lease_secs) {
+            return Err(invalid("shards.lease_secs", "must be between 3 and 3600"));
+        }
         let s = &self.streams;
         for (key, subject) in [
             ("streams.status_subject", &s.status_subject),
@@ -541,6 +634,24 @@ impl Config {
                     format!("{name:?} must be non-empty, without spaces, '.', '*', '>' or '/'"),
                 ));
             }
+        }
+        for (key, name) in [
+            ("streams.shards_bucket", &s.shards_bucket),
+            ("streams.leases_bucket", &s.leases_bucket),
+        ] {
+            let allowed = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+            if name.is_empty() || !name.chars().all(allowed) {
+                return Err(invalid(
+                    key,
+                    format!("{name:?} must be non-empty letters, digits, '_' or '-'"),
+                ));
+            }
+        }
+        if s.shards_bucket == s.leases_bucket {
+            return Err(invalid(
+                "streams.leases_bucket",
+                "must differ from streams.shards_bucket (leases expire, homes must not)",
+            ));
         }
         if !(1..=5).contains(&s.replicas) {
             return Err(invalid("streams.replicas", "must be between 1 and 5"));
@@ -679,10 +790,67 @@ mod tests {
             ("all", OwnedShards::All),
             ("[0, 2]", OwnedShards::List(BTreeSet::from([0, 2]))),
             ("1,3", OwnedShards::List(BTreeSet::from([1, 3]))),
+            ("ordinal", OwnedShards::Ordinal),
         ] {
             assert_eq!(OwnedShards::parse(text), Ok(expected));
         }
         assert!(OwnedShards::parse("[0,x]").is_err());
+    }
+
+    #[test]
+    fn ordinal_ownership_takes_the_statefulset_hostname_suffix() {
+        Jail::expect_with(|jail| {
+            jail.set_env("ALARM_DIGEST_SHARDS__COUNT", "6");
+            jail.set_env("ALARM_DIGEST_SHARDS__OWNED", "ordinal");
+            jail.set_env("ALARM_DIGEST_SHARDS__REPLICAS", "3");
+            jail.set_env("HOSTNAME", "alarm-digest-1");
+            let config = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.shards.ordinal, Some(1));
+            assert_eq!(config.shards.owned_shards(), vec![1, 4]);
+
+            // An explicit ordinal wins over the hostname.
+            jail.set_env("ALARM_DIGEST_SHARDS__ORDINAL", "2");
+            let config = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.shards.owned_shards(), vec![2, 5]);
+
+            jail.set_env("ALARM_DIGEST_SHARDS__ORDINAL", "3");
+            let error = Config::load(None, &Overrides::default()).expect_err("ordinal too big");
+            assert!(error.to_string().contains("shards.ordinal"), "{error}");
+            assert!(error.to_string().contains("0 to 2"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn ordinal_ownership_without_a_numbered_hostname_says_what_to_set() {
+        Jail::expect_with(|jail| {
+            jail.set_env("ALARM_DIGEST_SHARDS__OWNED", "ordinal");
+            jail.set_env("ALARM_DIGEST_SHARDS__REPLICAS", "2");
+            jail.set_env("HOSTNAME", "db-primary");
+            let error = Config::load(None, &Overrides::default()).expect_err("no ordinal");
+            let text = error.to_string();
+            assert!(text.contains("db-primary"), "{text}");
+            assert!(text.contains("ALARM_DIGEST_SHARDS__ORDINAL"), "{text}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_shard_has_exactly_one_ordinal_owner() {
+        let mut shards = ShardsConfig {
+            count: 16,
+            owned: OwnedShards::Ordinal,
+            replicas: 3,
+            ..ShardsConfig::default()
+        };
+        let mut owners = vec![0; 16];
+        for ordinal in 0..3 {
+            shards.ordinal = Some(ordinal);
+            for shard in shards.owned_shards() {
+                owners[usize::from(shard)] += 1;
+            }
+        }
+        assert_eq!(owners, vec![1; 16]);
     }
 
     #[test]
