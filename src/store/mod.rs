@@ -5,6 +5,7 @@
 //! [`GroupFlusher`] to make it durable; only then are the messages acked.
 
 pub mod codec;
+mod export;
 mod flusher;
 pub mod keys;
 
@@ -16,9 +17,11 @@ use serde::Serialize;
 use crate::domain::{self, AlarmRecord, StatusChange};
 use crate::wire;
 pub use codec::{CodecError, OutboxEntry};
+pub use export::{ExportError, ShardExport};
 pub use flusher::GroupFlusher;
 
 const META_SHARD_COUNT: &[u8] = b"shards.count";
+const META_INSTANCE_ID: &[u8] = b"instance.id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -94,8 +97,64 @@ impl Store {
         }
     }
 
+    /// This data dir's identity, created on first use. The cluster records it as the home
+    /// of the shards whose state lives here; it travels with a copy of the directory, which
+    /// is why leases (not the id) keep two copies from applying a shard at once.
+    pub fn instance_id(&self) -> Result<String, StoreError> {
+        let fresh = format!("{:032x}", rand::random::<u128>());
+        match self.db.compare_and_swap(
+            META_INSTANCE_ID,
+            None as Option<&[u8]>,
+            Some(fresh.as_bytes()),
+        )? {
+            Ok(()) => {
+                self.db.flush()?;
+                Ok(fresh)
+            }
+            Err(existing) => Ok(existing
+                .current
+                .map(|id| String::from_utf8_lossy(&id).into_owned())
+                .unwrap_or(fresh)),
+        }
+    }
+
+    /// The shard's whole tree, for `alarm-digest shard export`.
+    pub fn export_shard(&self, shard: u16, count: u16) -> Result<ShardExport, StoreError> {
+        let tree = self.db.open_tree(shard_tree_name(shard))?;
+        let entries = tree
+            .iter()
+            .map(|entry| entry.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<Vec<_>, sled::Error>>()?;
+        Ok(ShardExport {
+            shard,
+            count,
+            source_instance: self.instance_id()?,
+            entries,
+        })
+    }
+
+    /// Replaces the shard's tree with an export's entries, atomically, and flushes.
+    pub fn import_shard(&self, export: &ShardExport) -> Result<(), StoreError> {
+        let tree = self.db.open_tree(shard_tree_name(export.shard))?;
+        let mut batch = sled::Batch::default();
+        for key in tree.iter().keys() {
+            batch.remove(key?);
+        }
+        for (key, value) in &export.entries {
+            batch.insert(key.as_slice(), value.as_slice());
+        }
+        tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// How many entries the shard's tree holds (alarms, outbox, markers, metadata).
+    pub fn shard_len(&self, shard: u16) -> Result<usize, StoreError> {
+        Ok(self.db.open_tree(shard_tree_name(shard))?.len())
+    }
+
     pub fn shard(&self, shard: u16) -> Result<ShardStore, StoreError> {
-        let tree = self.db.open_tree(format!("shard/{shard}"))?;
+        let tree = self.db.open_tree(shard_tree_name(shard))?;
         let epoch = match tree.get(keys::META_EPOCH)? {
             Some(bytes) => read_u64(&bytes),
             None => {
@@ -136,6 +195,10 @@ impl Store {
             pending_digests: store.tree.scan_prefix([keys::OUTBOX]).count(),
         })
     }
+}
+
+fn shard_tree_name(shard: u16) -> String {
+    format!("shard/{shard}")
 }
 
 fn read_u64(bytes: &[u8]) -> u64 {
