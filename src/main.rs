@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+use alarm_digest::bus::BusError;
 use alarm_digest::cli::{Cli, Command, InspectTarget};
 use alarm_digest::cmd;
 use alarm_digest::config::{Config, LogConfig};
@@ -58,6 +59,7 @@ fn main() -> ExitCode {
             Command::Watch => cmd::watch::run(config).await,
             Command::Bench(args) => cmd::bench::run(config, args).await,
             Command::Dlq { action } => cmd::dlq::run(config, action).await,
+            Command::Shard { action } => cmd::shard::run(config, action).await,
         }
     });
     match result {
@@ -65,10 +67,14 @@ fn main() -> ExitCode {
         Err(error) => {
             tracing::error!(error = %format!("{error:#}"), "alarm-digest failed");
             eprintln!("alarm-digest: {error:#}");
-            if matches!(
+            let count_mismatch = matches!(
                 error.downcast_ref(),
                 Some(StoreError::ShardCountMismatch { .. })
-            ) {
+            ) || matches!(
+                error.downcast_ref(),
+                Some(BusError::ShardCountMismatch { .. })
+            );
+            if count_mismatch {
                 ExitCode::from(EXIT_BAD_CONFIG)
             } else {
                 ExitCode::FAILURE

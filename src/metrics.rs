@@ -25,6 +25,7 @@ pub struct Metrics {
     pub store_failures: AtomicU64,
     pub tombstones_swept: AtomicU64,
     pub sweep_passes: AtomicU64,
+    pub lease_stale_batches: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     batch_latency: Histogram,
 }
@@ -124,6 +125,11 @@ impl Metrics {
                 "sweep_passes_total",
                 "Completed retention sweep passes over a shard.",
                 &self.sweep_passes,
+            ),
+            (
+                "lease_stale_batches_total",
+                "Fetched batches handed back unapplied: the shard lease was not renewed in time.",
+                &self.lease_stale_batches,
             ),
         ];
         for (name, help, value) in counters {

@@ -7,13 +7,21 @@ use std::sync::{Arc, Mutex};
 
 #[derive(Clone, Default)]
 pub struct Readiness {
-    parts: Arc<Mutex<BTreeMap<String, bool>>>,
+    /// Part → `None` when ready, else why not (empty: no reason worth printing).
+    parts: Arc<Mutex<BTreeMap<String, Option<String>>>>,
 }
 
 impl Readiness {
     pub fn set(&self, part: impl Into<String>, ready: bool) {
         if let Ok(mut parts) = self.parts.lock() {
-            parts.insert(part.into(), ready);
+            parts.insert(part.into(), (!ready).then(String::new));
+        }
+    }
+
+    /// Not ready, with a reason `/readyz` prints next to the part.
+    pub fn block(&self, part: impl Into<String>, reason: impl Into<String>) {
+        if let Ok(mut parts) = self.parts.lock() {
+            parts.insert(part.into(), Some(reason.into()));
         }
     }
 
@@ -26,8 +34,11 @@ impl Readiness {
         Some(
             parts
                 .iter()
-                .filter(|(_, ready)| !**ready)
-                .map(|(name, _)| name.clone())
+                .filter_map(|(name, reason)| match reason.as_deref() {
+                    None => None,
+                    Some("") => Some(name.clone()),
+                    Some(reason) => Some(format!("{name} ({reason})")),
+                })
                 .collect(),
         )
     }
@@ -44,6 +55,11 @@ mod tests {
         readiness.set("store", true);
         readiness.set("shard 0", false);
         assert_eq!(readiness.not_ready(), Some(vec!["shard 0".to_string()]));
+        readiness.block("shard 0", "home is elsewhere");
+        assert_eq!(
+            readiness.not_ready(),
+            Some(vec!["shard 0 (home is elsewhere)".to_string()])
+        );
         readiness.set("shard 0", true);
         assert_eq!(readiness.not_ready(), Some(vec![]));
     }

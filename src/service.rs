@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{self, Topology};
+use crate::bus::{self, Cluster, Member, Topology};
 use crate::config::Config;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
@@ -56,6 +56,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningService> {
     let config = Arc::new(config);
     let store = Store::open(&config.storage.path, config.storage.cache_capacity_mb)?;
     store.check_shard_count(config.shards.count)?;
+    let member = Member::here(store.instance_id()?, &config);
     let listener = TcpListener::bind(&config.http.listen)
         .await
         .with_context(|| format!("binding http.listen {}", config.http.listen))?;
@@ -76,10 +77,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningService> {
         nats: nats.clone(),
     };
     let http_task = tokio::spawn(http::serve(listener, http_state, shutdown.clone()));
-    tracing::info!(%http_addr, data_dir = %config.storage.path.display(), "alarm-digest starting");
+    tracing::info!(
+        %http_addr,
+        data_dir = %config.storage.path.display(),
+        instance = %member.instance,
+        shards = ?config.shards.owned_shards(),
+        "alarm-digest starting"
+    );
 
     let parts = Parts {
         config,
+        member,
         store,
         topology,
         metrics: metrics.clone(),
@@ -97,6 +105,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningService> {
 
 struct Parts {
     config: Arc<Config>,
+    member: Member,
     store: Store,
     topology: Arc<Topology>,
     metrics: Arc<Metrics>,
@@ -133,7 +142,7 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
     // a time, the router (on its own connection) by its queued batches. Each context's
     // in-flight limit is the sum of its holders' bounds, so no holder ever waits for a
     // permit that another waiting holder owns.
-    let owned = config.shards.owned.resolve(config.shards.count);
+    let owned = config.shards.owned_shards();
     let js = bus::jetstream(client.clone(), owned.len() * bus::PUBLISH_WINDOW + 64);
     let Some(router_client) = bus::connect(&config.nats, shutdown).await? else {
         return Ok(());
@@ -149,7 +158,27 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
     if ensured.is_none() {
         return Ok(());
     }
+    // Ownership records go through a context without publish backpressure: a lease
+    // renewal must never queue behind digests.
+    let kv_js = async_nats::jetstream::new(client.clone());
+    let Some(cluster) = until_ok("opening the ownership buckets", shutdown, || {
+        Cluster::open(&kv_js, config, parts.member.clone())
+    })
+    .await?
+    else {
+        return Ok(());
+    };
+    let agreed = until_ok("agreeing on shards.count", shutdown, || {
+        cluster.agree_shard_count(config.shards.count)
+    })
+    .await?;
+    if agreed.is_none() {
+        return Ok(());
+    }
     parts.readiness.set("streams", true);
+    // For systemd (Type=notify): started means connected, streams checked and the shard
+    // count agreed with the cluster. Per-shard readiness is /readyz's business.
+    crate::notify::notify("READY=1");
 
     let shared = Shared {
         config: config.clone(),
@@ -165,7 +194,7 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
     tasks.spawn(async move { Ok(router.run(router_cancel).await?) });
     for shard in owned {
         let store = parts.store.shard(shard)?;
-        let worker = ShardWorker::new(shared.clone(), store, flusher.clone());
+        let worker = ShardWorker::new(shared.clone(), cluster.clone(), store, flusher.clone());
         tasks.spawn(worker.run(shutdown.clone()));
     }
 
@@ -177,6 +206,7 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
             shutdown.cancel();
         }
     }
+    crate::notify::notify("STOPPING=1");
     tracing::info!("stopping: finishing in-flight batches");
     let grace = Duration::from_secs(config.shutdown.grace_secs);
     let drain = async {

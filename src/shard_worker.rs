@@ -15,7 +15,8 @@ use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{self, BusError, DeadLetter, Outgoing};
+use crate::bus::ownership::{Acquired, Home, ShardLease};
+use crate::bus::{self, BusError, Cluster, DeadLetter, Outgoing};
 use crate::retry::{until_ok, Backoff};
 use crate::shared::Shared;
 use crate::store::{Applied, DigestOutcome, GroupFlusher, OutboxEntry, ShardStore, StoreError};
@@ -28,6 +29,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 pub struct ShardWorker {
     shared: Shared,
+    cluster: Cluster,
     store: ShardStore,
     flusher: GroupFlusher,
     /// Digests written but not yet acknowledged by JetStream (mirrors the stored outbox).
@@ -61,10 +63,16 @@ enum Disposition {
 }
 
 impl ShardWorker {
-    pub fn new(shared: Shared, store: ShardStore, flusher: GroupFlusher) -> ShardWorker {
+    pub fn new(
+        shared: Shared,
+        cluster: Cluster,
+        store: ShardStore,
+        flusher: GroupFlusher,
+    ) -> ShardWorker {
         let part = format!("shard {}", store.shard());
         ShardWorker {
             shared,
+            cluster,
             store,
             flusher,
             outbox: Vec::new(),
@@ -124,9 +132,79 @@ impl ShardWorker {
     }
 
     pub async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let shard = self.store.shard();
         self.shared.readiness.set(self.part.clone(), false);
-        let Some(mut consumer) = self.bind(&cancel).await? else {
+        let Some(lease) = self.admit(&cancel).await else {
+            return Ok(());
+        };
+        let result = self.consume(&lease, &cancel).await;
+        lease.release().await;
+        result
+    }
+
+    /// Waits until this instance is the shard's home and holds its lease. An instance that
+    /// is not the home never consumes the shard, even while the home is down: the home's
+    /// data dir holds the shard's alarms, and applying without them loses alarms.
+    async fn admit(&self, cancel: &CancellationToken) -> Option<ShardLease> {
+        let shard = self.store.shard();
+        let mut last_reason = String::new();
+        loop {
+            let (reason, why) = match self.cluster.home(shard).await {
+                Ok(Home::Here) => match self.cluster.acquire(shard).await {
+                    Ok(Acquired::Held(lease)) => {
+                        tracing::info!(shard, "shard lease taken; consuming");
+                        return Some(*lease);
+                    }
+                    Ok(Acquired::HeldBy(record)) => (
+                        format!(
+                            "lease held by process {} of {}",
+                            record.process, record.holder
+                        ),
+                        format!(
+                            "waiting for shard {shard}'s lease: another process holds it (a \
+                             previous run of this instance, or a copy of this data dir); it \
+                             expires {}s after its holder stops renewing",
+                            self.cluster.lease_period().as_secs()
+                        ),
+                    ),
+                    Err(error) => (format!("cannot take the lease: {error}"), String::new()),
+                },
+                Ok(Home::Elsewhere(home)) => (
+                    format!("its home is {home}"),
+                    format!(
+                        "not consuming shard {shard}: its state lives in the data dir of {home}, \
+                         not here, so applying it here would lose that state. Fix: remove \
+                         {shard} from shards.owned on this instance, or move the shard here \
+                         (stop both; `alarm-digest shard export --shard {shard}` there; \
+                         `alarm-digest shard import` here; README, Rebalancing)"
+                    ),
+                ),
+                Err(error) => (format!("cannot read its home: {error}"), String::new()),
+            };
+            if reason != last_reason {
+                if why.is_empty() {
+                    tracing::warn!(shard, %reason, "shard not consuming yet; retrying");
+                } else if reason.starts_with("its home") {
+                    tracing::error!(shard, home = %reason, "{why}");
+                } else {
+                    tracing::warn!(shard, holder = %reason, "{why}");
+                }
+                last_reason.clone_from(&reason);
+            }
+            self.shared.readiness.block(self.part.clone(), reason);
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::sleep(self.cluster.renew_every()) => {}
+            }
+        }
+    }
+
+    async fn consume(
+        &mut self,
+        lease: &ShardLease,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let shard = self.store.shard();
+        let Some(mut consumer) = self.bind(cancel).await? else {
             return Ok(());
         };
         // Digests stored before a crash go out before anything new is taken.
@@ -144,10 +222,19 @@ impl ShardWorker {
                 if let Err(error) = self.publish_outbox().await {
                     self.shared.readiness.set(self.part.clone(), false);
                     tracing::warn!(shard, %error, "digests not published yet; holding new work");
-                    if !backoff.wait(&cancel).await {
+                    if !backoff.wait(cancel).await {
                         break;
                     }
                     continue;
+                }
+            }
+            if !lease.is_fresh() {
+                self.shared
+                    .readiness
+                    .block(self.part.clone(), "shard lease not renewed; not applying");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(self.cluster.renew_every() / 4) => continue,
                 }
             }
             self.shared
@@ -164,6 +251,17 @@ impl ShardWorker {
                     if last_prune.elapsed() >= PRUNE_EVERY {
                         last_prune = Instant::now();
                         self.prune_answered(&consumer).await;
+                    }
+                }
+                Ok(messages) if !lease.is_fresh() => {
+                    // Paused or cut off past the lease: another process may hold the shard
+                    // now. Hand the batch back unapplied.
+                    self.shared
+                        .metrics
+                        .lease_stale_batches
+                        .fetch_add(1, Relaxed);
+                    for message in messages {
+                        let _ = message.ack_with(AckKind::Nak(None)).await;
                     }
                 }
                 Ok(messages) => {
@@ -183,7 +281,7 @@ impl ShardWorker {
                                     give_up.as_secs()
                                 );
                             }
-                            if !backoff.wait(&cancel).await {
+                            if !backoff.wait(cancel).await {
                                 break;
                             }
                         }
@@ -192,10 +290,10 @@ impl ShardWorker {
                 Err(error) => {
                     self.shared.readiness.set(self.part.clone(), false);
                     tracing::warn!(shard, %error, "shard fetch failed; retrying");
-                    if !backoff.wait(&cancel).await {
+                    if !backoff.wait(cancel).await {
                         break;
                     }
-                    if let Some(rebound) = self.bind(&cancel).await? {
+                    if let Some(rebound) = self.bind(cancel).await? {
                         consumer = rebound;
                     }
                 }

@@ -3,11 +3,13 @@
 
 mod connect;
 mod dead_letter;
+pub mod ownership;
 mod publish;
 mod topology;
 
 pub use connect::{connect, jetstream};
 pub use dead_letter::{DeadLetter, DeadLetterHeaders};
+pub use ownership::{Cluster, Member};
 pub use publish::{publish_windowed, Outgoing, PUBLISH_WINDOW};
 pub use topology::Topology;
 
@@ -99,6 +101,17 @@ pub enum BusError {
     JetStreamDisabled(String),
     #[error("stream {stream} already exists but {problem}; fix the streams.* config or delete the stream")]
     StreamMismatch { stream: String, problem: String },
+    #[error(
+        "the cluster's shards.count is {recorded} (recorded in key-value bucket {bucket}) but this \
+         instance has shards.count = {configured}; set shards.count = {recorded}. The count \
+         cannot change in place (users would move away from their alarms): to migrate, see the \
+         README's runbook 'Changing shards.count'"
+    )]
+    ShardCountMismatch {
+        recorded: u16,
+        configured: u16,
+        bucket: String,
+    },
     #[error("cannot use the NATS credentials: {0}")]
     Credentials(String),
     #[error("{context}: {message}")]

@@ -1,0 +1,484 @@
+//! Exclusive shard ownership, enforced through JetStream rather than trust in config.
+//!
+//! Two key-value buckets (names in `streams.*_bucket`):
+//!
+//! | bucket         | key            | value                                   | expires |
+//! |----------------|----------------|-----------------------------------------|---------|
+//! | shards         | `shards.count` | the cluster's shard count               | never   |
+//! | shards         | `home.N`       | [`Member`] whose data dir holds shard N | never   |
+//! | leases         | `shard.N`      | [`LeaseRecord`] of the process applying | max age |
+//!
+//! A home is claimed by the first instance that owns the shard and changes only through
+//! `alarm-digest shard import`. A lease is created if absent, renewed (compare-and-set on its
+//! revision) every third of the bucket's max age, and trusted by its holder only for two
+//! thirds of it, so a holder that missed renewals stops applying before the server lets
+//! anyone else create the key. Homes and leases live in two buckets because a bucket's max
+//! age applies to every key in it (nats-server 2.9 has no per-key TTL).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
+use async_nats::jetstream::{stream, Context};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::BusError;
+use crate::config::Config;
+
+const COUNT_KEY: &str = "shards.count";
+
+fn home_key(shard: u16) -> String {
+    format!("home.{shard}")
+}
+
+fn lease_key(shard: u16) -> String {
+    format!("shard.{shard}")
+}
+
+/// One instance: its data dir's id, and where to find it (for the operator reading errors).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub instance: String,
+    pub host: String,
+    pub data_dir: String,
+}
+
+impl Member {
+    /// This machine and data dir, under the data dir's instance id.
+    pub fn here(instance: String, config: &Config) -> Member {
+        Member {
+            instance,
+            host: crate::config::hostname(),
+            data_dir: config.storage.path.display().to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "instance {} (host {}, data dir {})",
+            self.instance, self.host, self.data_dir
+        )
+    }
+}
+
+/// The lease value: the member plus a per-process nonce, so a second process started on a
+/// copy of the same data dir is a different holder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub holder: Member,
+    pub process: String,
+}
+
+/// Where a shard's state lives, as the cluster records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Home {
+    /// This instance's data dir (claimed now if nobody had).
+    Here,
+    Elsewhere(Member),
+}
+
+pub enum Acquired {
+    Held(Box<ShardLease>),
+    HeldBy(LeaseRecord),
+}
+
+/// The cluster's shared records, as seen by one process.
+#[derive(Clone)]
+pub struct Cluster {
+    shards: kv::Store,
+    leases: kv::Store,
+    shards_bucket: String,
+    lease_period: Duration,
+    me: LeaseRecord,
+}
+
+impl Cluster {
+    /// Opens (creating if needed) both buckets. The lease period is the leases bucket's
+    /// actual max age, whoever created it.
+    pub async fn open(js: &Context, config: &Config, me: Member) -> Result<Cluster, BusError> {
+        let streams = &config.streams;
+        let shards = open_bucket(
+            js,
+            kv::Config {
+                bucket: streams.shards_bucket.clone(),
+                description: "alarm-digest: the cluster's shard count and each shard's home".into(),
+                history: 1,
+                num_replicas: streams.replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let mut leases = open_bucket(
+            js,
+            kv::Config {
+                bucket: streams.leases_bucket.clone(),
+                description: "alarm-digest: which process applies each shard now".into(),
+                history: 1,
+                max_age: Duration::from_secs(config.shards.lease_secs),
+                num_replicas: streams.replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let lease_period = bucket_max_age(&mut leases).await?;
+        if lease_period.is_zero() {
+            return Err(BusError::StreamMismatch {
+                stream: format!("KV_{}", streams.leases_bucket),
+                problem: "it has no max age, so a dead holder's lease would never expire".into(),
+            });
+        }
+        Ok(Cluster {
+            shards,
+            leases,
+            shards_bucket: streams.shards_bucket.clone(),
+            lease_period,
+            me: LeaseRecord {
+                holder: me,
+                process: format!("{:016x}", rand::random::<u64>()),
+            },
+        })
+    }
+
+    pub fn lease_period(&self) -> Duration {
+        self.lease_period
+    }
+
+    /// How often holders renew, and how often a waiting instance looks again.
+    pub fn renew_every(&self) -> Duration {
+        self.lease_period / 3
+    }
+
+    /// Records the shard count on first start; refuses another one later.
+    pub async fn agree_shard_count(&self, configured: u16) -> Result<(), BusError> {
+        let value = Bytes::from(configured.to_string());
+        match self.shards.create(COUNT_KEY, value).await {
+            Ok(_) => Ok(()),
+            Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
+                let recorded = self
+                    .shards
+                    .get(COUNT_KEY)
+                    .await
+                    .map_err(|e| BusError::transient("reading the cluster's shard count", e))?
+                    .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u16>().ok());
+                match recorded {
+                    Some(recorded) if recorded == configured => Ok(()),
+                    Some(recorded) => Err(BusError::ShardCountMismatch {
+                        recorded,
+                        configured,
+                        bucket: self.shards_bucket.clone(),
+                    }),
+                    // Deleted between create and get: try again.
+                    None => Err(BusError::transient(
+                        "reading the cluster's shard count",
+                        "the record vanished",
+                    )),
+                }
+            }
+            Err(error) => Err(BusError::transient("recording the shard count", error)),
+        }
+    }
+
+    /// The shard's home, claiming it for this instance if it has none.
+    pub async fn home(&self, shard: u16) -> Result<Home, BusError> {
+        let key = home_key(shard);
+        match self.shards.create(&key, to_json(&self.me.holder)).await {
+            Ok(_) => {
+                tracing::info!(shard, "claimed the shard's home: its state lives here");
+                Ok(Home::Here)
+            }
+            Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
+                match self.read_home(shard).await? {
+                    Some(home) if home.instance == self.me.holder.instance => Ok(Home::Here),
+                    Some(home) => Ok(Home::Elsewhere(home)),
+                    None => Err(BusError::transient("reading a shard home", "it vanished")),
+                }
+            }
+            Err(error) => Err(BusError::transient("claiming a shard home", error)),
+        }
+    }
+
+    pub async fn read_home(&self, shard: u16) -> Result<Option<Member>, BusError> {
+        read_json(&self.shards, &home_key(shard), "reading a shard home").await
+    }
+
+    pub async fn read_lease(&self, shard: u16) -> Result<Option<LeaseRecord>, BusError> {
+        read_json(&self.leases, &lease_key(shard), "reading a shard lease").await
+    }
+
+    pub async fn recorded_count(&self) -> Result<Option<u16>, BusError> {
+        Ok(self
+            .shards
+            .get(COUNT_KEY)
+            .await
+            .map_err(|e| BusError::transient("reading the cluster's shard count", e))?
+            .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok()))
+    }
+
+    /// Moves a shard's home to this instance, if it is still `expected` (the instance the
+    /// export came from). Used by `shard import` only.
+    pub async fn move_home(&self, shard: u16, expected: &str) -> Result<(), MoveError> {
+        let key = home_key(shard);
+        let entry = self
+            .shards
+            .entry(&key)
+            .await
+            .map_err(|e| MoveError::Bus(BusError::transient("reading a shard home", e)))?;
+        let value = to_json(&self.me.holder);
+        match entry.filter(|e| e.operation == kv::Operation::Put) {
+            None => self
+                .shards
+                .create(&key, value)
+                .await
+                .map(|_| ())
+                .map_err(|e| MoveError::Bus(BusError::transient("claiming a shard home", e))),
+            Some(entry) => {
+                let current: Member = serde_json::from_slice(&entry.value)
+                    .map_err(|e| MoveError::Bus(BusError::transient("reading a shard home", e)))?;
+                if current.instance != expected {
+                    return Err(MoveError::HomeMoved(current));
+                }
+                self.shards
+                    .update(&key, value, entry.revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| MoveError::Bus(BusError::transient("moving a shard home", e)))
+            }
+        }
+    }
+
+    /// Takes the shard's lease if nobody holds it, and keeps renewing it until released.
+    pub async fn acquire(&self, shard: u16) -> Result<Acquired, BusError> {
+        let key = lease_key(shard);
+        let sent = Instant::now();
+        match self.leases.create(&key, to_json(&self.me)).await {
+            Ok(revision) => {
+                let state = Arc::new(Mutex::new(LeaseState {
+                    revision: Some(revision),
+                    trusted_until: Some(sent + self.trusted_for()),
+                }));
+                let stop = CancellationToken::new();
+                tokio::spawn(renew(self.clone(), shard, state.clone(), stop.clone()));
+                Ok(Acquired::Held(Box::new(ShardLease {
+                    cluster: self.clone(),
+                    shard,
+                    state,
+                    stop,
+                })))
+            }
+            Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
+                match self.read_lease(shard).await? {
+                    Some(holder) => Ok(Acquired::HeldBy(holder)),
+                    None => Err(BusError::transient(
+                        "taking a shard lease",
+                        "it just expired",
+                    )),
+                }
+            }
+            Err(error) => Err(BusError::transient("taking a shard lease", error)),
+        }
+    }
+
+    /// The lease's revision if the record under `key` is this process's own.
+    async fn own_lease_revision(&self, key: &str) -> Option<u64> {
+        let entry = self.leases.entry(key).await.ok()??;
+        let record: LeaseRecord = serde_json::from_slice(&entry.value).ok()?;
+        (entry.operation == kv::Operation::Put && record == self.me).then_some(entry.revision)
+    }
+
+    /// A holder trusts a renewal this long after sending it; the server keeps the key for the
+    /// whole period after receiving it, so a third of the period separates the two.
+    fn trusted_for(&self) -> Duration {
+        self.lease_period * 2 / 3
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error(transparent)]
+    Bus(BusError),
+    #[error("the shard's home is now {0}, not the instance this file was exported from: a newer copy of the shard exists there; export it again from that instance")]
+    HomeMoved(Member),
+}
+
+struct LeaseState {
+    /// The revision of our last write; `None` once the lease is lost.
+    revision: Option<u64>,
+    trusted_until: Option<Instant>,
+}
+
+/// A held lease on one shard. Check [`ShardLease::is_fresh`] before applying each batch.
+pub struct ShardLease {
+    cluster: Cluster,
+    shard: u16,
+    state: Arc<Mutex<LeaseState>>,
+    stop: CancellationToken,
+}
+
+impl ShardLease {
+    /// Whether this process may apply the shard's next batch.
+    pub fn is_fresh(&self) -> bool {
+        self.state
+            .lock()
+            .ok()
+            .and_then(|state| state.trusted_until)
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Stops renewing and deletes the lease, so the next holder (this instance restarted,
+    /// or the shard's new home) need not wait for it to expire.
+    pub async fn release(self) {
+        self.stop.cancel();
+        let revision = self.state.lock().ok().and_then(|state| state.revision);
+        if let Some(revision) = revision {
+            let key = lease_key(self.shard);
+            if let Err(error) = self
+                .cluster
+                .leases
+                .delete_expect_revision(&key, Some(revision))
+                .await
+            {
+                tracing::warn!(shard = self.shard, %error, "lease not released; it will expire");
+            }
+        }
+    }
+}
+
+impl Drop for ShardLease {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn renew(
+    cluster: Cluster,
+    shard: u16,
+    state: Arc<Mutex<LeaseState>>,
+    stop: CancellationToken,
+) {
+    let key = lease_key(shard);
+    let value = to_json(&cluster.me);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(cluster.renew_every()) => {}
+        }
+        let revision = state.lock().ok().and_then(|state| state.revision);
+        let sent = Instant::now();
+        let result = match revision {
+            Some(revision) => cluster
+                .leases
+                .update(&key, value.clone(), revision)
+                .await
+                .map_err(|e| e.kind() == UpdateErrorKind::WrongLastRevision),
+            // Lost earlier: take it again only if nobody else has.
+            None => cluster
+                .leases
+                .create(&key, value.clone())
+                .await
+                .map_err(|e| e.kind() == CreateErrorKind::AlreadyExists),
+        };
+        if stop.is_cancelled() {
+            return;
+        }
+        // A write whose reply was lost still happened: if the record is ours, keep it.
+        let result = match result {
+            Err(true) => match cluster.own_lease_revision(&key).await {
+                Some(revision) => Ok(revision),
+                None => Err(true),
+            },
+            other => other,
+        };
+        let Ok(mut state) = state.lock() else { return };
+        match result {
+            Ok(new_revision) => {
+                if state.revision.is_none() {
+                    tracing::info!(shard, "shard lease taken again");
+                }
+                state.revision = Some(new_revision);
+                state.trusted_until = Some(sent + cluster.trusted_for());
+            }
+            Err(true) => {
+                if state.revision.is_some() {
+                    tracing::error!(
+                        shard,
+                        "shard lease lost: this process missed its renewals (paused or cut off) \
+                         and another one holds the shard now; not applying it"
+                    );
+                }
+                state.revision = None;
+                state.trusted_until = None;
+            }
+            Err(false) => {
+                // Transient: keep the lease until trust runs out; the next renewal retries.
+                tracing::warn!(shard, "shard lease renewal failed; retrying");
+            }
+        }
+    }
+}
+
+/// Opens a key-value bucket, creating its stream if needed. The stream is created here, with
+/// the key-value layout, because async-nats's `create_key_value` first queries account info
+/// in a shape nats-server 2.9 does not answer with.
+async fn open_bucket(js: &Context, config: kv::Config) -> Result<kv::Store, BusError> {
+    let name = config.bucket.clone();
+    let stream = stream::Config {
+        name: format!("KV_{name}"),
+        description: Some(config.description),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: config.history,
+        max_age: config.max_age,
+        max_bytes: -1,
+        max_message_size: -1,
+        num_replicas: config.num_replicas,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    if let Err(error) = js.get_or_create_stream(stream).await {
+        // Another instance may have created it a moment ago.
+        return js
+            .get_key_value(&name)
+            .await
+            .map_err(|_| BusError::transient(format!("creating key-value bucket {name}"), error));
+    }
+    js.get_key_value(&name)
+        .await
+        .map_err(|e| BusError::transient(format!("opening key-value bucket {name}"), e))
+}
+
+async fn bucket_max_age(store: &mut kv::Store) -> Result<Duration, BusError> {
+    let status = store
+        .status()
+        .await
+        .map_err(|e| BusError::transient("reading the leases bucket", e))?;
+    Ok(status.info.config.max_age)
+}
+
+fn to_json<T: Serialize>(value: &T) -> Bytes {
+    // Plain structs of strings: serialising cannot fail.
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+async fn read_json<T: for<'de> Deserialize<'de>>(
+    store: &kv::Store,
+    key: &str,
+    context: &'static str,
+) -> Result<Option<T>, BusError> {
+    let Some(bytes) = store
+        .get(key)
+        .await
+        .map_err(|e| BusError::transient(context, e))?
+    else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| BusError::transient(context, format!("unreadable record under {key}: {e}")))
+}
