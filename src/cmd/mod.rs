@@ -6,4 +6,5 @@ pub mod inspect;
 pub mod publish;
 pub mod run;
 pub mod setup;
+pub mod shard;
 pub mod watch;

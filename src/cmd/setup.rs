@@ -31,7 +31,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(130));
     }
     topology.router_consumer(&js, tuning).await?;
-    for shard in config.shards.owned.resolve(config.shards.count) {
+    for shard in config.shards.owned_shards() {
         topology.worker_consumer(&js, shard, tuning).await?;
     }
     let s = &config.streams;

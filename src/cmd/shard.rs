@@ -1,0 +1,161 @@
+//! `alarm-digest shard export|import|status`: moving a shard's state between data dirs, and
+//! seeing where each shard lives. Export and import run with the instance stopped (sled
+//! locks the data dir, so they refuse to run beside it).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::ownership::MoveError;
+use crate::bus::{self, Cluster, Member};
+use crate::config::Config;
+use crate::retry::until_ok;
+use crate::store::{ShardExport, Store};
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ShardAction {
+    /// Write one shard's state from this data dir to a self-describing file.
+    Export {
+        #[arg(long)]
+        shard: u16,
+        /// Where to write (default: shard-<N>.export in the current directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Load an exported shard into this data dir and make this instance its home.
+    Import {
+        /// The file `shard export` wrote.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Print the cluster's shard count and each shard's home and lease holder (JSON lines).
+    Status,
+}
+
+pub async fn run(config: Config, action: &ShardAction) -> anyhow::Result<ExitCode> {
+    match action {
+        ShardAction::Export { shard, out } => export(&config, *shard, out.clone()),
+        ShardAction::Import { file } => import(&config, file).await,
+        ShardAction::Status => status(&config).await,
+    }
+}
+
+fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let store = Store::open(&config.storage.path, config.storage.cache_capacity_mb)
+        .context("export and import need the instance stopped")?;
+    store.check_shard_count(config.shards.count)?;
+    Ok(store)
+}
+
+fn export(config: &Config, shard: u16, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    if shard >= config.shards.count {
+        bail!(
+            "shard {shard} does not exist: shards.count is {}",
+            config.shards.count
+        );
+    }
+    let store = open_store(config)?;
+    let export = store.export_shard(shard, config.shards.count)?;
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("shard-{shard}.export")));
+    let bytes = export.encode();
+    // Write beside the target and rename, so a crash never leaves a half file under the name.
+    let partial = out.with_extension("partial");
+    std::fs::write(&partial, &bytes)
+        .and_then(|()| std::fs::rename(&partial, &out))
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "exported shard {shard} ({} entries, {} bytes) from instance {} to {}",
+        export.entries.len(),
+        bytes.len(),
+        export.source_instance,
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn import(config: &Config, file: &PathBuf) -> anyhow::Result<ExitCode> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let export =
+        ShardExport::decode(&bytes).with_context(|| format!("reading {}", file.display()))?;
+    let shard = export.shard;
+    if export.count != config.shards.count {
+        bail!(
+            "{} holds shard {shard} of a cluster with {} shards, but shards.count here is {}",
+            file.display(),
+            export.count,
+            config.shards.count
+        );
+    }
+    let store = open_store(config)?;
+    let me = Member::here(store.instance_id()?, config);
+    let cluster = connect_cluster(config, me.clone()).await?;
+    // The move is safe only while nobody applies the shard: the exporting instance must be
+    // stopped, or its later batches would be missing from this copy.
+    if let Some(lease) = cluster.read_lease(shard).await? {
+        bail!(
+            "shard {shard} is being applied right now by {} (process {}); stop that instance \
+             first (a killed instance's lease expires within {}s)",
+            lease.holder,
+            lease.process,
+            cluster.lease_period().as_secs()
+        );
+    }
+    match cluster.read_home(shard).await? {
+        Some(home) if home.instance != export.source_instance => {
+            return Err(MoveError::HomeMoved(home).into());
+        }
+        _ => {}
+    }
+    store.import_shard(&export)?;
+    match cluster.move_home(shard, &export.source_instance).await {
+        Ok(()) => {}
+        Err(MoveError::HomeMoved(home)) => {
+            bail!(
+                "the data was written here but shard {shard}'s home moved to {home} meanwhile, \
+                 so this copy stays unused; export again from there"
+            )
+        }
+        Err(MoveError::Bus(error)) => return Err(error.into()),
+    }
+    println!(
+        "imported shard {shard} ({} entries) from instance {}; its home is now {me}",
+        export.entries.len(),
+        export.source_instance
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(config: &Config) -> anyhow::Result<ExitCode> {
+    // Read-only: a member that claims nothing. Its id marks it as not an instance.
+    let observer = Member::here("status-reader".into(), config);
+    let cluster = connect_cluster(config, observer).await?;
+    let count = cluster.recorded_count().await?;
+    println!(
+        "{}",
+        serde_json::json!({ "shards_count": count, "lease_secs": cluster.lease_period().as_secs() })
+    );
+    for shard in 0..count.unwrap_or(config.shards.count) {
+        let home = cluster.read_home(shard).await?;
+        let lease = cluster.read_lease(shard).await?;
+        println!(
+            "{}",
+            serde_json::json!({ "shard": shard, "home": home, "lease": lease })
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn connect_cluster(config: &Config, me: Member) -> anyhow::Result<Cluster> {
+    let cancel = CancellationToken::new();
+    let client = bus::connect(&config.nats, &cancel)
+        .await?
+        .context("not connected")?;
+    let js = async_nats::jetstream::new(client);
+    until_ok("opening the ownership buckets", &cancel, || {
+        Cluster::open(&js, config, me.clone())
+    })
+    .await?
+    .context("not connected")
+}
