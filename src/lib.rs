@@ -10,6 +10,7 @@ pub mod domain;
 pub mod http;
 pub mod load;
 pub mod metrics;
+pub mod notify;
 pub mod readiness;
 pub mod retry;
 pub mod router;
