@@ -4,6 +4,7 @@
 mod support;
 
 mod cli;
+mod cluster;
 mod dead_letter;
 mod drills;
 mod durability;

@@ -27,6 +27,8 @@ pub fn test_config(nats: &NatsServer, data_dir: &Path) -> Config {
     config.storage.cache_capacity_mb = 16;
     config.http.listen = "127.0.0.1:0".into();
     config.shards.count = 4;
+    // A killed instance's lease expires within 3 s, so restarts in tests wait little.
+    config.shards.lease_secs = 3;
     config.tuning.ack_wait_secs = 5;
     config.shutdown.grace_secs = 10;
     config
@@ -44,6 +46,13 @@ fn init_test_logging() {
             .with_test_writer()
             .try_init();
     });
+}
+
+/// Starts an instance in-process without waiting for readiness (for instances expected to
+/// refuse a shard).
+pub async fn start_service_unready(config: Config) -> RunningService {
+    init_test_logging();
+    service::start(config).await.expect("service starts")
 }
 
 /// Starts an instance in-process and waits until `/readyz` says ready.
@@ -69,12 +78,12 @@ pub async fn wait_ready(http: &str) {
 }
 
 /// Waits until `/readyz` answers 503 naming a shard (one that holds work it cannot finish).
-pub async fn wait_shard_not_ready(http: &str) {
+pub async fn wait_shard_not_ready(http: &str) -> String {
     let deadline = Instant::now() + WAIT;
     loop {
         if let Ok((503, body)) = http_get(http, "/readyz").await {
             if body.contains("shard") {
-                return;
+                return body;
             }
         }
         assert!(
@@ -270,6 +279,13 @@ pub struct ServiceProcess {
 }
 
 impl ServiceProcess {
+    /// The process id, for signals such as SIGSTOP.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl ServiceProcess {
     pub fn spawn(nats: &NatsServer, data_dir: &Path, extra_env: &[(&str, &str)]) -> ServiceProcess {
         let http = format!("127.0.0.1:{}", free_port());
         let mut command = Command::new(env!("CARGO_BIN_EXE_alarm-digest"));
@@ -279,6 +295,7 @@ impl ServiceProcess {
             .env("ALARM_DIGEST_STORAGE__PATH", data_dir)
             .env("ALARM_DIGEST_HTTP__LISTEN", &http)
             .env("ALARM_DIGEST_SHARDS__COUNT", "4")
+            .env("ALARM_DIGEST_SHARDS__LEASE_SECS", "3")
             .env("ALARM_DIGEST_TUNING__ACK_WAIT_SECS", "5")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())

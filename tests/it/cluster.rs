@@ -1,0 +1,492 @@
+//! Several instances share one nats-server and six shards: each shard is applied by its home
+//! only, nothing is lost when one dies, and shards move between data dirs by export/import.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use alarm_digest::bus::Topology;
+use alarm_digest::config::{Config, OwnedShards};
+use alarm_digest::wire::AlarmDigest;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tempfile::tempdir;
+
+use crate::support::*;
+
+const SHARDS: u16 = 6;
+
+/// One of three instances over six shards, owning `s % 3 == ordinal`.
+fn member_config(nats: &NatsServer, data_dir: &Path, ordinal: u16) -> Config {
+    let mut config = test_config(nats, data_dir);
+    config.shards.count = SHARDS;
+    config.shards.owned = OwnedShards::Ordinal;
+    config.shards.replicas = 3;
+    config.shards.ordinal = Some(ordinal);
+    config
+}
+
+fn owning(nats: &NatsServer, data_dir: &Path, shards: &[u16]) -> Config {
+    let mut config = test_config(nats, data_dir);
+    config.shards.count = SHARDS;
+    config.shards.owned = OwnedShards::List(shards.iter().copied().collect());
+    config
+}
+
+fn shard_of(user: &str) -> u16 {
+    Topology::new(Default::default(), SHARDS).shard_of(user)
+}
+
+/// Status changes for many users in several rounds (later rounds newer), and the digest each
+/// user must get after all of them.
+struct Workload {
+    events: Vec<(String, String, String, String)>,
+    expected: BTreeMap<String, Vec<(String, String, String)>>,
+}
+
+impl Workload {
+    fn new(users: usize, alarms: usize, rounds: usize, seed: u64) -> Workload {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut events = Vec::new();
+        let mut latest = BTreeMap::new();
+        for round in 0..rounds {
+            for user in 0..users {
+                for alarm in 0..alarms {
+                    let status = ["CRITICAL", "WARNING", "CLEARED"][rng.gen_range(0..3)];
+                    let at = format!("2026-01-01T00:{round:02}:{:02}Z", (user + alarm * 7) % 60);
+                    let (user, alarm) = (format!("user-{user}"), format!("alarm-{alarm}"));
+                    latest.insert(
+                        (user.clone(), alarm.clone()),
+                        (status.to_string(), at.clone()),
+                    );
+                    events.push((user, alarm, status.to_string(), at));
+                }
+            }
+        }
+        let mut expected: BTreeMap<String, Vec<_>> = (0..users)
+            .map(|u| (format!("user-{u}"), Vec::new()))
+            .collect();
+        for ((user, alarm), (status, at)) in latest {
+            if status != "CLEARED" {
+                expected.entry(user).or_default().push((alarm, status, at));
+            }
+        }
+        Workload { events, expected }
+    }
+
+    async fn publish(&self, client: &TestClient, range: std::ops::Range<usize>) {
+        for (user, alarm, status, at) in &self.events[range] {
+            client.status(user, alarm, status, at).await;
+        }
+    }
+
+    async fn request_all(&self, client: &TestClient) {
+        for user in self.expected.keys() {
+            client.request_digest(user).await;
+        }
+    }
+
+    /// Each received digest equals the expected one, oldest first.
+    fn check(&self, digests: &[AlarmDigest]) {
+        for digest in digests {
+            let got = entries(digest);
+            let mut want = self.expected[&digest.user_id].clone();
+            want.sort_by(|a, b| a.2.cmp(&b.2).then(a.0.cmp(&b.0)));
+            let mut got_sorted = got.clone();
+            got_sorted.sort_by(|a, b| a.2.cmp(&b.2).then(a.0.cmp(&b.0)));
+            assert_eq!(got_sorted, want, "digest of {}", digest.user_id);
+            assert!(
+                got.windows(2).all(|w| w[0].2 <= w[1].2),
+                "digest of {} is not oldest first: {got:?}",
+                digest.user_id
+            );
+        }
+    }
+}
+
+/// Reads digests until `count` arrived and then none for a while; returns them all.
+async fn collect(reader: &mut DigestReader, count: usize) -> Vec<AlarmDigest> {
+    let mut digests = Vec::new();
+    while digests.len() < count {
+        digests.push(reader.next().await);
+    }
+    digests.extend(reader.drain(Duration::from_secs(2)).await);
+    digests
+}
+
+fn per_user(digests: &[AlarmDigest]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for digest in digests {
+        *counts.entry(digest.user_id.clone()).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn three_instances_over_six_shards_answer_every_request_exactly_once() {
+    let nats = NatsServer::start();
+    let dirs = [tempdir().unwrap(), tempdir().unwrap(), tempdir().unwrap()];
+    let configs: Vec<Config> = (0..3)
+        .map(|i| member_config(&nats, dirs[i].path(), i as u16))
+        .collect();
+    let client = TestClient::connect(&configs[0]).await;
+    let mut reader = client.digests().await;
+    let mut instances = Vec::new();
+    for config in &configs {
+        instances.push(start_service(config.clone()).await);
+    }
+
+    let workload = Workload::new(300, 4, 3, 7);
+    workload.publish(&client, 0..workload.events.len()).await;
+    workload.request_all(&client).await;
+    let digests = collect(&mut reader, 300).await;
+
+    workload.check(&digests);
+    assert!(
+        per_user(&digests).values().all(|n| *n == 1) && digests.len() == 300,
+        "every request answered exactly once: {} digests",
+        digests.len()
+    );
+    // The work was shared: each instance applied exactly its own shards' events.
+    for (ordinal, instance) in instances.iter().enumerate() {
+        let own_events = workload
+            .events
+            .iter()
+            .filter(|(user, ..)| usize::from(shard_of(user) % 3) == ordinal)
+            .count() as u64;
+        let applied = instance.metrics.events_applied.load(Relaxed)
+            + instance.metrics.events_unchanged.load(Relaxed);
+        assert_eq!(applied, own_events, "instance {ordinal}");
+    }
+    for instance in instances {
+        instance.stop().await.expect("clean stop");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_instance_catches_up_after_restart_while_the_others_keep_serving() {
+    let nats = NatsServer::start();
+    let dirs = [tempdir().unwrap(), tempdir().unwrap(), tempdir().unwrap()];
+    let env = |ordinal: &'static str| {
+        [
+            ("ALARM_DIGEST_SHARDS__COUNT", "6"),
+            ("ALARM_DIGEST_SHARDS__OWNED", "ordinal"),
+            ("ALARM_DIGEST_SHARDS__REPLICAS", "3"),
+            ("ALARM_DIGEST_SHARDS__ORDINAL", ordinal),
+        ]
+    };
+    let spawn = |i: usize| ServiceProcess::spawn(&nats, dirs[i].path(), &env(["0", "1", "2"][i]));
+    let mut processes: Vec<Option<ServiceProcess>> = (0..3).map(|i| Some(spawn(i))).collect();
+    for process in processes.iter().flatten() {
+        wait_ready(&process.http).await;
+    }
+    let client = TestClient::connect(&member_config(&nats, dirs[0].path(), 0)).await;
+    let mut reader = client.digests().await;
+    let workload = Workload::new(150, 4, 4, 11);
+    let third = workload.events.len() / 3;
+
+    workload.publish(&client, 0..third).await;
+    processes[1].take().expect("running").kill_9();
+    workload
+        .publish(&client, third..workload.events.len())
+        .await;
+    workload.request_all(&client).await;
+
+    // The survivors answer their users; instance 1's users wait in JetStream.
+    let (survivors_users, killed_users): (Vec<_>, Vec<_>) = workload
+        .expected
+        .keys()
+        .cloned()
+        .partition(|user| shard_of(user) % 3 != 1);
+    let early = collect(&mut reader, survivors_users.len()).await;
+    let early_users: BTreeSet<_> = early.iter().map(|d| d.user_id.clone()).collect();
+    assert_eq!(
+        early_users,
+        survivors_users.iter().cloned().collect::<BTreeSet<_>>()
+    );
+
+    processes[1] = Some(spawn(1));
+    let late = collect(&mut reader, killed_users.len()).await;
+    let late_users: BTreeSet<_> = late.iter().map(|d| d.user_id.clone()).collect();
+    assert_eq!(
+        late_users,
+        killed_users.iter().cloned().collect::<BTreeSet<_>>()
+    );
+
+    let all: Vec<_> = early.into_iter().chain(late).collect();
+    workload.check(&all);
+    assert_eq!(all.len(), 150, "each request answered exactly once");
+}
+
+#[tokio::test]
+async fn only_the_home_consumes_a_shard_and_export_import_moves_it_with_its_state() {
+    let nats = NatsServer::start();
+    let (home_dir, other_dir) = (tempdir().unwrap(), tempdir().unwrap());
+    let user = (0..)
+        .map(|i| format!("u{i}"))
+        .find(|u| shard_of(u) == 2)
+        .unwrap();
+    let home_config = owning(&nats, home_dir.path(), &[0, 1, 2, 3, 4, 5]);
+    let other_config = owning(&nats, other_dir.path(), &[2]);
+    let client = TestClient::connect(&home_config).await;
+    let mut reader = client.digests().await;
+
+    let home = start_service(home_config.clone()).await;
+    let other = start_service_unready(other_config.clone()).await;
+    let refusal = wait_shard_not_ready(&other.http_addr.to_string()).await;
+    assert!(
+        refusal.contains("shard 2 (its home is instance"),
+        "{refusal}"
+    );
+    assert!(
+        refusal.contains(&home_dir.path().display().to_string()),
+        "{refusal}"
+    );
+
+    client
+        .status(&user, "old", "CRITICAL", "2026-01-01T00:00:01Z")
+        .await;
+    client.wait_drained().await;
+    assert_eq!(home.metrics.events_applied.load(Relaxed), 1);
+    assert_eq!(other.metrics.events_applied.load(Relaxed), 0);
+
+    // The home goes away: the other instance still refuses, its state would be missing.
+    home.stop().await.expect("clean stop");
+    client
+        .status(&user, "new", "WARNING", "2026-01-01T00:00:02Z")
+        .await;
+    tokio::time::sleep(Duration::from_secs(4)).await; // past a whole lease period
+    let refusal = wait_shard_not_ready(&other.http_addr.to_string()).await;
+    assert!(refusal.contains("its home is instance"), "{refusal}");
+    assert_eq!(other.metrics.events_applied.load(Relaxed), 0);
+    other.stop().await.expect("clean stop");
+
+    // Move shard 2 with the runbook's commands.
+    let export = home_dir.path().join("shard-2.export");
+    let home_env = binary_env(&nats, home_dir.path());
+    let other_env = binary_env(&nats, other_dir.path());
+    let (code, out, err) = run_binary(
+        &[
+            "shard",
+            "export",
+            "--shard",
+            "2",
+            "--out",
+            export.to_str().unwrap(),
+        ],
+        &borrow(&home_env),
+    );
+    assert_eq!(code, Some(0), "export: {out}{err}");
+    let (code, out, err) = run_binary(
+        &["shard", "import", "--file", export.to_str().unwrap()],
+        &borrow(&other_env),
+    );
+    assert_eq!(code, Some(0), "import: {out}{err}");
+    assert!(out.contains("its home is now"), "{out}");
+
+    let other = start_service(other_config).await;
+    client.request_digest(&user).await;
+    let digest = reader.next_for(&user).await;
+    assert_eq!(
+        entries(&digest),
+        [
+            (
+                "old".into(),
+                "CRITICAL".into(),
+                "2026-01-01T00:00:01Z".into()
+            ),
+            (
+                "new".into(),
+                "WARNING".into(),
+                "2026-01-01T00:00:02Z".into()
+            ),
+        ],
+        "the new home serves the shard with the old home's state"
+    );
+    other.stop().await.expect("clean stop");
+
+    // The old home now refuses shard 2 in turn.
+    let home = start_service_unready(home_config).await;
+    let refusal = wait_shard_not_ready(&home.http_addr.to_string()).await;
+    assert!(
+        refusal.contains("shard 2 (its home is instance"),
+        "{refusal}"
+    );
+    assert!(!refusal.contains("shard 1 "), "{refusal}");
+    home.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn an_instance_with_another_shard_count_is_refused() {
+    let nats = NatsServer::start();
+    let (first, second) = (tempdir().unwrap(), tempdir().unwrap());
+    let service = start_service(owning(&nats, first.path(), &[0, 1, 2, 3, 4, 5])).await;
+
+    let (code, _, stderr) = run_binary(
+        &["run"],
+        &[
+            ("ALARM_DIGEST_NATS__URL", &nats.url()),
+            (
+                "ALARM_DIGEST_STORAGE__PATH",
+                &second.path().display().to_string(),
+            ),
+            ("ALARM_DIGEST_HTTP__LISTEN", "127.0.0.1:0"),
+            ("ALARM_DIGEST_SHARDS__COUNT", "4"),
+        ],
+    );
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("shards.count is 6"), "{stderr}");
+    assert!(stderr.contains("set shards.count = 6"), "{stderr}");
+    service.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn rebalancing_moves_a_shard_between_running_instances_by_the_runbook() {
+    let nats = NatsServer::start();
+    let (a_dir, b_dir) = (tempdir().unwrap(), tempdir().unwrap());
+    let client = TestClient::connect(&owning(&nats, a_dir.path(), &[0])).await;
+    let mut reader = client.digests().await;
+    let a = start_service(owning(&nats, a_dir.path(), &[0, 1, 2])).await;
+    let b = start_service(owning(&nats, b_dir.path(), &[3, 4, 5])).await;
+    let workload = Workload::new(60, 3, 2, 5);
+    workload.publish(&client, 0..workload.events.len()).await;
+    client.wait_drained().await;
+
+    // Runbook: stop both, export shard 2 from A, import into B, change ownership, start.
+    a.stop().await.expect("clean stop");
+    b.stop().await.expect("clean stop");
+    let export = a_dir.path().join("shard-2.export");
+    let a_env = binary_env(&nats, a_dir.path());
+    let b_env = binary_env(&nats, b_dir.path());
+    let (code, out, err) = run_binary(
+        &[
+            "shard",
+            "export",
+            "--shard",
+            "2",
+            "--out",
+            export.to_str().unwrap(),
+        ],
+        &borrow(&a_env),
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+
+    // A damaged copy is refused before anything is written.
+    let damaged = b_dir.path().join("damaged.export");
+    let mut bytes = std::fs::read(&export).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&damaged, bytes).unwrap();
+    let (code, _, err) = run_binary(
+        &["shard", "import", "--file", damaged.to_str().unwrap()],
+        &borrow(&b_env),
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("checksum"), "{err}");
+
+    let (code, out, err) = run_binary(
+        &["shard", "import", "--file", export.to_str().unwrap()],
+        &borrow(&b_env),
+    );
+    assert_eq!(code, Some(0), "{out}{err}");
+    let a = start_service(owning(&nats, a_dir.path(), &[0, 1])).await;
+    let b = start_service(owning(&nats, b_dir.path(), &[2, 3, 4, 5])).await;
+
+    workload.request_all(&client).await;
+    let digests = collect(&mut reader, 60).await;
+    workload.check(&digests);
+    assert_eq!(digests.len(), 60);
+    assert!(b.metrics.digest_requests.load(Relaxed) > a.metrics.digest_requests.load(Relaxed));
+    a.stop().await.expect("clean stop");
+    b.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_paused_holder_loses_its_lease_and_does_not_apply_beside_a_copy_of_its_data_dir() {
+    let nats = NatsServer::start();
+    let (original, copy) = (tempdir().unwrap(), tempdir().unwrap());
+    let env = [("ALARM_DIGEST_SHARDS__OWNED", "0")];
+    let first = ServiceProcess::spawn(&nats, original.path(), &env);
+    wait_ready(&first.http).await;
+    first.signal("TERM");
+    first.wait_exit(WAIT);
+    copy_dir(original.path(), copy.path());
+
+    let first = ServiceProcess::spawn(&nats, original.path(), &env);
+    wait_ready(&first.http).await;
+    let second = ServiceProcess::spawn(&nats, copy.path(), &env);
+    let waiting = wait_shard_not_ready(&second.http).await;
+    assert!(waiting.contains("lease held by process"), "{waiting}");
+
+    // Pause the holder past its lease: the copy takes the shard over.
+    first.signal("STOP");
+    wait_ready(&second.http).await;
+    first.signal("CONT");
+    let stale = wait_shard_not_ready(&first.http).await;
+    assert!(stale.contains("lease"), "{stale}");
+
+    let config = test_config(&nats, copy.path());
+    let client = TestClient::connect(&config).await;
+    let four_shards = Topology::new(Default::default(), 4);
+    let user = (0..)
+        .map(|i| format!("u{i}"))
+        .find(|u| four_shards.shard_of(u) == 0)
+        .unwrap();
+    client
+        .status(&user, "a", "CRITICAL", "2026-01-01T00:00:01Z")
+        .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while events_applied(&second.http).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease holder never applied it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        events_applied(&second.http).await,
+        1,
+        "the lease holder applied it"
+    );
+    assert_eq!(
+        events_applied(&first.http).await,
+        0,
+        "the paused process did not"
+    );
+}
+
+async fn events_applied(http: &str) -> u64 {
+    let (_, metrics) = http_get(http, "/metrics").await.expect("metrics");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("alarm_digest_events_applied_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("events_applied metric")
+}
+
+fn binary_env(nats: &NatsServer, dir: &Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("ALARM_DIGEST_NATS__URL", nats.url()),
+        ("ALARM_DIGEST_STORAGE__PATH", dir.display().to_string()),
+        ("ALARM_DIGEST_SHARDS__COUNT", SHARDS.to_string()),
+    ]
+}
+
+fn borrow<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("dir entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            std::fs::create_dir_all(&target).expect("mkdir");
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
