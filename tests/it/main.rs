@@ -3,6 +3,7 @@
 
 mod support;
 
+mod artifacts;
 mod cli;
 mod cluster;
 mod dead_letter;

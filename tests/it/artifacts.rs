@@ -1,0 +1,355 @@
+//! The deployment artifacts parse, agree with the config keys the daemon reads, and (the
+//! systemd unit) pass the tools that check them. No Docker engine or Kubernetes here: the
+//! manifests are loaded through the real config loader instead.
+
+// figment's `Jail` closures return its large error type; that is its API, not ours.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use alarm_digest::config::{Config, Overrides};
+use figment::Jail;
+use serde::Deserialize;
+use serde_yaml::Value;
+use tempfile::tempdir;
+
+use crate::support::*;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// `Key=value` lines of a systemd unit (the last one wins, as in systemd).
+fn unit_settings(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.starts_with('#') && !line.starts_with('['))
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    let Ok(analyze) = which("systemd-analyze") else {
+        panic!("systemd-analyze is missing: install it with `sudo apt-get install systemd`");
+    };
+    let unit = read("systemd/alarm-digest.service");
+    // verify checks that ExecStart exists: point it at the binary under test.
+    let dir = tempdir().unwrap();
+    let path = dir.path().join("alarm-digest.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/bin/alarm-digest", env!("CARGO_BIN_EXE_alarm-digest")),
+    )
+    .unwrap();
+    let output = Command::new(analyze)
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("run systemd-analyze");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let complaints: Vec<_> = stderr
+        .lines()
+        .filter(|line| line.contains("alarm-digest.service"))
+        .collect();
+    assert!(output.status.success() && complaints.is_empty(), "{stderr}");
+
+    let settings = unit_settings(&unit);
+    for (key, value) in [
+        ("Type", "notify"),
+        ("Restart", "always"),
+        ("StateDirectory", "alarm-digest"),
+        ("User", "alarm-digest"),
+        ("ProtectSystem", "strict"),
+        ("NoNewPrivileges", "yes"),
+        ("PrivateTmp", "yes"),
+        ("RestartPreventExitStatus", "64"),
+        (
+            "Environment",
+            "ALARM_DIGEST_STORAGE__PATH=/var/lib/alarm-digest",
+        ),
+    ] {
+        assert_eq!(settings.get(key).map(String::as_str), Some(value), "{key}");
+    }
+    assert!(settings["ExecStart"].contains("--config /etc/alarm-digest/config.toml"));
+    let stop: u64 = settings["TimeoutStopSec"].parse().unwrap();
+    assert!(
+        stop >= Config::default().shutdown.grace_secs + 5,
+        "TimeoutStopSec leaves the drain its grace and a margin"
+    );
+}
+
+fn which(tool: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/bin")])
+        .map(|dir| dir.join(tool))
+        .find(|path| path.is_file())
+        .ok_or(())
+}
+
+#[tokio::test]
+async fn systemd_hears_ready_once_the_instance_has_joined_and_stopping_on_sigterm() {
+    let nats = NatsServer::start();
+    let data = tempdir().unwrap();
+    let socket_path = data.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let socket_env = socket_path.display().to_string();
+    let process = ServiceProcess::spawn(
+        &nats,
+        &data.path().join("data"),
+        &[("NOTIFY_SOCKET", &socket_env)],
+    );
+    let mut buffer = [0u8; 64];
+    let len = socket.recv(&mut buffer).expect("READY=1 within 30 s");
+    assert_eq!(&buffer[..len], b"READY=1");
+    process.signal("TERM");
+    let len = socket.recv(&mut buffer).expect("STOPPING=1 on SIGTERM");
+    assert_eq!(&buffer[..len], b"STOPPING=1");
+    assert!(process.wait_exit(WAIT).success());
+}
+
+#[test]
+fn the_debian_package_metadata_names_files_that_exist() {
+    let manifest: toml::Value = read("Cargo.toml").parse().expect("Cargo.toml is TOML");
+    let deb = &manifest["package"]["metadata"]["deb"];
+    let assets = deb["assets"].as_array().expect("assets");
+    let mut destinations = Vec::new();
+    for asset in assets {
+        let source = asset[0].as_str().unwrap();
+        destinations.push(format!("/{}", asset[1].as_str().unwrap()));
+        if !source.starts_with("target/") {
+            assert!(repo(source).is_file(), "asset {source} exists");
+        }
+    }
+    assert!(destinations.iter().any(|d| d == "/usr/bin/"), "the binary");
+    for conf in deb["conf-files"].as_array().unwrap() {
+        assert!(
+            destinations.contains(&conf.as_str().unwrap().to_string()),
+            "{conf}"
+        );
+    }
+    let units = deb["systemd-units"]["unit-scripts"].as_str().unwrap();
+    assert!(repo(units).join("alarm-digest.service").is_file());
+    let scripts = deb["maintainer-scripts"].as_str().unwrap();
+    let postinst = std::fs::read_to_string(repo(scripts).join("postinst")).unwrap();
+    assert!(
+        postinst.contains("#DEBHELPER#"),
+        "cargo-deb's unit snippets go in"
+    );
+    assert!(postinst.contains("adduser --system"), "the dedicated user");
+    // The packaged default config is the documented one, so it loads.
+    Jail::expect_with(|_| {
+        Config::load(Some(&repo("packaging/config.toml")), &Overrides::default())
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    });
+}
+
+fn yaml_documents(path: &str) -> Vec<Value> {
+    let text = read(path);
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|document| {
+            let mut value = Value::deserialize(document).expect("valid YAML");
+            value.apply_merge().expect("merge keys resolve");
+            value
+        })
+        .collect()
+}
+
+fn kubernetes() -> BTreeMap<String, Value> {
+    let mut by_kind = BTreeMap::new();
+    let dir = repo("packaging/kubernetes");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        for document in yaml_documents(&format!("packaging/kubernetes/{name}")) {
+            let kind = document["kind"].as_str().expect("kind").to_string();
+            by_kind.insert(kind, document);
+        }
+    }
+    by_kind
+}
+
+/// Loads the config a container would, through `Config::load`: the given env, with
+/// `ALARM_DIGEST_CONFIG` pointing at `config_text` written to a file.
+fn load_as_container(env: &[(String, String)], config_text: &str) -> Config {
+    let mut loaded = None;
+    Jail::expect_with(|jail| {
+        jail.create_file("config.toml", config_text)?;
+        for (key, value) in env {
+            jail.set_env(key, value);
+        }
+        jail.set_env(
+            "ALARM_DIGEST_CONFIG",
+            jail.directory().join("config.toml").display(),
+        );
+        loaded = Some(Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?);
+        Ok(())
+    });
+    loaded.expect("config loaded")
+}
+
+#[test]
+fn the_kubernetes_statefulset_env_and_configmap_load_into_a_partition_of_the_shards() {
+    let manifests = kubernetes();
+    for kind in [
+        "StatefulSet",
+        "Service",
+        "PodDisruptionBudget",
+        "ConfigMap",
+        "Kustomization",
+    ] {
+        assert!(manifests.contains_key(kind), "{kind} shipped");
+    }
+    let set = &manifests["StatefulSet"];
+    let spec = &set["spec"];
+    assert_eq!(spec["podManagementPolicy"], "Parallel");
+    let service = &manifests["Service"];
+    assert_eq!(service["spec"]["clusterIP"], "None", "headless");
+    assert_eq!(spec["serviceName"], service["metadata"]["name"]);
+    let replicas = spec["replicas"].as_u64().unwrap();
+    let pod = &spec["template"]["spec"];
+    let container = &pod["containers"][0];
+    let config_text = manifests["ConfigMap"]["data"]["config.toml"]
+        .as_str()
+        .unwrap();
+
+    // The env each pod gets, with the pod name as Kubernetes fills it in.
+    let pod_env = |ordinal: u64| -> Vec<(String, String)> {
+        container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter(|var| var["name"] != "ALARM_DIGEST_CONFIG")
+            .map(|var| {
+                let name = var["name"].as_str().unwrap().to_string();
+                let value = match var["value"].as_str() {
+                    Some(value) => value.to_string(),
+                    None => {
+                        assert_eq!(var["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+                        format!("{}-{ordinal}", set["metadata"]["name"].as_str().unwrap())
+                    }
+                };
+                (name, value)
+            })
+            .collect()
+    };
+    let mut owners = BTreeMap::new();
+    let mut config = Config::default();
+    for ordinal in 0..replicas {
+        config = load_as_container(&pod_env(ordinal), config_text);
+        assert_eq!(
+            u64::from(config.shards.replicas),
+            replicas,
+            "env matches spec.replicas"
+        );
+        for shard in config.shards.owned_shards() {
+            *owners.entry(shard).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(
+        owners,
+        (0..config.shards.count).map(|s| (s, 1)).collect(),
+        "every shard has exactly one pod"
+    );
+    assert_eq!(config.streams.replicas, 3, "R3 streams in production");
+
+    // Mounts, probes and grace agree with the loaded config.
+    let mounts = container["volumeMounts"].as_sequence().unwrap();
+    let mount_of = |volume: &str| {
+        mounts
+            .iter()
+            .find(|m| m["name"] == volume)
+            .and_then(|m| m["mountPath"].as_str())
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(Path::new(&mount_of("data")), config.storage.path);
+    let config_env = container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|var| var["name"] == "ALARM_DIGEST_CONFIG")
+        .and_then(|var| var["value"].as_str())
+        .unwrap();
+    assert_eq!(config_env, format!("{}/config.toml", mount_of("config")));
+    let claim = &spec["volumeClaimTemplates"][0]["metadata"]["name"];
+    assert_eq!(claim, "data", "the data dir is a per-pod volume");
+    let port = container["ports"][0]["containerPort"].as_u64().unwrap();
+    assert!(config.http.listen.ends_with(&format!(":{port}")));
+    assert!(config.http.listen.starts_with("0.0.0.0"), "probes reach it");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/livez");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace > config.shutdown.grace_secs,
+        "the drain finishes before SIGKILL"
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+}
+
+#[test]
+fn docker_compose_runs_three_instances_over_six_shards() {
+    let compose = yaml_documents("docker-compose.yml").remove(0);
+    let services = compose["services"].as_mapping().unwrap();
+    let nats_command = format!("{:?}", services[&Value::from("nats")]["command"]);
+    assert!(nats_command.contains("-js"), "JetStream enabled");
+    let mut owners = BTreeMap::new();
+    let mut volumes = Vec::new();
+    let mut count = 0;
+    for (name, service) in services {
+        if !name.as_str().unwrap().starts_with("alarm-digest-") {
+            continue;
+        }
+        let env: Vec<(String, String)> = service["environment"]
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.as_str().unwrap().into(), v.as_str().unwrap().into()))
+            .collect();
+        let config = load_as_container(&env, "");
+        count = config.shards.count;
+        for shard in config.shards.owned_shards() {
+            *owners.entry(shard).or_insert(0) += 1;
+        }
+        volumes.push(format!("{:?}", service["volumes"]));
+    }
+    assert_eq!(volumes.len(), 3, "three instances");
+    assert_eq!(count, 6);
+    volumes.sort();
+    volumes.dedup();
+    assert_eq!(volumes.len(), 3, "each instance has its own data volume");
+    assert_eq!(
+        owners,
+        (0..6).map(|s| (s, 1)).collect(),
+        "one owner per shard"
+    );
+}
+
+#[test]
+fn the_container_image_runs_as_a_non_root_user() {
+    let dockerfile = read("packaging/Dockerfile");
+    let user = dockerfile
+        .lines()
+        .rev()
+        .find_map(|line| line.strip_prefix("USER "))
+        .expect("a USER line");
+    assert!(
+        !user.starts_with("root") && !user.starts_with('0'),
+        "{user}"
+    );
+    assert!(dockerfile.contains("ALARM_DIGEST_STORAGE__PATH=/var/lib/alarm-digest"));
+}
