@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{self, Topology};
+use crate::bus::{self, Cluster, Member, Topology};
 use crate::config::Config;
 use crate::retry::until_ok;
 
@@ -30,6 +30,18 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     {
         return Ok(ExitCode::from(130));
     }
+    // The ownership buckets, and the cluster's shard count if none is recorded yet.
+    let observer = Member::here("setup".into(), &config);
+    let cluster = until_ok("opening the ownership buckets", &cancel, || {
+        Cluster::open(&js, &config, observer.clone())
+    })
+    .await?;
+    if let Some(cluster) = &cluster {
+        until_ok("agreeing on shards.count", &cancel, || {
+            cluster.agree_shard_count(config.shards.count)
+        })
+        .await?;
+    }
     topology.router_consumer(&js, tuning).await?;
     for shard in config.shards.owned_shards() {
         topology.worker_consumer(&js, shard, tuning).await?;
@@ -54,6 +66,10 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     println!(
         "dead-letter stream {} <- {}",
         s.dead_letter_stream, s.dead_letter_subject
+    );
+    println!(
+        "ownership          key-value buckets {} (shards.count = {}, homes), {} (leases)",
+        s.shards_bucket, config.shards.count, s.leases_bucket
     );
     println!("ok");
     client.flush().await?;

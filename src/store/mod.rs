@@ -35,8 +35,8 @@ pub enum StoreError {
     Codec { key: String, source: CodecError },
     #[error(
         "this data dir holds {stored} shards but shards.count is {configured}; shards.count \
-         must not change in place: set it back to {stored}, or migrate by exporting the state \
-         and replaying it into a fresh data dir with the new count"
+         must not change in place: set it back to {stored} (to migrate, see the README's \
+         runbook 'Changing shards.count')"
     )]
     ShardCountMismatch { stored: u16, configured: u16 },
 }
