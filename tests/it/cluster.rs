@@ -2,7 +2,7 @@
 //! only, nothing is lost when one dies, and shards move between data dirs by export/import.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -263,24 +263,11 @@ async fn only_the_home_consumes_a_shard_and_export_import_moves_it_with_its_stat
     other.stop().await.expect("clean stop");
 
     // Move shard 2 with the runbook's commands.
-    let export = home_dir.path().join("shard-2.export");
-    let home_env = binary_env(&nats, home_dir.path());
-    let other_env = binary_env(&nats, other_dir.path());
-    let (code, out, err) = run_binary(
-        &[
-            "shard",
-            "export",
-            "--shard",
-            "2",
-            "--out",
-            export.to_str().unwrap(),
-        ],
-        &borrow(&home_env),
-    );
-    assert_eq!(code, Some(0), "export: {out}{err}");
-    let (code, out, err) = run_binary(
-        &["shard", "import", "--file", export.to_str().unwrap()],
-        &borrow(&other_env),
+    let export = export_shard(&nats, home_dir.path(), 2);
+    let (code, out, err) = shard_command(
+        &nats,
+        other_dir.path(),
+        &["import", "--file", export.to_str().unwrap()],
     );
     assert_eq!(code, Some(0), "import: {out}{err}");
     assert!(out.contains("its home is now"), "{out}");
@@ -356,21 +343,7 @@ async fn rebalancing_moves_a_shard_between_running_instances_by_the_runbook() {
     // Runbook: stop both, export shard 2 from A, import into B, change ownership, start.
     a.stop().await.expect("clean stop");
     b.stop().await.expect("clean stop");
-    let export = a_dir.path().join("shard-2.export");
-    let a_env = binary_env(&nats, a_dir.path());
-    let b_env = binary_env(&nats, b_dir.path());
-    let (code, out, err) = run_binary(
-        &[
-            "shard",
-            "export",
-            "--shard",
-            "2",
-            "--out",
-            export.to_str().unwrap(),
-        ],
-        &borrow(&a_env),
-    );
-    assert_eq!(code, Some(0), "{out}{err}");
+    let export = export_shard(&nats, a_dir.path(), 2);
 
     // A damaged copy is refused before anything is written.
     let damaged = b_dir.path().join("damaged.export");
@@ -378,16 +351,18 @@ async fn rebalancing_moves_a_shard_between_running_instances_by_the_runbook() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 1;
     std::fs::write(&damaged, bytes).unwrap();
-    let (code, _, err) = run_binary(
-        &["shard", "import", "--file", damaged.to_str().unwrap()],
-        &borrow(&b_env),
+    let (code, _, err) = shard_command(
+        &nats,
+        b_dir.path(),
+        &["import", "--file", damaged.to_str().unwrap()],
     );
     assert_eq!(code, Some(1));
     assert!(err.contains("checksum"), "{err}");
 
-    let (code, out, err) = run_binary(
-        &["shard", "import", "--file", export.to_str().unwrap()],
-        &borrow(&b_env),
+    let (code, out, err) = shard_command(
+        &nats,
+        b_dir.path(),
+        &["import", "--file", export.to_str().unwrap()],
     );
     assert_eq!(code, Some(0), "{out}{err}");
     let a = start_service(owning(&nats, a_dir.path(), &[0, 1])).await;
@@ -466,16 +441,37 @@ async fn events_applied(http: &str) -> u64 {
         .expect("events_applied metric")
 }
 
-fn binary_env(nats: &NatsServer, dir: &Path) -> Vec<(&'static str, String)> {
-    vec![
-        ("ALARM_DIGEST_NATS__URL", nats.url()),
-        ("ALARM_DIGEST_STORAGE__PATH", dir.display().to_string()),
-        ("ALARM_DIGEST_SHARDS__COUNT", SHARDS.to_string()),
-    ]
+/// Runs `alarm-digest shard <args>` against a data dir, as an operator would.
+fn shard_command(nats: &NatsServer, dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let count = SHARDS.to_string();
+    let dir = dir.display().to_string();
+    let args: Vec<&str> = ["shard"].into_iter().chain(args.iter().copied()).collect();
+    run_binary(
+        &args,
+        &[
+            ("ALARM_DIGEST_NATS__URL", &nats.url()),
+            ("ALARM_DIGEST_STORAGE__PATH", &dir),
+            ("ALARM_DIGEST_SHARDS__COUNT", &count),
+        ],
+    )
 }
 
-fn borrow<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+/// Exports a shard of a stopped instance's data dir into that dir; returns the file.
+fn export_shard(nats: &NatsServer, dir: &Path, shard: u16) -> PathBuf {
+    let file = dir.join(format!("shard-{shard}.export"));
+    let (code, out, err) = shard_command(
+        nats,
+        dir,
+        &[
+            "export",
+            "--shard",
+            &shard.to_string(),
+            "--out",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, Some(0), "export: {out}{err}");
+    file
 }
 
 fn copy_dir(from: &Path, to: &Path) {
