@@ -104,8 +104,10 @@ pub enum BusError {
     #[error(
         "the cluster's shards.count is {recorded} (recorded in key-value bucket {bucket}) but this \
          instance has shards.count = {configured}; set shards.count = {recorded}. The count \
-         cannot change in place (users would move away from their alarms): to migrate, see the \
-         README's runbook 'Changing shards.count'"
+         cannot change in place (users would move away from their alarms); to migrate: stop \
+         every instance, `shard export` every shard, `shard reshard --count {configured}`, \
+         `shard recount --count {configured}`, `shard import` into fresh data dirs (README, \
+         'Changing shards.count')"
     )]
     ShardCountMismatch {
         recorded: u16,

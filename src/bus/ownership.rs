@@ -219,6 +219,48 @@ impl Cluster {
             .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok()))
     }
 
+    /// Changes the recorded shard count from `from` to `to` (compare-and-set) and forgets
+    /// every home, for `shard recount`: after a re-shard no data dir holds any new shard
+    /// until `shard import` puts one there.
+    pub async fn recount(&self, from: u16, to: u16) -> Result<(), BusError> {
+        let entry = self
+            .shards
+            .entry(COUNT_KEY)
+            .await
+            .map_err(|e| BusError::transient("reading the cluster's shard count", e))?;
+        match entry.filter(|e| e.operation == kv::Operation::Put) {
+            Some(entry) => {
+                let recorded = std::str::from_utf8(&entry.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u16>().ok());
+                if recorded != Some(from) {
+                    return Err(BusError::ShardCountMismatch {
+                        recorded: recorded.unwrap_or(0),
+                        configured: from,
+                        bucket: self.shards_bucket.clone(),
+                    });
+                }
+                for shard in 0..from.max(to) {
+                    self.shards
+                        .delete(home_key(shard))
+                        .await
+                        .map_err(|e| BusError::transient("forgetting a shard home", e))?;
+                }
+                self.shards
+                    .update(COUNT_KEY, Bytes::from(to.to_string()), entry.revision)
+                    .await
+                    .map_err(|e| BusError::transient("recording the new shard count", e))?;
+            }
+            None => {
+                self.shards
+                    .create(COUNT_KEY, Bytes::from(to.to_string()))
+                    .await
+                    .map_err(|e| BusError::transient("recording the new shard count", e))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Moves a shard's home to this instance, if it is still `expected` (the instance the
     /// export came from). Used by `shard import` only.
     pub async fn move_home(&self, shard: u16, expected: &str) -> Result<(), MoveError> {

@@ -9,10 +9,11 @@ use anyhow::{bail, Context as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::ownership::MoveError;
+use crate::bus::Topology;
 use crate::bus::{self, Cluster, Member};
 use crate::config::Config;
 use crate::retry::until_ok;
-use crate::store::{ShardExport, Store};
+use crate::store::{ShardExport, Store, RESHARD_SOURCE};
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum ShardAction {
@@ -32,6 +33,25 @@ pub enum ShardAction {
     },
     /// Print the cluster's shard count and each shard's home and lease holder (JSON lines).
     Status,
+    /// Re-split the exports of every shard into exports for another shard count (offline).
+    Reshard {
+        /// The new shard count.
+        #[arg(long)]
+        count: u16,
+        /// Directory for the new files (shard-<N>.export).
+        #[arg(long)]
+        out: PathBuf,
+        /// One export per shard of the current count.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Switch the cluster to another shard count: requeue the shard streams' backlog into
+    /// the input stream, forget every home, record the count. Every instance must be stopped.
+    Recount {
+        /// The new shard count (shards.count in the config is the current one).
+        #[arg(long)]
+        count: u16,
+    },
 }
 
 pub async fn run(config: Config, action: &ShardAction) -> anyhow::Result<ExitCode> {
@@ -39,6 +59,8 @@ pub async fn run(config: Config, action: &ShardAction) -> anyhow::Result<ExitCod
         ShardAction::Export { shard, out } => export(&config, *shard, out.clone()),
         ShardAction::Import { file } => import(&config, file).await,
         ShardAction::Status => status(&config).await,
+        ShardAction::Reshard { count, out, files } => reshard(&config, *count, out, files),
+        ShardAction::Recount { count } => recount(&config, *count).await,
     }
 }
 
@@ -103,6 +125,11 @@ async fn import(config: &Config, file: &PathBuf) -> anyhow::Result<ExitCode> {
         );
     }
     match cluster.read_home(shard).await? {
+        Some(_) if export.source_instance == RESHARD_SOURCE => bail!(
+            "shard {shard} still has a home from before the re-shard: run `alarm-digest shard \
+             recount --count {}` (with every instance stopped) before importing",
+            export.count
+        ),
         Some(home) if home.instance != export.source_instance => {
             return Err(MoveError::HomeMoved(home).into());
         }
@@ -123,6 +150,104 @@ async fn import(config: &Config, file: &PathBuf) -> anyhow::Result<ExitCode> {
         "imported shard {shard} ({} entries) from instance {}; its home is now {me}",
         export.entries.len(),
         export.source_instance
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn reshard(
+    config: &Config,
+    count: u16,
+    out: &std::path::Path,
+    files: &[PathBuf],
+) -> anyhow::Result<ExitCode> {
+    let exports = files
+        .iter()
+        .map(|file| {
+            let bytes =
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            ShardExport::decode(&bytes).with_context(|| format!("reading {}", file.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let topology = Topology::new(config.streams.clone(), count);
+    let resharded = crate::store::reshard(&exports, count, |user| topology.shard_of(user))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for export in &resharded {
+        let file = out.join(format!("shard-{}.export", export.shard));
+        std::fs::write(&file, export.encode())
+            .with_context(|| format!("writing {}", file.display()))?;
+    }
+    let alarms: usize = resharded.iter().map(|e| e.entries.len()).sum();
+    println!(
+        "re-sharded {} shards into {count} ({alarms} alarms) in {}",
+        exports.len(),
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn recount(config: &Config, count: u16) -> anyhow::Result<ExitCode> {
+    let from = config.shards.count;
+    if count == 0 || count > 4096 {
+        bail!("--count must be between 1 and 4096");
+    }
+    let observer = Member::here("recount".into(), config);
+    let cluster = connect_cluster(config, observer).await?;
+    for shard in 0..from {
+        if let Some(lease) = cluster.read_lease(shard).await? {
+            bail!(
+                "shard {shard} is being applied by {}; stop every instance first (a killed \
+                 instance's lease expires within {}s)",
+                lease.holder,
+                cluster.lease_period().as_secs()
+            );
+        }
+    }
+    // Messages already routed by the old count go back through the routers, which will
+    // route them by the new one. Events are order-independent; a request answered later
+    // only sees more.
+    let cancel = CancellationToken::new();
+    let client = bus::connect(&config.nats, &cancel)
+        .await?
+        .context("not connected")?;
+    let js = async_nats::jetstream::new(client.clone());
+    let old = Topology::new(config.streams.clone(), from);
+    let mut requeued = 0u64;
+    for shard in 0..from {
+        let Ok(mut stream) = js.get_stream(old.shard_stream(shard)).await else {
+            continue;
+        };
+        let state = stream.info().await?.state.clone();
+        if state.messages == 0 {
+            continue;
+        }
+        for seq in state.first_sequence..=state.last_sequence {
+            let Ok(message) = stream.get_raw_message(seq).await else {
+                continue; // already deleted: a gap
+            };
+            let Some(kind) = old.shard_kind(shard, &message.subject) else {
+                bail!(
+                    "shard stream {} holds a message on {}, which is not a shard subject",
+                    old.shard_stream(shard),
+                    message.subject
+                );
+            };
+            let subject = old.input_subject(kind).to_string();
+            js.publish(subject.clone(), message.payload.clone())
+                .await?
+                .await
+                .with_context(|| {
+                    format!("requeueing {} #{seq} to {subject}", old.shard_stream(shard))
+                })?;
+            stream.delete_message(seq).await?;
+            requeued += 1;
+        }
+    }
+    cluster.recount(from, count).await?;
+    client.flush().await?;
+    println!(
+        "shards.count is now {count} (was {from}); {requeued} routed message(s) requeued; every \
+         home forgotten: set shards.count = {count} everywhere, import the re-sharded exports \
+         into fresh data dirs, start"
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -8,6 +8,7 @@ pub mod codec;
 mod export;
 mod flusher;
 pub mod keys;
+mod reshard;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -19,6 +20,7 @@ use crate::wire;
 pub use codec::{CodecError, OutboxEntry};
 pub use export::{ExportError, ShardExport};
 pub use flusher::GroupFlusher;
+pub use reshard::{reshard, ReshardError, RESHARD_SOURCE};
 
 const META_SHARD_COUNT: &[u8] = b"shards.count";
 const META_INSTANCE_ID: &[u8] = b"instance.id";
@@ -35,8 +37,9 @@ pub enum StoreError {
     Codec { key: String, source: CodecError },
     #[error(
         "this data dir holds {stored} shards but shards.count is {configured}; shards.count \
-         must not change in place: set it back to {stored} (to migrate, see the README's \
-         runbook 'Changing shards.count')"
+         must not change in place: set it back to {stored}, or migrate to the new count with \
+         `shard export`, `shard reshard`, `shard recount` and `shard import` into a fresh data \
+         dir (README, 'Changing shards.count')"
     )]
     ShardCountMismatch { stored: u16, configured: u16 },
 }

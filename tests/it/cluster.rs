@@ -441,9 +441,98 @@ async fn events_applied(http: &str) -> u64 {
         .expect("events_applied metric")
 }
 
+#[tokio::test]
+async fn changing_shards_count_by_the_runbook_keeps_every_alarm_and_sent_marker() {
+    let nats = NatsServer::start();
+    let old_dir = tempdir().unwrap();
+    let old_config = test_config(&nats, old_dir.path()); // 4 shards, one instance
+    let client = TestClient::connect(&old_config).await;
+    let mut reader = client.digests().await;
+    let service = start_service(old_config).await;
+    let mut workload = Workload::new(40, 3, 2, 3);
+    workload.publish(&client, 0..workload.events.len()).await;
+    client.request_digest("user-0").await;
+    workload.check(&[reader.next_for("user-0").await]);
+    service.stop().await.expect("clean stop");
+
+    // Left behind at the stop: a message already routed by the old count, and one not yet
+    // routed at all.
+    let old_topology = Topology::new(Default::default(), 4);
+    let routed = format!(
+        "AlarmStatusChanged.shard.{}",
+        old_topology.shard_of("user-1")
+    );
+    let late = status_payload("user-1", "late", "CRITICAL", "2026-01-01T01:00:00Z");
+    client.publish(&routed, late).await;
+    client
+        .status("user-2", "later", "WARNING", "2026-01-01T01:00:00Z")
+        .await;
+
+    // Runbook: export every shard, re-shard, recount, import into fresh data dirs, start.
+    let files: Vec<String> = (0..4)
+        .map(|shard| export_shard_with_count(&nats, old_dir.path(), 4, shard))
+        .map(|file| file.display().to_string())
+        .collect();
+    let out = tempdir().unwrap();
+    let out_arg = out.path().display().to_string();
+    let mut args = vec!["reshard", "--count", "6", "--out", &out_arg];
+    args.extend(files.iter().map(String::as_str));
+    let (code, stdout, stderr) = shard_command_with_count(&nats, old_dir.path(), 4, &args);
+    assert_eq!(code, Some(0), "reshard: {stdout}{stderr}");
+    let (code, stdout, stderr) =
+        shard_command_with_count(&nats, old_dir.path(), 4, &["recount", "--count", "6"]);
+    assert_eq!(code, Some(0), "recount: {stdout}{stderr}");
+    assert!(stdout.contains("1 routed message(s) requeued"), "{stdout}");
+    let (b_dir, c_dir) = (tempdir().unwrap(), tempdir().unwrap());
+    for shard in 0..6 {
+        let dir = if shard < 3 {
+            b_dir.path()
+        } else {
+            c_dir.path()
+        };
+        let file = out.path().join(format!("shard-{shard}.export"));
+        let (code, stdout, stderr) =
+            shard_command(&nats, dir, &["import", "--file", file.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "import {shard}: {stdout}{stderr}");
+    }
+    let b = start_service(owning(&nats, b_dir.path(), &[0, 1, 2])).await;
+    let c = start_service(owning(&nats, c_dir.path(), &[3, 4, 5])).await;
+
+    workload.request_all(&client).await;
+    let digests = collect(&mut reader, 40).await;
+    // user-0 was told everything before the move: the sent markers moved too.
+    workload.expected.insert("user-0".into(), Vec::new());
+    let at = "2026-01-01T01:00:00Z".to_string();
+    let add = |alarm: &str, status: &str| (alarm.to_string(), status.to_string(), at.clone());
+    workload
+        .expected
+        .get_mut("user-1")
+        .unwrap()
+        .push(add("late", "CRITICAL"));
+    workload
+        .expected
+        .get_mut("user-2")
+        .unwrap()
+        .push(add("later", "WARNING"));
+    workload.check(&digests);
+    assert_eq!(per_user(&digests).len(), 40);
+    assert_eq!(digests.len(), 40);
+    b.stop().await.expect("clean stop");
+    c.stop().await.expect("clean stop");
+}
+
 /// Runs `alarm-digest shard <args>` against a data dir, as an operator would.
 fn shard_command(nats: &NatsServer, dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let count = SHARDS.to_string();
+    shard_command_with_count(nats, dir, SHARDS, args)
+}
+
+fn shard_command_with_count(
+    nats: &NatsServer,
+    dir: &Path,
+    count: u16,
+    args: &[&str],
+) -> (Option<i32>, String, String) {
+    let count = count.to_string();
     let dir = dir.display().to_string();
     let args: Vec<&str> = ["shard"].into_iter().chain(args.iter().copied()).collect();
     run_binary(
@@ -458,10 +547,15 @@ fn shard_command(nats: &NatsServer, dir: &Path, args: &[&str]) -> (Option<i32>, 
 
 /// Exports a shard of a stopped instance's data dir into that dir; returns the file.
 fn export_shard(nats: &NatsServer, dir: &Path, shard: u16) -> PathBuf {
+    export_shard_with_count(nats, dir, SHARDS, shard)
+}
+
+fn export_shard_with_count(nats: &NatsServer, dir: &Path, count: u16, shard: u16) -> PathBuf {
     let file = dir.join(format!("shard-{shard}.export"));
-    let (code, out, err) = shard_command(
+    let (code, out, err) = shard_command_with_count(
         nats,
         dir,
+        count,
         &[
             "export",
             "--shard",
