@@ -304,12 +304,13 @@ impl Cluster {
                     trusted_until: Some(sent + self.trusted_for()),
                 }));
                 let stop = CancellationToken::new();
-                tokio::spawn(renew(self.clone(), shard, state.clone(), stop.clone()));
+                let renewer = tokio::spawn(renew(self.clone(), shard, state.clone(), stop.clone()));
                 Ok(Acquired::Held(Box::new(ShardLease {
                     cluster: self.clone(),
                     shard,
                     state,
                     stop,
+                    renewer: Some(renewer),
                 })))
             }
             Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
@@ -359,6 +360,7 @@ pub struct ShardLease {
     shard: u16,
     state: Arc<Mutex<LeaseState>>,
     stop: CancellationToken,
+    renewer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ShardLease {
@@ -373,8 +375,12 @@ impl ShardLease {
 
     /// Stops renewing and deletes the lease, so the next holder (this instance restarted,
     /// or the shard's new home) need not wait for it to expire.
-    pub async fn release(self) {
+    pub async fn release(mut self) {
         self.stop.cancel();
+        // A renewal in flight would change the revision under the delete.
+        if let Some(renewer) = self.renewer.take() {
+            let _ = renewer.await;
+        }
         let revision = self.state.lock().ok().and_then(|state| state.revision);
         if let Some(revision) = revision {
             let key = lease_key(self.shard);
@@ -424,9 +430,6 @@ async fn renew(
                 .await
                 .map_err(|e| e.kind() == CreateErrorKind::AlreadyExists),
         };
-        if stop.is_cancelled() {
-            return;
-        }
         // A write whose reply was lost still happened: if the record is ours, keep it.
         let result = match result {
             Err(true) => match cluster.own_lease_revision(&key).await {
