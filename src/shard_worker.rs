@@ -15,8 +15,8 @@ use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::ownership::{Acquired, Home, ShardLease};
-use crate::bus::{self, BusError, Cluster, DeadLetter, Outgoing};
+use crate::bus::ownership::{Acquired, Home, LeaseRecord, ShardLease};
+use crate::bus::{self, BusError, Cluster, DeadLetter, Member, Outgoing};
 use crate::retry::{until_ok, Backoff};
 use crate::shared::Shared;
 use crate::store::{Applied, DigestOutcome, GroupFlusher, OutboxEntry, ShardStore, StoreError};
@@ -50,6 +50,61 @@ struct Sweep {
     /// from the wall clock alone: replayed or backfilled events with old timestamps must not
     /// expire each other's tombstones (a late, older CRITICAL would then resurrect an alarm).
     newest_seen: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Why a shard worker is not consuming yet.
+#[derive(PartialEq)]
+enum Waiting {
+    /// The shard's state lives in another instance's data dir.
+    NotHome(Member),
+    /// Another process applies the shard (a previous run of this instance whose lease has
+    /// not expired, or a copy of this data dir).
+    LeaseHeld(LeaseRecord),
+    /// The ownership buckets could not be read.
+    Unavailable(String),
+}
+
+impl Waiting {
+    /// Short, for `/readyz`.
+    fn reason(&self) -> String {
+        match self {
+            Waiting::NotHome(home) => format!("its home is {home}"),
+            Waiting::LeaseHeld(lease) => {
+                format!(
+                    "lease held by process {} of {}",
+                    lease.process, lease.holder
+                )
+            }
+            Waiting::Unavailable(error) => format!("ownership unknown: {error}"),
+        }
+    }
+
+    /// Long, with the fix, once per change.
+    fn log(&self, shard: u16, lease_period: Duration) {
+        match self {
+            Waiting::NotHome(home) => tracing::error!(
+                shard,
+                %home,
+                "not consuming shard {shard}: its state lives in the data dir of {home}, not \
+                 here, so applying it here would lose that state. Fix: remove {shard} from \
+                 shards.owned on this instance, or move the shard here (stop both; \
+                 `alarm-digest shard export --shard {shard}` there; `alarm-digest shard \
+                 import` here; README, 'Rebalancing runbook')"
+            ),
+            Waiting::LeaseHeld(lease) => tracing::warn!(
+                shard,
+                holder = %lease.holder,
+                process = %lease.process,
+                "waiting for shard {shard}'s lease: another process holds it (a previous run \
+                 of this instance, or a copy of this data dir); it expires {}s after its \
+                 holder stops renewing",
+                lease_period.as_secs()
+            ),
+            Waiting::Unavailable(error) => {
+                tracing::warn!(shard, %error, "shard ownership unknown; retrying")
+            }
+        }
+    }
 }
 
 /// What to do with one message of a batch once the batch is durable.
@@ -146,51 +201,27 @@ impl ShardWorker {
     /// data dir holds the shard's alarms, and applying without them loses alarms.
     async fn admit(&self, cancel: &CancellationToken) -> Option<ShardLease> {
         let shard = self.store.shard();
-        let mut last_reason = String::new();
+        let mut last: Option<Waiting> = None;
         loop {
-            let (reason, why) = match self.cluster.home(shard).await {
+            let waiting = match self.cluster.home(shard).await {
                 Ok(Home::Here) => match self.cluster.acquire(shard).await {
                     Ok(Acquired::Held(lease)) => {
                         tracing::info!(shard, "shard lease taken; consuming");
                         return Some(*lease);
                     }
-                    Ok(Acquired::HeldBy(record)) => (
-                        format!(
-                            "lease held by process {} of {}",
-                            record.process, record.holder
-                        ),
-                        format!(
-                            "waiting for shard {shard}'s lease: another process holds it (a \
-                             previous run of this instance, or a copy of this data dir); it \
-                             expires {}s after its holder stops renewing",
-                            self.cluster.lease_period().as_secs()
-                        ),
-                    ),
-                    Err(error) => (format!("cannot take the lease: {error}"), String::new()),
+                    Ok(Acquired::HeldBy(record)) => Waiting::LeaseHeld(record),
+                    Err(error) => Waiting::Unavailable(error.to_string()),
                 },
-                Ok(Home::Elsewhere(home)) => (
-                    format!("its home is {home}"),
-                    format!(
-                        "not consuming shard {shard}: its state lives in the data dir of {home}, \
-                         not here, so applying it here would lose that state. Fix: remove \
-                         {shard} from shards.owned on this instance, or move the shard here \
-                         (stop both; `alarm-digest shard export --shard {shard}` there; \
-                         `alarm-digest shard import` here; README, Rebalancing)"
-                    ),
-                ),
-                Err(error) => (format!("cannot read its home: {error}"), String::new()),
+                Ok(Home::Elsewhere(home)) => Waiting::NotHome(home),
+                Err(error) => Waiting::Unavailable(error.to_string()),
             };
-            if reason != last_reason {
-                if why.is_empty() {
-                    tracing::warn!(shard, %reason, "shard not consuming yet; retrying");
-                } else if reason.starts_with("its home") {
-                    tracing::error!(shard, home = %reason, "{why}");
-                } else {
-                    tracing::warn!(shard, holder = %reason, "{why}");
-                }
-                last_reason.clone_from(&reason);
+            if last.as_ref() != Some(&waiting) {
+                waiting.log(shard, self.cluster.lease_period());
             }
-            self.shared.readiness.block(self.part.clone(), reason);
+            self.shared
+                .readiness
+                .block(self.part.clone(), waiting.reason());
+            last = Some(waiting);
             tokio::select! {
                 _ = cancel.cancelled() => return None,
                 _ = tokio::time::sleep(self.cluster.renew_every()) => {}
