@@ -4,7 +4,7 @@
 //!
 //! | bucket         | key            | value                                   | expires |
 //! |----------------|----------------|-----------------------------------------|---------|
-//! | shards         | `shards.count` | the cluster's shard count               | never   |
+//! | shards         | `shards.count` | the cluster's shard count (JSON number) | never   |
 //! | shards         | `home.N`       | [`Member`] whose data dir holds shard N | never   |
 //! | leases         | `shard.N`      | [`LeaseRecord`] of the process applying | max age |
 //!
@@ -155,17 +155,10 @@ impl Cluster {
 
     /// Records the shard count on first start; refuses another one later.
     pub async fn agree_shard_count(&self, configured: u16) -> Result<(), BusError> {
-        let value = Bytes::from(configured.to_string());
-        match self.shards.create(COUNT_KEY, value).await {
+        match self.shards.create(COUNT_KEY, to_json(&configured)).await {
             Ok(_) => Ok(()),
             Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
-                let recorded = self
-                    .shards
-                    .get(COUNT_KEY)
-                    .await
-                    .map_err(|e| BusError::transient("reading the cluster's shard count", e))?
-                    .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u16>().ok());
-                match recorded {
+                match self.recorded_count().await? {
                     Some(recorded) if recorded == configured => Ok(()),
                     Some(recorded) => Err(BusError::ShardCountMismatch {
                         recorded,
@@ -211,12 +204,7 @@ impl Cluster {
     }
 
     pub async fn recorded_count(&self) -> Result<Option<u16>, BusError> {
-        Ok(self
-            .shards
-            .get(COUNT_KEY)
-            .await
-            .map_err(|e| BusError::transient("reading the cluster's shard count", e))?
-            .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse().ok()))
+        read_json(&self.shards, COUNT_KEY, "reading the cluster's shard count").await
     }
 
     /// Changes the recorded shard count from `from` to `to` (compare-and-set) and forgets
@@ -230,9 +218,7 @@ impl Cluster {
             .map_err(|e| BusError::transient("reading the cluster's shard count", e))?;
         match entry.filter(|e| e.operation == kv::Operation::Put) {
             Some(entry) => {
-                let recorded = std::str::from_utf8(&entry.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u16>().ok());
+                let recorded: Option<u16> = serde_json::from_slice(&entry.value).ok();
                 if recorded != Some(from) {
                     return Err(BusError::ShardCountMismatch {
                         recorded: recorded.unwrap_or(0),
@@ -247,13 +233,13 @@ impl Cluster {
                         .map_err(|e| BusError::transient("forgetting a shard home", e))?;
                 }
                 self.shards
-                    .update(COUNT_KEY, Bytes::from(to.to_string()), entry.revision)
+                    .update(COUNT_KEY, to_json(&to), entry.revision)
                     .await
                     .map_err(|e| BusError::transient("recording the new shard count", e))?;
             }
             None => {
                 self.shards
-                    .create(COUNT_KEY, Bytes::from(to.to_string()))
+                    .create(COUNT_KEY, to_json(&to))
                     .await
                     .map_err(|e| BusError::transient("recording the new shard count", e))?;
             }

@@ -112,7 +112,7 @@ async fn import(config: &Config, file: &PathBuf) -> anyhow::Result<ExitCode> {
     }
     let store = open_store(config)?;
     let me = Member::here(store.instance_id()?, config);
-    let cluster = connect_cluster(config, me.clone()).await?;
+    let (_, cluster) = connect_cluster(config, me.clone()).await?;
     // The move is safe only while nobody applies the shard: the exporting instance must be
     // stopped, or its later batches would be missing from this copy.
     if let Some(lease) = cluster.read_lease(shard).await? {
@@ -191,7 +191,7 @@ async fn recount(config: &Config, count: u16) -> anyhow::Result<ExitCode> {
         bail!("--count must be between 1 and 4096");
     }
     let observer = Member::here("recount".into(), config);
-    let cluster = connect_cluster(config, observer).await?;
+    let (client, cluster) = connect_cluster(config, observer).await?;
     for shard in 0..from {
         if let Some(lease) = cluster.read_lease(shard).await? {
             bail!(
@@ -205,10 +205,6 @@ async fn recount(config: &Config, count: u16) -> anyhow::Result<ExitCode> {
     // Messages already routed by the old count go back through the routers, which will
     // route them by the new one. Events are order-independent; a request answered later
     // only sees more.
-    let cancel = CancellationToken::new();
-    let client = bus::connect(&config.nats, &cancel)
-        .await?
-        .context("not connected")?;
     let js = async_nats::jetstream::new(client.clone());
     let old = Topology::new(config.streams.clone(), from);
     let mut requeued = 0u64;
@@ -255,7 +251,7 @@ async fn recount(config: &Config, count: u16) -> anyhow::Result<ExitCode> {
 async fn status(config: &Config) -> anyhow::Result<ExitCode> {
     // Read-only: a member that claims nothing. Its id marks it as not an instance.
     let observer = Member::here("status-reader".into(), config);
-    let cluster = connect_cluster(config, observer).await?;
+    let (_, cluster) = connect_cluster(config, observer).await?;
     let count = cluster.recorded_count().await?;
     println!(
         "{}",
@@ -272,15 +268,19 @@ async fn status(config: &Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn connect_cluster(config: &Config, me: Member) -> anyhow::Result<Cluster> {
+async fn connect_cluster(
+    config: &Config,
+    me: Member,
+) -> anyhow::Result<(async_nats::Client, Cluster)> {
     let cancel = CancellationToken::new();
     let client = bus::connect(&config.nats, &cancel)
         .await?
         .context("not connected")?;
-    let js = async_nats::jetstream::new(client);
-    until_ok("opening the ownership buckets", &cancel, || {
+    let js = async_nats::jetstream::new(client.clone());
+    let cluster = until_ok("opening the ownership buckets", &cancel, || {
         Cluster::open(&js, config, me.clone())
     })
     .await?
-    .context("not connected")
+    .context("not connected")?;
+    Ok((client, cluster))
 }
