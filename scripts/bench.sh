@@ -36,11 +36,12 @@ export ALARM_DIGEST_NATS__URL="$url" ALARM_DIGEST_SHARDS__COUNT="$shards"
 
 http0="127.0.0.1:$((20000 + RANDOM % 20000))"
 start_instance() {
-  local i="$1" listen=127.0.0.1:0 owned
-  owned="$(seq -s, "$i" "$instances" $((shards - 1)))"
+  local i="$1" listen=127.0.0.1:0
   [ "$i" -eq 0 ] && listen="$http0"
+  # Ordinal ownership, as a StatefulSet runs it: instance i owns shards s % instances == i.
   ALARM_DIGEST_STORAGE__PATH="$work/data-$i" ALARM_DIGEST_HTTP__LISTEN="$listen" \
-    ALARM_DIGEST_SHARDS__OWNED="[$owned]" RUST_LOG=warn "$bin" run &
+    ALARM_DIGEST_SHARDS__OWNED=ordinal ALARM_DIGEST_SHARDS__REPLICAS="$instances" \
+    ALARM_DIGEST_SHARDS__ORDINAL="$i" RUST_LOG=warn "$bin" run &
 }
 ready() {
   # In a subshell: the redirections must not outlive the probe.
