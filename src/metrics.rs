@@ -26,6 +26,10 @@ pub struct Metrics {
     pub tombstones_swept: AtomicU64,
     pub sweep_passes: AtomicU64,
     pub lease_stale_batches: AtomicU64,
+    /// Gauge: shards this instance is configured to own.
+    pub shards_owned: AtomicU64,
+    /// Gauge: owned shards being consumed (home here, lease taken).
+    pub shards_consuming: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     batch_latency: Histogram,
 }
@@ -137,6 +141,23 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE alarm_digest_{name} counter");
             let _ = writeln!(out, "alarm_digest_{name} {}", value.load(Relaxed));
         }
+        let gauges = [
+            (
+                "shards_owned",
+                "Shards this instance is configured to own.",
+                &self.shards_owned,
+            ),
+            (
+                "shards_consuming",
+                "Owned shards being consumed; fewer than owned: see /readyz for why.",
+                &self.shards_consuming,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP alarm_digest_{name} {help}");
+            let _ = writeln!(out, "# TYPE alarm_digest_{name} gauge");
+            let _ = writeln!(out, "alarm_digest_{name} {}", value.load(Relaxed));
+        }
         let _ = writeln!(
             out,
             "# HELP alarm_digest_rejected_total Invalid input dead-lettered, by reason."
@@ -186,7 +207,11 @@ mod tests {
         metrics.events_applied.fetch_add(3, Relaxed);
         metrics.rejected("bad_time");
         metrics.observe_batch(Duration::from_millis(3));
+        metrics.shards_owned.store(2, Relaxed);
         let text = metrics.render();
+        assert!(
+            text.contains("# TYPE alarm_digest_shards_owned gauge\nalarm_digest_shards_owned 2\n")
+        );
         assert!(text.contains("alarm_digest_events_applied_total 3\n"));
         assert!(text.contains("alarm_digest_rejected_total{reason=\"bad_time\"} 1\n"));
         assert!(text.contains("alarm_digest_batch_duration_seconds_bucket{le=\"0.0025\"} 0\n"));

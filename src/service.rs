@@ -192,6 +192,10 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
     let router = Router::new(shared.clone(), router_js);
     let router_cancel = shutdown.clone();
     tasks.spawn(async move { Ok(router.run(router_cancel).await?) });
+    parts
+        .metrics
+        .shards_owned
+        .store(owned.len() as u64, std::sync::atomic::Ordering::Relaxed);
     for shard in owned {
         let store = parts.store.shard(shard)?;
         let worker = ShardWorker::new(shared.clone(), cluster.clone(), store, flusher.clone());

@@ -191,7 +191,10 @@ impl ShardWorker {
         let Some(lease) = self.admit(&cancel).await else {
             return Ok(());
         };
+        let metrics = self.shared.metrics.clone();
+        metrics.shards_consuming.fetch_add(1, Relaxed);
         let result = self.consume(&lease, &cancel).await;
+        metrics.shards_consuming.fetch_sub(1, Relaxed);
         lease.release().await;
         result
     }

@@ -250,6 +250,9 @@ async fn only_the_home_consumes_a_shard_and_export_import_moves_it_with_its_stat
     client.wait_drained().await;
     assert_eq!(home.metrics.events_applied.load(Relaxed), 1);
     assert_eq!(other.metrics.events_applied.load(Relaxed), 0);
+    assert_eq!(home.metrics.shards_consuming.load(Relaxed), 6);
+    assert_eq!(other.metrics.shards_owned.load(Relaxed), 1);
+    assert_eq!(other.metrics.shards_consuming.load(Relaxed), 0);
 
     // The home goes away: the other instance still refuses, its state would be missing.
     home.stop().await.expect("clean stop");
