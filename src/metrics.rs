@@ -136,11 +136,6 @@ impl Metrics {
                 &self.lease_stale_batches,
             ),
         ];
-        for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP alarm_digest_{name} {help}");
-            let _ = writeln!(out, "# TYPE alarm_digest_{name} counter");
-            let _ = writeln!(out, "alarm_digest_{name} {}", value.load(Relaxed));
-        }
         let gauges = [
             (
                 "shards_owned",
@@ -153,9 +148,11 @@ impl Metrics {
                 &self.shards_consuming,
             ),
         ];
-        for (name, help, value) in gauges {
+        let typed = (counters.iter().map(|metric| ("counter", metric)))
+            .chain(gauges.iter().map(|metric| ("gauge", metric)));
+        for (kind, (name, help, value)) in typed {
             let _ = writeln!(out, "# HELP alarm_digest_{name} {help}");
-            let _ = writeln!(out, "# TYPE alarm_digest_{name} gauge");
+            let _ = writeln!(out, "# TYPE alarm_digest_{name} {kind}");
             let _ = writeln!(out, "alarm_digest_{name} {}", value.load(Relaxed));
         }
         let _ = writeln!(
