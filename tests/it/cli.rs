@@ -105,20 +105,17 @@ async fn setup_creates_every_stream_and_is_idempotent() {
 
 #[tokio::test]
 async fn inspect_reads_a_running_instance_over_http_and_a_stopped_one_from_disk() {
-    let nats = NatsServer::start();
-    let data = tempdir().expect("data dir");
-    let config = test_config(&nats, data.path());
-    let client = TestClient::connect(&config).await;
-    let service = ServiceProcess::spawn(&nats, data.path(), &[]);
+    let bed = TestBed::start().await;
+    let service = ServiceProcess::spawn(&bed.nats, bed.data.path(), &[]);
     wait_ready(&service.http).await;
-    client
+    bed.client
         .status("u/1 é", "a", "CRITICAL", "2021-06-07T20:00:01Z")
         .await;
-    client.request_digest("u/1 é").await;
-    let mut digests = client.digests().await;
+    bed.client.request_digest("u/1 é").await;
+    let mut digests = bed.client.digests().await;
     assert_eq!(digests.next().await.active_alarms.len(), 1);
 
-    let path = data.path().to_string_lossy().into_owned();
+    let path = bed.data.path().to_string_lossy().into_owned();
     let http = service.http.clone();
     let env = [
         ("ALARM_DIGEST_STORAGE__PATH", path.as_str()),
@@ -176,24 +173,23 @@ async fn live_while_waiting_for_nats_and_ready_once_it_comes_up() {
 
 #[tokio::test]
 async fn dlq_lists_records_and_replays_them_once_the_cause_is_fixed() {
-    let nats = NatsServer::start();
-    let data = tempdir().expect("data dir");
-    let mut config = test_config(&nats, data.path());
-    config.limits.max_alarms_per_user = 1;
-    let client = TestClient::connect(&config).await;
-    let service = start_service(config.clone()).await;
-    client
+    let mut bed = TestBed::start_with(|c| {
+        c.limits.max_alarms_per_user = 1;
+    })
+    .await;
+    let service = start_service(bed.config.clone()).await;
+    bed.client
         .status("u", "first", "WARNING", "2021-06-07T20:00:01Z")
         .await;
-    client
+    bed.client
         .status("u", "second", "CRITICAL", "2021-06-07T20:00:02Z")
         .await;
-    let subject = config.streams.status_subject.clone();
-    client.publish(&subject, "not json").await;
-    client.wait_drained().await;
+    let subject = bed.config.streams.status_subject.clone();
+    bed.client.publish(&subject, "not json").await;
+    bed.client.wait_drained().await;
     service.stop().await.expect("clean stop");
 
-    let url = nats.url();
+    let url = bed.nats.url();
     let env = [
         ("ALARM_DIGEST_NATS__URL", url.as_str()),
         ("ALARM_DIGEST_SHARDS__COUNT", "4"),
@@ -220,15 +216,15 @@ async fn dlq_lists_records_and_replays_them_once_the_cause_is_fixed() {
     );
 
     // The cause is fixed: the limit is raised. Replay puts the event back through the router.
-    config.limits.max_alarms_per_user = 100;
-    let service = start_service(config.clone()).await;
+    bed.config.limits.max_alarms_per_user = 100;
+    let service = start_service(bed.config.clone()).await;
     let (code, replayed, stderr) =
         run_binary(&["dlq", "replay", "--reason", "too_many_alarms"], &env);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(replayed.contains("replayed 1"), "{replayed}");
-    client.wait_drained().await;
-    client.request_digest("u").await;
-    let digest = client.digests().await.next().await;
+    bed.client.wait_drained().await;
+    bed.client.request_digest("u").await;
+    let digest = bed.client.digests().await.next().await;
     let ids: Vec<&str> = digest
         .active_alarms
         .iter()

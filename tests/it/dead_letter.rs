@@ -1,23 +1,20 @@
 //! Invalid input is dead-lettered with its reason and origin, never applied, never blocking.
 
+use crate::support::*;
 use alarm_digest::bus::DeadLetterHeaders;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use futures::StreamExt;
 use std::collections::BTreeMap;
-use tempfile::tempdir;
-
-use crate::support::*;
 
 #[tokio::test]
 async fn garbage_on_both_input_subjects_is_dead_lettered_while_good_traffic_flows() {
-    let nats = NatsServer::start();
-    let data = tempdir().expect("data dir");
-    let mut config = test_config(&nats, data.path());
-    config.limits.max_payload_bytes = 1024;
-    let client = TestClient::connect(&config).await;
-    let service = start_service(config.clone()).await;
-    let status = config.streams.status_subject.clone();
-    let request = config.streams.digest_request_subject.clone();
+    let bed = TestBed::start_with(|c| {
+        c.limits.max_payload_bytes = 1024;
+    })
+    .await;
+    let service = start_service(bed.config.clone()).await;
+    let status = bed.config.streams.status_subject.clone();
+    let request = bed.config.streams.digest_request_subject.clone();
     let long_id = "x".repeat(257);
 
     let garbage: Vec<(&str, String, &str)> = vec![
@@ -52,15 +49,15 @@ async fn garbage_on_both_input_subjects_is_dead_lettered_while_good_traffic_flow
         (&request, "null".into(), "malformed"),
     ];
     for (i, (subject, payload, _)) in garbage.iter().enumerate() {
-        client.publish(subject, payload.clone()).await;
+        bed.client.publish(subject, payload.clone()).await;
         // Good traffic interleaved with the bad.
-        client
+        bed.client
             .status("u", &format!("good-{i}"), "WARNING", "2021-06-07T20:00:01Z")
             .await;
     }
-    client.request_digest("u").await;
+    bed.client.request_digest("u").await;
 
-    let mut digests = client.digests().await;
+    let mut digests = bed.client.digests().await;
     let digest = digests.next().await;
     assert_eq!(
         digest.active_alarms.len(),
@@ -72,9 +69,10 @@ async fn garbage_on_both_input_subjects_is_dead_lettered_while_good_traffic_flow
         .iter()
         .all(|a| a.alarm_id.starts_with("good-")));
 
-    let dead_letters = client
+    let dead_letters = bed
+        .client
         .js
-        .get_stream(&config.streams.dead_letter_stream)
+        .get_stream(&bed.config.streams.dead_letter_stream)
         .await
         .expect("dead-letter stream")
         .create_consumer(pull::Config {
@@ -118,7 +116,7 @@ async fn garbage_on_both_input_subjects_is_dead_lettered_while_good_traffic_flow
     assert_eq!(service.metrics.rejected_total(), garbage.len() as u64);
 
     // Nothing is stuck: the input stream is empty and the service stays ready.
-    client.wait_drained().await;
+    bed.client.wait_drained().await;
     let (status_code, _) = http_get(&service.http_addr.to_string(), "/readyz")
         .await
         .expect("readyz");
@@ -135,27 +133,26 @@ async fn garbage_on_both_input_subjects_is_dead_lettered_while_good_traffic_flow
 
 #[tokio::test]
 async fn an_alarm_beyond_the_per_user_limit_is_dead_lettered_and_updates_still_apply() {
-    let nats = NatsServer::start();
-    let data = tempdir().expect("data dir");
-    let mut config = test_config(&nats, data.path());
-    config.limits.max_alarms_per_user = 2;
-    let client = TestClient::connect(&config).await;
-    let service = start_service(config.clone()).await;
-    client
+    let bed = TestBed::start_with(|c| {
+        c.limits.max_alarms_per_user = 2;
+    })
+    .await;
+    let service = start_service(bed.config.clone()).await;
+    bed.client
         .status("big", "a1", "WARNING", "2021-06-07T20:00:01Z")
         .await;
-    client
+    bed.client
         .status("big", "a2", "WARNING", "2021-06-07T20:00:02Z")
         .await;
-    client
+    bed.client
         .status("big", "a3", "CRITICAL", "2021-06-07T20:00:03Z")
         .await;
-    client
+    bed.client
         .status("big", "a1", "CRITICAL", "2021-06-07T20:00:04Z")
         .await;
-    client.request_digest("big").await;
+    bed.client.request_digest("big").await;
 
-    let digest = client.digests().await.next().await;
+    let digest = bed.client.digests().await.next().await;
     assert_eq!(
         entries(&digest),
         [
@@ -167,9 +164,10 @@ async fn an_alarm_beyond_the_per_user_limit_is_dead_lettered_and_updates_still_a
             ),
         ]
     );
-    let mut dead_letters = client
+    let mut dead_letters = bed
+        .client
         .js
-        .get_stream(&config.streams.dead_letter_stream)
+        .get_stream(&bed.config.streams.dead_letter_stream)
         .await
         .expect("dead-letter stream");
     let record = dead_letters

@@ -131,22 +131,19 @@ async fn assert_nothing_lost(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_kill_9s_at_random_moments_lose_nothing_and_answer_every_request_once() {
-    let nats = NatsServer::start();
-    let data = tempdir().expect("data dir");
-    let config = test_config(&nats, data.path());
-    let client = TestClient::connect(&config).await;
-    let traffic = Traffic::start(&client, 5, 200);
+    let bed = TestBed::start().await;
+    let traffic = Traffic::start(&bed.client, 5, 200);
     let mut rng = StdRng::seed_from_u64(99);
     for _ in 0..5 {
-        let service = ServiceProcess::spawn(&nats, data.path(), &[]);
+        let service = ServiceProcess::spawn(&bed.nats, bed.data.path(), &[]);
         wait_ready(&service.http).await;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
         service.kill_9();
     }
     let (state, requests) = traffic.finish().await;
-    let service = ServiceProcess::spawn(&nats, data.path(), &[]);
+    let service = ServiceProcess::spawn(&bed.nats, bed.data.path(), &[]);
     wait_ready(&service.http).await;
-    let digests = assert_nothing_lost(&client, &state).await;
+    let digests = assert_nothing_lost(&bed.client, &state).await;
 
     let users = state
         .keys()
@@ -188,30 +185,30 @@ async fn a_broker_outage_while_traffic_flows_loses_nothing() {
 
 #[tokio::test]
 async fn digests_wait_while_the_output_stream_is_missing_and_resume_when_it_returns() {
-    let nats = NatsServer::start();
-    let data = tempdir().expect("data dir");
-    let config = test_config(&nats, data.path());
-    let client = TestClient::connect(&config).await;
-    let service = start_service(config.clone()).await;
-    client
+    let mut bed = TestBed::start().await;
+    let service = start_service(bed.config.clone()).await;
+    bed.client
         .status("u", "a", "CRITICAL", "2021-06-07T20:00:01Z")
         .await;
-    client
+    bed.client
         .js
-        .delete_stream(&config.streams.output_stream)
+        .delete_stream(&bed.config.streams.output_stream)
         .await
         .expect("delete output");
 
-    client.request_digest("u").await;
+    bed.client.request_digest("u").await;
     // The shard holds the digest in its outbox and reports not ready until it is delivered.
     let http = service.http_addr.to_string();
     wait_shard_not_ready(&http).await;
-    let inbox = client.stream_messages(&config.streams.input_stream).await;
+    let inbox = bed
+        .client
+        .stream_messages(&bed.config.streams.input_stream)
+        .await;
     assert_eq!(inbox, 0, "the request was taken (and is held), not lost");
 
     // The stream returns (here: as `alarm-digest setup` would create it).
-    let client = TestClient::connect(&config).await;
-    let digest = client.digests().await.next().await;
+    bed.client = TestClient::connect(&bed.config).await;
+    let digest = bed.client.digests().await.next().await;
     assert_eq!(
         entries(&digest),
         [("a".into(), "CRITICAL".into(), "2021-06-07T20:00:01Z".into())]
@@ -363,43 +360,41 @@ async fn a_full_disk_naks_reports_not_ready_exits_and_loses_nothing_after_restar
 #[tokio::test]
 async fn digests_wait_while_the_output_stream_is_full_and_resume_when_it_has_room() {
     use async_nats::jetstream::stream::DiscardPolicy;
-    let nats = NatsServer::start();
-    let data = tempdir().expect("data dir");
-    let config = test_config(&nats, data.path());
-    let client = TestClient::connect(&config).await;
-    let service = start_service(config.clone()).await;
-    let mut digests = client.digests().await;
-    client
+    let bed = TestBed::start().await;
+    let service = start_service(bed.config.clone()).await;
+    let mut digests = bed.client.digests().await;
+    bed.client
         .status("u", "a", "WARNING", "2021-06-07T20:00:01Z")
         .await;
-    client.request_digest("u").await;
+    bed.client.request_digest("u").await;
     assert_eq!(digests.next().await.active_alarms.len(), 1);
 
     // An operator caps the output stream at what it holds, refusing new messages.
-    let mut output = client
+    let mut output = bed
+        .client
         .js
-        .get_stream(&config.streams.output_stream)
+        .get_stream(&bed.config.streams.output_stream)
         .await
         .expect("output");
     let mut capped = output.info().await.expect("info").config.clone();
     capped.max_messages = 1;
     capped.discard = DiscardPolicy::New;
-    client
+    bed.client
         .js
         .update_stream(capped.clone())
         .await
         .expect("cap the stream");
 
-    client
+    bed.client
         .status("u", "b", "CRITICAL", "2021-06-07T20:00:02Z")
         .await;
-    client.request_digest("u").await;
+    bed.client.request_digest("u").await;
     let http = service.http_addr.to_string();
     wait_shard_not_ready(&http).await;
 
     // Room again: the held digest goes out, with exactly what was due.
     capped.max_messages = -1;
-    client
+    bed.client
         .js
         .update_stream(capped)
         .await

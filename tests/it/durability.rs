@@ -11,17 +11,14 @@ use crate::support::*;
 
 #[tokio::test]
 async fn events_published_while_the_service_is_stopped_are_processed_after_start() {
-    let nats = NatsServer::start();
-    let data = tempdir().expect("data dir");
-    let config = test_config(&nats, data.path());
-    let client = TestClient::connect(&config).await;
-    client
+    let bed = TestBed::start().await;
+    bed.client
         .status("u", "a", "CRITICAL", "2021-06-07T20:00:01Z")
         .await;
-    client.request_digest("u").await;
+    bed.client.request_digest("u").await;
 
-    let service = start_service(config).await;
-    let mut digests = client.digests().await;
+    let service = start_service(bed.config).await;
+    let mut digests = bed.client.digests().await;
     let digest = digests.next().await;
     assert_eq!(
         entries(&digest),
@@ -32,36 +29,33 @@ async fn events_published_while_the_service_is_stopped_are_processed_after_start
 
 #[tokio::test]
 async fn state_and_sent_markers_survive_a_restart() {
-    let nats = NatsServer::start();
-    let data = tempdir().expect("data dir");
-    let config = test_config(&nats, data.path());
-    let client = TestClient::connect(&config).await;
-    let mut digests = client.digests().await;
+    let bed = TestBed::start().await;
+    let mut digests = bed.client.digests().await;
 
-    let service = start_service(config.clone()).await;
-    client
+    let service = start_service(bed.config.clone()).await;
+    bed.client
         .status("u", "a", "CRITICAL", "2021-06-07T20:00:01Z")
         .await;
-    client
+    bed.client
         .status("u", "b", "WARNING", "2021-06-07T20:00:01Z")
         .await;
-    client.request_digest("u").await;
+    bed.client.request_digest("u").await;
     assert_eq!(digests.next().await.active_alarms.len(), 2);
     service.stop().await.expect("clean stop");
 
-    let service = start_service(config).await;
-    client.request_digest("u").await;
+    let service = start_service(bed.config).await;
+    bed.client.request_digest("u").await;
     assert!(
         digests.next().await.active_alarms.is_empty(),
         "sent markers survived"
     );
-    client
+    bed.client
         .status("u", "a", "CLEARED", "2021-06-07T20:00:02Z")
         .await;
-    client
+    bed.client
         .status("u", "a", "CRITICAL", "2021-06-07T20:00:03Z")
         .await;
-    client.request_digest("u").await;
+    bed.client.request_digest("u").await;
     let digest = digests.next().await;
     assert_eq!(
         entries(&digest),
@@ -198,36 +192,36 @@ async fn request_all(client: &TestClient, users: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_loses_nothing_and_resends_nothing() {
-    let nats = NatsServer::start();
-    let data = tempdir().expect("data dir");
-    let config = test_config(&nats, data.path());
-    let client = TestClient::connect(&config).await;
+    let bed = TestBed::start().await;
     let storm = Storm::new(7, 300, 8, 24_000);
     let payloads: Vec<String> = storm.events.iter().map(Storm::payload).collect();
     let (first, second) = payloads.split_at(payloads.len() / 2);
 
-    let service = ServiceProcess::spawn(&nats, data.path(), &[]);
+    let service = ServiceProcess::spawn(&bed.nats, bed.data.path(), &[]);
     wait_ready(&service.http).await;
-    publish_all(&client, first).await;
-    request_all(&client, &storm.users).await;
-    publish_all(&client, second).await;
+    publish_all(&bed.client, first).await;
+    request_all(&bed.client, &storm.users).await;
+    publish_all(&bed.client, second).await;
     // Kill while the backlog is being worked through.
-    let backlog = client.stream_messages(&config.streams.input_stream).await;
+    let backlog = bed
+        .client
+        .stream_messages(&bed.config.streams.input_stream)
+        .await;
     service.kill_9();
     assert!(
         backlog > 0,
         "the kill must land while input is still queued"
     );
 
-    let service = ServiceProcess::spawn(&nats, data.path(), &[]);
+    let service = ServiceProcess::spawn(&bed.nats, bed.data.path(), &[]);
     wait_ready(&service.http).await;
-    client.wait_drained().await;
-    request_all(&client, &storm.users).await;
-    client.wait_drained().await;
-    request_all(&client, &storm.users).await;
-    client.wait_drained().await;
+    bed.client.wait_drained().await;
+    request_all(&bed.client, &storm.users).await;
+    bed.client.wait_drained().await;
+    request_all(&bed.client, &storm.users).await;
+    bed.client.wait_drained().await;
 
-    let mut reader = client.digests().await;
+    let mut reader = bed.client.digests().await;
     let digests = reader.drain(Duration::from_secs(2)).await;
     let mut per_user: HashMap<&str, Vec<&alarm_digest::wire::AlarmDigest>> = HashMap::new();
     for digest in &digests {
@@ -286,25 +280,22 @@ async fn kill_9_mid_stream_loses_nothing_and_resends_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_drains_and_exits_0_without_losing_work() {
-    let nats = NatsServer::start();
-    let data = tempdir().expect("data dir");
-    let config = test_config(&nats, data.path());
-    let client = TestClient::connect(&config).await;
+    let bed = TestBed::start().await;
     let storm = Storm::new(11, 50, 4, 8_000);
     let payloads: Vec<String> = storm.events.iter().map(Storm::payload).collect();
 
-    let service = ServiceProcess::spawn(&nats, data.path(), &[]);
+    let service = ServiceProcess::spawn(&bed.nats, bed.data.path(), &[]);
     wait_ready(&service.http).await;
-    publish_all(&client, &payloads).await;
+    publish_all(&bed.client, &payloads).await;
     service.signal("TERM");
     let status = service.wait_exit(Duration::from_secs(15));
     assert_eq!(status.code(), Some(0), "graceful stop exits 0");
 
-    let service = ServiceProcess::spawn(&nats, data.path(), &[]);
+    let service = ServiceProcess::spawn(&bed.nats, bed.data.path(), &[]);
     wait_ready(&service.http).await;
-    client.wait_drained().await;
-    request_all(&client, &storm.users).await;
-    let mut reader = client.digests().await;
+    bed.client.wait_drained().await;
+    request_all(&bed.client, &storm.users).await;
+    let mut reader = bed.client.digests().await;
     let digests = reader.drain(Duration::from_secs(2)).await;
     assert_eq!(digests.len(), storm.users.len());
     let reported: usize = digests.iter().map(|d| d.active_alarms.len()).sum();
@@ -352,24 +343,23 @@ async fn a_burst_of_requests_larger_than_the_publish_window_is_answered_in_full(
 
 #[tokio::test]
 async fn cleared_tombstones_older_than_the_retention_are_swept_and_others_kept() {
-    let nats = NatsServer::start();
-    let data = tempdir().expect("data dir");
-    let mut config = test_config(&nats, data.path());
-    config.retention.sweep_every_secs = 1;
-    let client = TestClient::connect(&config).await;
-    let service = start_service(config).await;
+    let bed = TestBed::start_with(|c| {
+        c.retention.sweep_every_secs = 1;
+    })
+    .await;
+    let service = start_service(bed.config).await;
     let recent = alarm_digest::wire::format_time(&chrono::Utc::now());
     // 2021 is far past the default 7 days; a CLEARED from just now must stay a tombstone.
-    client
+    bed.client
         .status("u", "cleared-long-ago", "CLEARED", "2021-06-07T20:00:01Z")
         .await;
-    client
+    bed.client
         .status("u", "cleared-just-now", "CLEARED", &recent)
         .await;
-    client
+    bed.client
         .status("u", "old-but-critical", "CRITICAL", "2021-06-07T20:00:01Z")
         .await;
-    client.wait_drained().await;
+    bed.client.wait_drained().await;
 
     let http = service.http_addr.to_string();
     let deadline = std::time::Instant::now() + WAIT;
@@ -399,17 +389,16 @@ async fn cleared_tombstones_older_than_the_retention_are_swept_and_others_kept()
 
 #[tokio::test]
 async fn backfilled_old_events_keep_their_tombstones_through_a_sweep() {
-    let nats = NatsServer::start();
-    let data = tempdir().expect("data dir");
-    let mut config = test_config(&nats, data.path());
-    config.retention.sweep_every_secs = 1;
-    let client = TestClient::connect(&config).await;
-    let service = start_service(config).await;
+    let bed = TestBed::start_with(|c| {
+        c.retention.sweep_every_secs = 1;
+    })
+    .await;
+    let service = start_service(bed.config).await;
     // A backfill: everything is years old by the clock, but only a minute apart.
-    client
+    bed.client
         .status("u", "a", "CLEARED", "2021-06-07T20:01:00Z")
         .await;
-    client.wait_drained().await;
+    bed.client.wait_drained().await;
     // Wait for two more completed sweep passes: at least one ran entirely after the event.
     let passes = || {
         service
@@ -424,11 +413,11 @@ async fn backfilled_old_events_keep_their_tombstones_through_a_sweep() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The broker delivers an older CRITICAL late: it must not resurrect the alarm.
-    client
+    bed.client
         .status("u", "a", "CRITICAL", "2021-06-07T20:00:00Z")
         .await;
-    client.request_digest("u").await;
-    let digest = client.digests().await.next().await;
+    bed.client.request_digest("u").await;
+    let digest = bed.client.digests().await.next().await;
     assert!(
         digest.active_alarms.is_empty(),
         "resurrected: {:?}",
@@ -439,12 +428,9 @@ async fn backfilled_old_events_keep_their_tombstones_through_a_sweep() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_data_dir_stops_growing_when_events_only_churn_existing_alarms() {
-    let nats = NatsServer::start();
-    let data = tempdir().expect("data dir");
-    let config = test_config(&nats, data.path());
-    let client = TestClient::connect(&config).await;
-    let service = start_service(config.clone()).await;
-    let subject = config.streams.status_subject.clone();
+    let bed = TestBed::start().await;
+    let service = start_service(bed.config.clone()).await;
+    let subject = bed.config.streams.status_subject.clone();
     let mut sizes = Vec::new();
     // 2,000 alarms, each changed once per round; 40 rounds = 80k events. sled appends
     // until it starts reusing its segments (round ~21 here), then the files stay put.
@@ -462,7 +448,7 @@ async fn the_data_dir_stops_growing_when_events_only_churn_existing_alarms() {
                 &alarm_digest::wire::format_time(&at),
             );
             acks.push(
-                client
+                bed.client
                     .js
                     .publish(subject.clone(), payload.into())
                     .await
@@ -472,8 +458,8 @@ async fn the_data_dir_stops_growing_when_events_only_churn_existing_alarms() {
         for ack in acks {
             ack.await.expect("stored");
         }
-        client.wait_drained().await;
-        sizes.push(alarm_digest::load::dir_bytes(data.path()));
+        bed.client.wait_drained().await;
+        sizes.push(alarm_digest::load::dir_bytes(bed.data.path()));
     }
     eprintln!("data dir bytes per round: {sizes:?}");
     let before_last_ten = sizes[29];

@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use tempfile::tempdir;
-
 use crate::support::*;
 
 /// One instance with its own broker and data dir, plus a client.
@@ -16,11 +14,12 @@ struct World {
 }
 
 async fn world_with(configure: impl FnOnce(&mut alarm_digest::config::Config)) -> World {
-    let nats = NatsServer::start();
-    let data = tempdir().expect("data dir");
-    let mut config = test_config(&nats, data.path());
-    configure(&mut config);
-    let client = TestClient::connect(&config).await;
+    let TestBed {
+        nats,
+        data,
+        config,
+        client,
+    } = TestBed::start_with(configure).await;
     let service = start_service(config).await;
     let digests = client.digests().await;
     World {

@@ -34,6 +34,37 @@ pub fn test_config(nats: &NatsServer, data_dir: &Path) -> Config {
     config
 }
 
+/// What most tests start with: their own broker, a data dir, a config for both, and a
+/// client that has created the streams. Destructure it to keep the names:
+/// `let TestBed { nats, data, config, client } = TestBed::start().await;`
+pub struct TestBed {
+    pub nats: NatsServer,
+    pub data: tempfile::TempDir,
+    pub config: Config,
+    pub client: TestClient,
+}
+
+impl TestBed {
+    pub async fn start() -> TestBed {
+        TestBed::start_with(|_| {}).await
+    }
+
+    /// Like `start`, with the config adjusted before anything connects.
+    pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestBed {
+        let nats = NatsServer::start();
+        let data = tempfile::tempdir().expect("data dir");
+        let mut config = test_config(&nats, data.path());
+        configure(&mut config);
+        let client = TestClient::connect(&config).await;
+        TestBed {
+            nats,
+            data,
+            config,
+            client,
+        }
+    }
+}
+
 /// Logs of in-process instances go to the test's output, filtered by `RUST_LOG` (off
 /// unless set), so a failing test can be rerun with `RUST_LOG=alarm_digest=debug`.
 fn init_test_logging() {
