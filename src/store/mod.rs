@@ -151,11 +151,6 @@ impl Store {
         Ok(())
     }
 
-    /// How many entries the shard's tree holds (alarms, outbox, markers, metadata).
-    pub fn shard_len(&self, shard: u16) -> Result<usize, StoreError> {
-        Ok(self.db.open_tree(shard_tree_name(shard))?.len())
-    }
-
     pub fn shard(&self, shard: u16) -> Result<ShardStore, StoreError> {
         let tree = self.db.open_tree(shard_tree_name(shard))?;
         let epoch = match tree.get(keys::META_EPOCH)? {

@@ -309,12 +309,6 @@ pub struct ServiceProcess {
     pub http: String,
 }
 
-impl ServiceProcess {
-    /// The process id, for signals such as SIGSTOP.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
 
 impl ServiceProcess {
     pub fn spawn(nats: &NatsServer, data_dir: &Path, extra_env: &[(&str, &str)]) -> ServiceProcess {
