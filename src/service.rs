@@ -161,20 +161,9 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
     // Ownership records go through a context without publish backpressure: a lease
     // renewal must never queue behind digests.
     let kv_js = async_nats::jetstream::new(client.clone());
-    let Some(cluster) = until_ok("opening the ownership buckets", shutdown, || {
-        Cluster::open(&kv_js, config, parts.member.clone())
-    })
-    .await?
-    else {
+    let Some(cluster) = Cluster::join(&kv_js, config, parts.member.clone(), shutdown).await? else {
         return Ok(());
     };
-    let agreed = until_ok("agreeing on shards.count", shutdown, || {
-        cluster.agree_shard_count(config.shards.count)
-    })
-    .await?;
-    if agreed.is_none() {
-        return Ok(());
-    }
     parts.readiness.set("streams", true);
     // For systemd (Type=notify): started means connected, streams checked and the shard
     // count agreed with the cluster. Per-shard readiness is /readyz's business.

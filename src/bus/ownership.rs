@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::BusError;
 use crate::config::Config;
+use crate::retry::until_ok;
 
 const COUNT_KEY: &str = "shards.count";
 
@@ -142,6 +143,28 @@ impl Cluster {
                 process: format!("{:016x}", rand::random::<u64>()),
             },
         })
+    }
+
+    /// Joins the cluster: opens the buckets and agrees on `shards.count`, retrying transient
+    /// failures. `Ok(None)` when cancelled; a count mismatch is the fatal error.
+    pub async fn join(
+        js: &Context,
+        config: &Config,
+        me: Member,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Cluster>, BusError> {
+        let Some(cluster) = until_ok("opening the ownership buckets", cancel, || {
+            Cluster::open(js, config, me.clone())
+        })
+        .await?
+        else {
+            return Ok(None);
+        };
+        let agreed = until_ok("agreeing on shards.count", cancel, || {
+            cluster.agree_shard_count(config.shards.count)
+        })
+        .await?;
+        Ok(agreed.map(|()| cluster))
     }
 
     pub fn lease_period(&self) -> Duration {

@@ -32,15 +32,11 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     }
     // The ownership buckets, and the cluster's shard count if none is recorded yet.
     let observer = Member::here("setup".into(), &config);
-    let cluster = until_ok("opening the ownership buckets", &cancel, || {
-        Cluster::open(&js, &config, observer.clone())
-    })
-    .await?;
-    if let Some(cluster) = &cluster {
-        until_ok("agreeing on shards.count", &cancel, || {
-            cluster.agree_shard_count(config.shards.count)
-        })
-        .await?;
+    if Cluster::join(&js, &config, observer, &cancel)
+        .await?
+        .is_none()
+    {
+        return Ok(ExitCode::from(130));
     }
     topology.router_consumer(&js, tuning).await?;
     for shard in config.shards.owned_shards() {

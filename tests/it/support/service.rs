@@ -309,7 +309,6 @@ pub struct ServiceProcess {
     pub http: String,
 }
 
-
 impl ServiceProcess {
     pub fn spawn(nats: &NatsServer, data_dir: &Path, extra_env: &[(&str, &str)]) -> ServiceProcess {
         let http = format!("127.0.0.1:{}", free_port());
