@@ -106,19 +106,11 @@ async fn assert_nothing_lost(
     }
     client.wait_drained().await;
     let digests = client.digests().await.drain(Duration::from_secs(2)).await;
-    let mut last_reported: HashMap<(String, String), String> = HashMap::new();
-    for digest in &digests {
-        for alarm in &digest.active_alarms {
-            last_reported.insert(
-                (digest.user_id.clone(), alarm.alarm_id.clone()),
-                alarm.status.clone(),
-            );
-        }
-    }
+    let reported = last_reported(&digests);
     for ((user, alarm), (_, status)) in state {
         if *status > 0 {
             assert_eq!(
-                last_reported
+                reported
                     .get(&(user.clone(), alarm.clone()))
                     .map(String::as_str),
                 Some(STATUSES[*status]),

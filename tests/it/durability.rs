@@ -241,21 +241,13 @@ async fn kill_9_mid_stream_loses_nothing_and_resends_nothing() {
         assert_eq!(count, 3, "{user} got {count} digests for 3 requests");
     }
     // Nothing lost: the last digest mentioning each finally-active alarm has its final status.
-    let mut last_reported: HashMap<(String, String), String> = HashMap::new();
-    for digest in &digests {
-        for alarm in &digest.active_alarms {
-            last_reported.insert(
-                (digest.user_id.clone(), alarm.alarm_id.clone()),
-                alarm.status.clone(),
-            );
-        }
-    }
+    let reported = last_reported(&digests);
     let mut active = 0;
     for ((user, alarm), status) in storm.final_state() {
         if status > 0 {
             active += 1;
             assert_eq!(
-                last_reported
+                reported
                     .get(&(user.clone(), alarm.clone()))
                     .map(String::as_str),
                 Some(STATUSES[status]),

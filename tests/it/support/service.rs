@@ -1,6 +1,7 @@
 //! alarm-digest instances (in-process through the library, or the real binary) and a client
 //! that publishes like producers do and reads digests like the notification service does.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -286,6 +287,20 @@ impl DigestReader {
         }
         digests
     }
+}
+
+/// The status each (user, alarm) was last reported with, over digests in publish order.
+pub fn last_reported(digests: &[AlarmDigest]) -> HashMap<(String, String), String> {
+    let mut last = HashMap::new();
+    for digest in digests {
+        for alarm in &digest.active_alarms {
+            last.insert(
+                (digest.user_id.clone(), alarm.alarm_id.clone()),
+                alarm.status.clone(),
+            );
+        }
+    }
+    last
 }
 
 /// `(AlarmID, Status, LatestChangedAt)` triples of a digest, in its order.
