@@ -5,7 +5,7 @@ use chrono::DateTime;
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
 
 use alarm_digest::domain::{Observation, Status, StatusChange};
-use alarm_digest::store::Store;
+use alarm_digest::store::{DigestOptions, Store};
 
 fn change(user: u64, alarm: u64, status: Status, nanos: i64) -> StatusChange {
     StatusChange {
@@ -23,6 +23,15 @@ const MAX_ALARMS: usize = 10_000;
 
 const STATUSES: [Status; 3] = [Status::Warning, Status::Critical, Status::Cleared];
 
+/// Digests as the service writes them with the default server `max_payload` of 1 MiB.
+fn digest_options() -> DigestOptions {
+    DigestOptions {
+        skip_empty: false,
+        max_part_bytes: 1024 * 1024 - 512,
+        written_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
+    }
+}
+
 /// 450 status changes and 50 digest requests over 10k users, applied, committed and flushed.
 fn batch_with_flush(c: &mut Criterion) {
     let Ok(dir) = tempfile::tempdir() else { return };
@@ -33,6 +42,7 @@ fn batch_with_flush(c: &mut Criterion) {
         return;
     };
     let mut round = 0u64;
+    let options = digest_options();
     c.bench_function("store: batch of 500 mixed messages + flush", |b| {
         b.iter_batched(
             || {
@@ -52,7 +62,7 @@ fn batch_with_flush(c: &mut Criterion) {
                     let _ = write.digest(
                         &format!("bench-user-{:08}", (round * 50 + i) % 10_000),
                         round * 50 + i,
-                        false,
+                        &options,
                     );
                 }
                 let _ = black_box(write.commit());
@@ -84,6 +94,7 @@ fn digest_among_a_million(c: &mut Criterion) {
     }
     let _ = store.flush();
     let mut sequence = 0;
+    let options = digest_options();
     c.bench_function("store: one user's digest among 1M alarms", |b| {
         b.iter(|| {
             sequence += 1;
@@ -92,7 +103,7 @@ fn digest_among_a_million(c: &mut Criterion) {
             black_box(write.digest(
                 &format!("bench-user-{:08}", (sequence * 7_919) % 100_000),
                 sequence,
-                false,
+                &options,
             ))
         })
     });

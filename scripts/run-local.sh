@@ -9,7 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 url="${ALARM_DIGEST_NATS__URL:-nats://127.0.0.1:4222}"
-hostport="${url#*://}"
+# A server list (comma-separated) is checked by its first entry.
+first="${url%%,*}"
+hostport="${first#*://}"
 hostport="${hostport##*@}"
 host="${hostport%:*}"
 port="${hostport##*:}"

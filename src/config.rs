@@ -75,6 +75,9 @@ impl Serialize for Secret {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
+    /// One server, or several separated by commas (a TOML array is accepted too), as the
+    /// NATS tools take them: the client connects to any of them and fails over between them.
+    #[serde(deserialize_with = "server_list")]
     pub url: String,
     /// Connection name shown by the server's monitoring.
     pub name: String,
@@ -103,6 +106,42 @@ impl Default for NatsConfig {
             connect_timeout_ms: 5_000,
         }
     }
+}
+
+impl NatsConfig {
+    /// Every server of `url`, parsed as the client will connect to them.
+    pub fn servers(&self) -> Result<Vec<async_nats::ServerAddr>, String> {
+        let servers = self
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|server| !server.is_empty())
+            .map(|server| {
+                server
+                    .parse::<async_nats::ServerAddr>()
+                    .map_err(|error| format!("{server:?} is not a NATS server URL: {error}"))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        if servers.is_empty() {
+            return Err("must name at least one server, such as nats://127.0.0.1:4222".into());
+        }
+        Ok(servers)
+    }
+}
+
+/// `nats.url` as a string (comma-separated) or an array of strings; kept as one string so
+/// logs and every layer of the config see the same text.
+fn server_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Repr::deserialize(deserializer)? {
+        Repr::One(text) => text,
+        Repr::Many(list) => list.join(","),
+    })
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -263,7 +302,12 @@ impl<'de> Deserialize<'de> for OwnedShards {
 pub struct StreamsConfig {
     pub status_subject: String,
     pub digest_request_subject: String,
+    /// Where subscribers receive digests: the output stream republishes each digest it stored
+    /// here, once.
     pub digest_subject: String,
+    /// What the service publishes digests to: captured by the output stream alone, so a copy
+    /// dropped by the duplicate window never reaches a subscriber.
+    pub output_subject: String,
     pub dead_letter_subject: String,
     pub input_stream: String,
     pub shard_stream_prefix: String,
@@ -278,6 +322,9 @@ pub struct StreamsConfig {
     /// Stream replicas; production runs 3 (see README, Guarantees).
     pub replicas: usize,
     pub output_max_age_hours: u64,
+    /// How long the output and shard streams remember a Msg-Id. A digest republished after a
+    /// crash within this window is dropped; the broker keeps every id of the window in memory.
+    pub duplicate_window_secs: u64,
     pub dead_letter_max_age_hours: u64,
     pub dead_letter_max_bytes: i64,
 }
@@ -288,6 +335,7 @@ impl Default for StreamsConfig {
             status_subject: "AlarmStatusChanged".into(),
             digest_request_subject: "SendAlarmDigest".into(),
             digest_subject: "AlarmDigest".into(),
+            output_subject: "alarm-digest.output".into(),
             dead_letter_subject: "AlarmDigest.DeadLetter".into(),
             input_stream: "ALARM_DIGEST_INPUT".into(),
             shard_stream_prefix: "ALARM_DIGEST_SHARD".into(),
@@ -299,6 +347,7 @@ impl Default for StreamsConfig {
             leases_bucket: "alarm_digest_leases".into(),
             replicas: 1,
             output_max_age_hours: 24 * 7,
+            duplicate_window_secs: 120,
             dead_letter_max_age_hours: 24 * 14,
             dead_letter_max_bytes: 256 * 1024 * 1024,
         }
@@ -319,6 +368,15 @@ pub struct LimitsConfig {
     /// A status change that would create one alarm more than this for its user is
     /// dead-lettered (`too_many_alarms`): one producer cannot grow a user without bound.
     pub max_alarms_per_user: usize,
+    /// How far a ChangedAt may lie ahead of this service's clock. A later one is dead-lettered
+    /// (`future_time`) by the router: newest-wins would let it outrank every honest event.
+    pub max_future_skew_secs: u64,
+}
+
+impl LimitsConfig {
+    pub fn max_future_skew(&self) -> chrono::Duration {
+        chrono::Duration::seconds(i64::try_from(self.max_future_skew_secs).unwrap_or(i64::MAX))
+    }
 }
 
 impl Default for LimitsConfig {
@@ -326,6 +384,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_payload_bytes: 64 * 1024,
             max_alarms_per_user: 10_000,
+            max_future_skew_secs: 300,
         }
     }
 }
@@ -518,15 +577,9 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !self.nats.url.contains("://") && self.nats.url.contains(' ') {
-            return Err(invalid(
-                "nats.url",
-                "must be a NATS URL such as nats://127.0.0.1:4222",
-            ));
-        }
-        if self.nats.url.trim().is_empty() {
-            return Err(invalid("nats.url", "must not be empty"));
-        }
+        self.nats
+            .servers()
+            .map_err(|problem| invalid("nats.url", problem))?;
         if self.nats.password.is_some() != self.nats.user.is_some() {
             return Err(invalid(
                 "nats.user",
@@ -602,6 +655,7 @@ impl Config {
             ("streams.status_subject", &s.status_subject),
             ("streams.digest_request_subject", &s.digest_request_subject),
             ("streams.digest_subject", &s.digest_subject),
+            ("streams.output_subject", &s.output_subject),
             ("streams.dead_letter_subject", &s.dead_letter_subject),
         ] {
             if !is_literal_subject(subject) {
@@ -615,10 +669,17 @@ impl Config {
             &s.status_subject,
             &s.digest_request_subject,
             &s.digest_subject,
+            &s.output_subject,
             &s.dead_letter_subject,
         ]);
-        if subjects.len() != 4 {
-            return Err(invalid("streams", "the four subjects must all differ"));
+        if subjects.len() != 5 {
+            return Err(invalid("streams", "the five subjects must all differ"));
+        }
+        if !(1..=86_400).contains(&s.duplicate_window_secs) {
+            return Err(invalid(
+                "streams.duplicate_window_secs",
+                "must be between 1 and 86400",
+            ));
         }
         for (key, name) in [
             ("streams.input_stream", &s.input_stream),
@@ -658,6 +719,12 @@ impl Config {
         }
         if self.limits.max_alarms_per_user == 0 {
             return Err(invalid("limits.max_alarms_per_user", "must be at least 1"));
+        }
+        if !(1..=31_536_000).contains(&self.limits.max_future_skew_secs) {
+            return Err(invalid(
+                "limits.max_future_skew_secs",
+                "must be between 1 and 31536000 (a year)",
+            ));
         }
         if self.limits.max_payload_bytes < 64 {
             return Err(invalid("limits.max_payload_bytes", "must be at least 64"));
@@ -754,6 +821,44 @@ mod tests {
             let _ = jail;
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_server_list_is_a_comma_separated_string_or_a_toml_array() {
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "ALARM_DIGEST_NATS__URL",
+                "nats://127.0.0.1:4222, nats://127.0.0.1:4223,127.0.0.1:4224",
+            );
+            let config = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            let servers = config.nats.servers().map_err(|e| e.to_string())?;
+            assert_eq!(servers.len(), 3);
+            assert_eq!(servers[2].port(), 4224);
+            jail.clear_env();
+            jail.create_file(
+                "c.toml",
+                "[nats]\nurl = [\"nats://a:4222\", \"tls://b:4443\"]\n",
+            )?;
+            let config = Config::load(Some(Path::new("c.toml")), &Overrides::default())
+                .map_err(|e| e.to_string())?;
+            assert_eq!(config.nats.url, "nats://a:4222,tls://b:4443");
+            assert_eq!(config.nats.servers().map_err(|e| e.to_string())?.len(), 2);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_server_list_that_does_not_parse_names_the_key() {
+        for bad in [
+            "nats://127.0.0.1:4222,nats://127.0.0.1:port",
+            "http://127.0.0.1:4222",
+            " , ",
+        ] {
+            let mut config = Config::default();
+            config.nats.url = bad.into();
+            let error = config.validate().expect_err(bad).to_string();
+            assert!(error.starts_with("config key `nats.url`"), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -67,14 +67,14 @@ fn main() -> ExitCode {
         Err(error) => {
             tracing::error!(error = %format!("{error:#}"), "alarm-digest failed");
             eprintln!("alarm-digest: {error:#}");
-            let count_mismatch = matches!(
+            let bad_config = matches!(
                 error.downcast_ref(),
                 Some(StoreError::ShardCountMismatch { .. })
             ) || matches!(
                 error.downcast_ref(),
-                Some(BusError::ShardCountMismatch { .. })
+                Some(BusError::ShardCountMismatch { .. } | BusError::Config(_))
             );
-            if count_mismatch {
+            if bad_config {
                 ExitCode::from(EXIT_BAD_CONFIG)
             } else {
                 ExitCode::FAILURE

@@ -30,7 +30,14 @@ pub struct Metrics {
     pub shards_owned: AtomicU64,
     /// Gauge: owned shards being consumed (home here, lease taken).
     pub shards_consuming: AtomicU64,
+    /// Digests written in more than one part (larger than the server's `max_payload`).
+    pub digests_split: AtomicU64,
+    /// Digest parts the broker refused for good; their alarms went back to unsent.
+    pub digest_parts_refused: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
+    /// Per shard: outbox entries waiting for a PubAck, and the oldest one's write time (Unix
+    /// ms). Only shard numbers label them.
+    outbox: Mutex<BTreeMap<u16, (usize, Option<i64>)>>,
     batch_latency: Histogram,
 }
 
@@ -50,6 +57,12 @@ impl Metrics {
 
     pub fn rejected_total(&self) -> u64 {
         self.rejected.lock().map(|r| r.values().sum()).unwrap_or(0)
+    }
+
+    pub fn set_outbox(&self, shard: u16, entries: usize, oldest_written_ms: Option<i64>) {
+        if let Ok(mut outbox) = self.outbox.lock() {
+            outbox.insert(shard, (entries, oldest_written_ms));
+        }
     }
 
     pub fn observe_batch(&self, elapsed: Duration) {
@@ -87,8 +100,18 @@ impl Metrics {
             ),
             (
                 "digests_published_total",
-                "Digests acknowledged by JetStream.",
+                "Digest messages (parts) acknowledged by JetStream; a digest that fits one message is one.",
                 &self.digests_published,
+            ),
+            (
+                "digests_split_total",
+                "Digests written in several parts because they exceed the server's max_payload.",
+                &self.digests_split,
+            ),
+            (
+                "digest_parts_refused_total",
+                "Digest parts the broker refused for good; their alarms went back to unsent.",
+                &self.digest_parts_refused,
             ),
             (
                 "digests_skipped_empty_total",
@@ -168,6 +191,7 @@ impl Metrics {
                 );
             }
         }
+        self.render_outbox(&mut out, chrono::Utc::now().timestamp_millis());
         let h = &self.batch_latency;
         let name = "alarm_digest_batch_duration_seconds";
         let _ = writeln!(
@@ -194,6 +218,37 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    fn render_outbox(&self, out: &mut String, now_ms: i64) {
+        let Ok(outbox) = self.outbox.lock() else {
+            return;
+        };
+        let _ = writeln!(
+            out,
+            "# HELP alarm_digest_outbox_entries Digest parts written but not yet acknowledged by JetStream, per shard."
+        );
+        let _ = writeln!(out, "# TYPE alarm_digest_outbox_entries gauge");
+        for (shard, (entries, _)) in outbox.iter() {
+            let _ = writeln!(
+                out,
+                "alarm_digest_outbox_entries{{shard=\"{shard}\"}} {entries}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP alarm_digest_outbox_oldest_age_seconds Age of the oldest unpublished digest part, per shard (0 when none)."
+        );
+        let _ = writeln!(out, "# TYPE alarm_digest_outbox_oldest_age_seconds gauge");
+        for (shard, (_, oldest)) in outbox.iter() {
+            let age = oldest.map_or(0.0, |written| (now_ms - written).max(0) as f64 / 1000.0);
+            let _ = writeln!(
+                out,
+                "alarm_digest_outbox_oldest_age_seconds{{shard=\"{shard}\"}} {age}"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,5 +269,26 @@ mod tests {
         assert!(text.contains("alarm_digest_batch_duration_seconds_bucket{le=\"0.0025\"} 0\n"));
         assert!(text.contains("alarm_digest_batch_duration_seconds_bucket{le=\"0.005\"} 1\n"));
         assert!(text.contains("alarm_digest_batch_duration_seconds_count 1\n"));
+    }
+
+    #[test]
+    fn outbox_gauges_give_depth_and_oldest_age_per_shard() {
+        let metrics = Metrics::default();
+        metrics.set_outbox(2, 3, Some(10_000));
+        metrics.set_outbox(5, 0, None);
+        let mut out = String::new();
+        metrics.render_outbox(&mut out, 25_500);
+        assert!(
+            out.contains("alarm_digest_outbox_entries{shard=\"2\"} 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("alarm_digest_outbox_oldest_age_seconds{shard=\"2\"} 15.5\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("alarm_digest_outbox_oldest_age_seconds{shard=\"5\"} 0\n"),
+            "{out}"
+        );
     }
 }

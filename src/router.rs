@@ -104,6 +104,10 @@ impl Router {
         let shared = &self.shared;
         let streams = &shared.config.streams;
         let mut pending = Vec::with_capacity(messages.len());
+        // One reading of the clock per batch: the future-time check is the only place the
+        // wall clock decides anything, and it happens here, where events enter.
+        let now = chrono::Utc::now();
+        let max_skew = shared.config.limits.max_future_skew();
         for message in messages {
             let sequence = shared.note_delivery(&message);
             let decoded = match shared.topology.input_kind(&message.subject) {
@@ -113,7 +117,8 @@ impl Router {
                     shared.config.limits.max_payload_bytes,
                 ),
                 None => Err(Rejection::UnknownSubject(message.subject.to_string())),
-            };
+            }
+            .and_then(|input| wire::check_clock(input, now, max_skew));
             let (outgoing, routed) = match decoded {
                 Ok(input) => (
                     self.shard_message(&input, &message, sequence),

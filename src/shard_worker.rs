@@ -16,16 +16,23 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::ownership::{Acquired, Home, LeaseRecord, ShardLease};
-use crate::bus::{self, BusError, Cluster, DeadLetter, Member, Outgoing};
+use crate::bus::{
+    self, BusError, Cluster, DeadLetter, Member, Outgoing, DIGEST_ID_HEADER, DIGEST_PART_HEADER,
+};
 use crate::retry::{until_ok, Backoff};
 use crate::shared::Shared;
-use crate::store::{Applied, DigestOutcome, GroupFlusher, OutboxEntry, ShardStore, StoreError};
+use crate::store::{
+    Applied, DigestOptions, DigestOutcome, GroupFlusher, OutboxEntry, ShardStore, StoreError,
+};
 use crate::wire::{self, Input, Rejection};
 
 /// Redelivery delay for a batch the store could not take.
 const STORE_RETRY_DELAY: Duration = Duration::from_secs(2);
 /// How often answered-request markers below the ack floor are forgotten.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Room left in every digest message for its headers (Msg-Id, digest id and part: about 150
+/// bytes), so payload plus headers stay within the server's `max_payload`.
+const HEADER_ROOM: usize = 512;
 
 pub struct ShardWorker {
     shared: Shared,
@@ -243,7 +250,15 @@ impl ShardWorker {
         };
         // Digests stored before a crash go out before anything new is taken.
         match self.store.pending_outbox() {
-            Ok(pending) => self.outbox = pending,
+            Ok(mut pending) => {
+                // Records of the release before parts carry no time: count from now.
+                let now = chrono::Utc::now().timestamp_millis();
+                for (_, entry) in &mut pending {
+                    entry.written_at_ms.get_or_insert(now);
+                }
+                self.outbox = pending;
+                self.note_outbox();
+            }
             Err(error) => tracing::error!(shard, %error, "cannot read the outbox"),
         }
         let mut backoff = Backoff::default();
@@ -254,8 +269,11 @@ impl ShardWorker {
         loop {
             if !self.outbox.is_empty() {
                 if let Err(error) = self.publish_outbox().await {
-                    self.shared.readiness.set(self.part.clone(), false);
-                    tracing::warn!(shard, %error, "digests not published yet; holding new work");
+                    let waiting = self.outbox_wait_reason(&error);
+                    self.shared
+                        .readiness
+                        .block(self.part.clone(), waiting.clone());
+                    tracing::warn!(shard, %error, "{waiting}; holding new work");
                     if !backoff.wait(cancel).await {
                         break;
                     }
@@ -359,7 +377,12 @@ impl ShardWorker {
         let shared = self.shared.clone();
         let shard = self.store.shard();
         let limits = &shared.config.limits;
-        let skip_empty = shared.config.digest.skip_empty;
+        let options = DigestOptions {
+            skip_empty: shared.config.digest.skip_empty,
+            // Read per batch: the limit is the current server's and can differ per server.
+            max_part_bytes: shared.js.client().max_payload().saturating_sub(HEADER_ROOM),
+            written_at: chrono::Utc::now(),
+        };
         let mut dispositions = Vec::with_capacity(messages.len());
         let mut counts = BatchCounts::default();
         let mut write = self.store.begin();
@@ -408,9 +431,12 @@ impl ShardWorker {
                     }
                 }
                 Ok(Input::DigestRequest(request)) => {
-                    match write.digest(&request.user_id, sequence, skip_empty) {
-                        Ok(DigestOutcome::Queued { .. }) => {
+                    match write.digest(&request.user_id, sequence, &options) {
+                        Ok(DigestOutcome::Queued { parts, .. }) => {
                             counts.requests += 1;
+                            if parts > 1 {
+                                counts.split_digests += 1;
+                            }
                             Disposition::AfterDigest
                         }
                         Ok(DigestOutcome::SkippedEmpty) => {
@@ -437,6 +463,7 @@ impl ShardWorker {
         }
         counts.record(&shared.metrics);
         self.outbox.extend(queued);
+        self.note_outbox();
 
         let mut dead_letters = Vec::new();
         let mut records = Vec::new();
@@ -498,17 +525,23 @@ impl ShardWorker {
         error
     }
 
-    /// Publishes every outbox entry (pipelined), drops the acknowledged ones, and acks the
-    /// held requests once the outbox is empty.
+    /// Publishes every outbox entry (pipelined) to the output subject, drops the acknowledged
+    /// ones, returns the ones the broker refuses for good (their alarms become unsent again),
+    /// and acks the held requests once the outbox is empty.
     async fn publish_outbox(&mut self) -> Result<(), BusError> {
         let shared = &self.shared;
-        let subject = Subject::from(shared.config.streams.digest_subject.as_str());
+        let subject = Subject::from(shared.config.streams.output_subject.as_str());
         let outgoing = self
             .outbox
             .iter()
             .map(|(_, entry)| {
                 let mut headers = HeaderMap::new();
                 headers.insert(NATS_MESSAGE_ID, entry.msg_id.as_str());
+                headers.insert(DIGEST_ID_HEADER, entry.digest_id.as_str());
+                headers.insert(
+                    DIGEST_PART_HEADER,
+                    format!("{}/{}", entry.part, entry.parts).as_str(),
+                );
                 Outgoing {
                     subject: subject.clone(),
                     headers,
@@ -518,10 +551,24 @@ impl ShardWorker {
             .collect();
         let outcomes = bus::publish_windowed(&shared.js, outgoing).await;
         let mut delivered = Vec::with_capacity(outcomes.len());
+        let mut refused = Vec::new();
         let mut first_error = None;
-        for ((sequence, _), outcome) in self.outbox.iter().zip(outcomes) {
+        for ((sequence, entry), outcome) in self.outbox.iter().zip(outcomes) {
             match outcome {
                 Ok(()) => delivered.push(*sequence),
+                Err(error) if error.is_refused() => {
+                    tracing::error!(
+                        shard = self.store.shard(),
+                        digest = %entry.digest_id,
+                        part = entry.part,
+                        parts = entry.parts,
+                        bytes = entry.payload.len(),
+                        %error,
+                        "digest part refused by the broker for good; its alarms go back to \
+                         unsent and the user's next digest carries them"
+                    );
+                    refused.push((*sequence, entry.clone()));
+                }
                 Err(error) => {
                     shared.metrics.publish_failures.fetch_add(1, Relaxed);
                     first_error.get_or_insert(error);
@@ -536,8 +583,26 @@ impl ShardWorker {
             // They would be published again with the same Msg-Id; JetStream drops copies.
             tracing::warn!(shard = self.store.shard(), %error, "cannot drop published digests");
         }
-        self.outbox
-            .retain(|(sequence, _)| !delivered.contains(sequence));
+        let mut done = delivered;
+        if !refused.is_empty() {
+            match self.store.return_to_unsent(&refused) {
+                Ok(_) => {
+                    shared
+                        .metrics
+                        .digest_parts_refused
+                        .fetch_add(refused.len() as u64, Relaxed);
+                    done.extend(refused.iter().map(|(sequence, _)| *sequence));
+                }
+                Err(error) => {
+                    first_error.get_or_insert(BusError::transient(
+                        "returning refused digest parts to unsent",
+                        error,
+                    ));
+                }
+            }
+        }
+        self.outbox.retain(|(sequence, _)| !done.contains(sequence));
+        self.note_outbox();
         if let Some(error) = first_error {
             return Err(error);
         }
@@ -545,6 +610,34 @@ impl ShardWorker {
             ack(&message).await;
         }
         Ok(())
+    }
+
+    /// Publishes the outbox's depth and its oldest entry's age (gauges, per shard).
+    fn note_outbox(&self) {
+        let oldest = self
+            .outbox
+            .iter()
+            .filter_map(|(_, entry)| entry.written_at_ms)
+            .min();
+        self.shared
+            .metrics
+            .set_outbox(self.store.shard(), self.outbox.len(), oldest);
+    }
+
+    /// Why this shard takes no new work, for `/readyz`.
+    fn outbox_wait_reason(&self, error: &BusError) -> String {
+        let now = chrono::Utc::now().timestamp_millis();
+        let oldest = self
+            .outbox
+            .iter()
+            .filter_map(|(_, entry)| entry.written_at_ms)
+            .min()
+            .unwrap_or(now);
+        format!(
+            "{} digest part(s) unpublished, oldest for {}s: {error}",
+            self.outbox.len(),
+            (now - oldest).max(0) / 1000
+        )
     }
 
     async fn prune_answered(&self, consumer: &PullConsumer) {
@@ -574,6 +667,7 @@ struct BatchCounts {
     requests: u64,
     skipped_empty: u64,
     duplicates: u64,
+    split_digests: u64,
 }
 
 impl BatchCounts {
@@ -587,6 +681,7 @@ impl BatchCounts {
         metrics
             .duplicate_requests
             .fetch_add(self.duplicates, Relaxed);
+        metrics.digests_split.fetch_add(self.split_digests, Relaxed);
     }
 }
 

@@ -6,10 +6,14 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{DigestEntry, Observation, Status, StatusChange};
+use crate::domain::{split_into_parts, DigestEntry, Observation, PartBudget, Status, StatusChange};
 
 /// IDs longer than this are rejected: they would bloat keys and are never legitimate.
 pub const MAX_ID_BYTES: usize = 256;
+
+/// The reason code of a status change stamped too far ahead of the clock; `dlq replay` sends
+/// such records past the router's clock check.
+pub const FUTURE_TIME: &str = "future_time";
 
 /// Why an input message was not applied. The `code` is a metric label and a header value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,6 +34,15 @@ pub enum Rejection {
     BadTime(String),
     #[error("subject {0:?} is not an input subject")]
     UnknownSubject(String),
+    #[error(
+        "ChangedAt {changed_at} is more than {max_skew_secs} s ahead of this service's clock \
+         ({now}; limits.max_future_skew_secs)"
+    )]
+    FutureTime {
+        changed_at: String,
+        now: String,
+        max_skew_secs: i64,
+    },
 }
 
 impl Rejection {
@@ -44,6 +57,7 @@ impl Rejection {
             Rejection::UnknownStatus(_) => "unknown_status",
             Rejection::BadTime(_) => "bad_time",
             Rejection::UnknownSubject(_) => "unknown_subject",
+            Rejection::FutureTime { .. } => FUTURE_TIME,
         }
     }
 }
@@ -93,6 +107,25 @@ impl Input {
 pub enum InputKind {
     StatusChange,
     DigestRequest,
+}
+
+/// Refuses a status change stamped further ahead of `now` than `max_skew`. The router checks
+/// this once, where an event enters, so replaying a shard stream never depends on the clock.
+pub fn check_clock(
+    input: Input,
+    now: DateTime<Utc>,
+    max_skew: chrono::Duration,
+) -> Result<Input, Rejection> {
+    match &input {
+        Input::StatusChange(change) if change.is_from_the_future(now, max_skew) => {
+            Err(Rejection::FutureTime {
+                changed_at: format_time(&change.observation.changed_at),
+                now: format_time(&now),
+                max_skew_secs: max_skew.num_seconds(),
+            })
+        }
+        _ => Ok(input),
+    }
 }
 
 /// Decodes and validates one input payload of the given kind.
@@ -177,14 +210,6 @@ pub fn format_time(instant: &DateTime<Utc>) -> String {
 }
 
 #[derive(Serialize)]
-struct AlarmDigestOut<'a> {
-    #[serde(rename = "UserID")]
-    user_id: &'a str,
-    #[serde(rename = "ActiveAlarms")]
-    active_alarms: Vec<ActiveAlarmOut<'a>>,
-}
-
-#[derive(Serialize)]
 struct ActiveAlarmOut<'a> {
     #[serde(rename = "AlarmID")]
     alarm_id: &'a str,
@@ -194,22 +219,74 @@ struct ActiveAlarmOut<'a> {
     latest_changed_at: String,
 }
 
-/// Renders the `AlarmDigest` payload; `ActiveAlarms` is always an array.
+/// Renders the `AlarmDigest` payload in one piece; `ActiveAlarms` is always an array.
 pub fn encode_digest(user_id: &str, entries: &[DigestEntry]) -> Vec<u8> {
-    let message = AlarmDigestOut {
-        user_id,
-        active_alarms: entries
-            .iter()
-            .map(|entry| ActiveAlarmOut {
+    let mut parts = encode_digest_parts(user_id, entries, usize::MAX);
+    parts.pop().map(|part| part.payload).unwrap_or_default()
+}
+
+/// One rendered part of a digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestPart {
+    /// A complete `AlarmDigest` JSON document.
+    pub payload: Vec<u8>,
+    /// How many alarms it carries.
+    pub alarms: usize,
+}
+
+/// Renders a digest as one or more complete `AlarmDigest` payloads of at most `max_bytes`
+/// each (unless one alarm alone is larger), in order: part 1 holds the oldest alarms. The
+/// bytes are exactly what serialising the whole `AlarmDigest` gives, cut between alarms.
+pub fn encode_digest_parts(
+    user_id: &str,
+    entries: &[DigestEntry],
+    max_bytes: usize,
+) -> Vec<DigestPart> {
+    // Serialising strings into a Vec cannot fail; an empty rendering would still be caught
+    // by consumers as invalid JSON rather than panic here.
+    let user = serde_json::to_vec(user_id).unwrap_or_default();
+    let head = [br#"{"UserID":"#.as_slice(), &user, br#","ActiveAlarms":["#].concat();
+    let tail = b"]}";
+    let alarms: Vec<Vec<u8>> = entries
+        .iter()
+        .map(|entry| {
+            serde_json::to_vec(&ActiveAlarmOut {
                 alarm_id: &entry.alarm_id,
                 status: entry.status.as_str(),
                 latest_changed_at: format_time(&entry.latest_changed_at),
             })
-            .collect(),
+            .unwrap_or_default()
+        })
+        .collect();
+    let sizes: Vec<usize> = alarms.iter().map(Vec::len).collect();
+    let budget = PartBudget {
+        frame: head.len() + tail.len(),
+        separator: 1,
+        max: max_bytes,
     };
-    // Serialising a struct of strings into a Vec cannot fail; fall back to a valid document
-    // anyway rather than panic.
-    serde_json::to_vec(&message).unwrap_or_else(|_| b"{}".to_vec())
+    split_into_parts(&sizes, budget)
+        .into_iter()
+        .map(|range| {
+            let range_len = range.len();
+            let mut part = head.clone();
+            for (index, alarm) in alarms[range].iter().enumerate() {
+                if index > 0 {
+                    part.push(b',');
+                }
+                part.extend_from_slice(alarm);
+            }
+            part.extend_from_slice(tail);
+            DigestPart {
+                payload: part,
+                alarms: range_len,
+            }
+        })
+        .collect()
+}
+
+/// Reads an `AlarmDigest` payload back (one this service rendered).
+pub fn decode_digest(payload: &[u8]) -> Result<AlarmDigest, serde_json::Error> {
+    serde_json::from_slice(payload)
 }
 
 /// The `AlarmDigest` message as consumers (and tests) read it back.
@@ -337,6 +414,87 @@ mod tests {
             let rejection = status_change(payload).expect_err(payload);
             assert_eq!(rejection.code(), code, "{payload}");
         }
+    }
+
+    #[test]
+    fn a_change_stamped_past_the_allowed_skew_is_refused_and_one_within_it_is_not() {
+        let now = parse_time("2026-12-01T12:00:00Z").expect("time");
+        let skew = chrono::Duration::minutes(5);
+        let at = |changed_at: &str| {
+            Input::StatusChange(
+                status_change(&format!(
+                    r#"{{"AlarmID":"a","UserID":"u","Status":"CRITICAL","ChangedAt":"{changed_at}"}}"#
+                ))
+                .expect("valid"),
+            )
+        };
+        assert!(check_clock(at("2026-12-01T12:05:00Z"), now, skew).is_ok());
+        assert!(check_clock(at("2020-01-01T00:00:00Z"), now, skew).is_ok());
+        let refused = check_clock(at("2099-01-01T00:00:00Z"), now, skew).expect_err("future");
+        assert_eq!(refused.code(), "future_time");
+        assert!(
+            refused.to_string().contains("2099-01-01T00:00:00Z"),
+            "{refused}"
+        );
+        let request = Input::DigestRequest(DigestRequest {
+            user_id: "u".into(),
+        });
+        assert!(check_clock(request, now, skew).is_ok());
+    }
+
+    fn entry(alarm_id: &str, secs: i64) -> DigestEntry {
+        DigestEntry {
+            alarm_id: alarm_id.into(),
+            status: Status::Critical,
+            latest_changed_at: DateTime::from_timestamp(secs, 5_000_000).unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn a_digest_in_one_piece_is_what_serde_gives_for_the_whole_message() {
+        let entries = [entry("a\"1", 10), entry("b", 20)];
+        let expected = serde_json::json!({
+            "UserID": "u\u{e9}\"",
+            "ActiveAlarms": [
+                {"AlarmID": "a\"1", "Status": "CRITICAL", "LatestChangedAt": "1970-01-01T00:00:10.005Z"},
+                {"AlarmID": "b", "Status": "CRITICAL", "LatestChangedAt": "1970-01-01T00:00:20.005Z"},
+            ]
+        });
+        let rendered = encode_digest("u\u{e9}\"", &entries);
+        let parsed: serde_json::Value = serde_json::from_slice(&rendered).expect("valid JSON");
+        assert_eq!(parsed, expected);
+        // Field order as the schema writes it, compact as serde writes it.
+        let text = String::from_utf8(rendered).expect("utf-8");
+        assert!(text.starts_with(r#"{"UserID":"ué\"","ActiveAlarms":[{"AlarmID":"a\"1","Status":"CRITICAL","LatestChangedAt":"#), "{text}");
+        assert_eq!(
+            encode_digest("u", &[]),
+            br#"{"UserID":"u","ActiveAlarms":[]}"#
+        );
+    }
+
+    #[test]
+    fn digest_parts_are_each_a_complete_digest_within_the_limit_and_keep_the_order() {
+        let entries: Vec<DigestEntry> = (0..500)
+            .map(|n| entry(&format!("alarm-{n:04}"), n))
+            .collect();
+        let whole = encode_digest("user", &entries);
+        let parts = encode_digest_parts("user", &entries, 4_096);
+        assert!(parts.len() >= whole.len() / 4_096, "{} parts", parts.len());
+        let mut seen = Vec::new();
+        for part in &parts {
+            assert!(
+                part.payload.len() <= 4_096,
+                "part of {} bytes",
+                part.payload.len()
+            );
+            let digest: AlarmDigest =
+                serde_json::from_slice(&part.payload).expect("each part is valid");
+            assert_eq!(digest.active_alarms.len(), part.alarms);
+            assert_eq!(digest.user_id, "user");
+            seen.extend(digest.active_alarms.into_iter().map(|a| a.alarm_id));
+        }
+        let expected: Vec<String> = entries.iter().map(|e| e.alarm_id.clone()).collect();
+        assert_eq!(seen, expected);
     }
 
     #[test]

@@ -49,10 +49,12 @@ pub async fn connect(
     config: &NatsConfig,
     cancel: &CancellationToken,
 ) -> Result<Option<Client>, BusError> {
+    // Validated config parses; a server list that does not is a config error, never retried.
+    let servers = config.servers().map_err(BusError::Config)?;
     let client = until_ok("connecting to NATS", cancel, || async {
         options(config)
             .await?
-            .connect(config.url.as_str())
+            .connect(servers.as_slice())
             .await
             .map_err(|e| BusError::transient(format!("connecting to {}", config.url), e))
     })

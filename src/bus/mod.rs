@@ -10,7 +10,9 @@ mod topology;
 pub use connect::{connect, jetstream};
 pub use dead_letter::{DeadLetter, DeadLetterHeaders};
 pub use ownership::{Cluster, Member};
-pub use publish::{publish_windowed, Outgoing, PUBLISH_WINDOW};
+pub use publish::{
+    publish_windowed, Outgoing, DIGEST_ID_HEADER, DIGEST_PART_HEADER, PUBLISH_WINDOW,
+};
 pub use topology::Topology;
 
 use std::time::Duration;
@@ -114,8 +116,15 @@ pub enum BusError {
         configured: u16,
         bucket: String,
     },
+    #[error("config key `nats.url`: {0}")]
+    Config(String),
     #[error("cannot use the NATS credentials: {0}")]
     Credentials(String),
+    /// The broker (or the client, on its behalf) refuses this message itself, e.g. it is larger
+    /// than the server's `max_payload` or the stream's `max_msg_size`: publishing it again
+    /// unchanged can never succeed. The caller must do something else with it.
+    #[error("{context}: refused for good: {message}")]
+    Refused { context: String, message: String },
     #[error("{context}: {message}")]
     Transient { context: String, message: String },
 }
@@ -126,6 +135,10 @@ impl BusError {
             context: context.into(),
             message: error.to_string(),
         }
+    }
+
+    pub fn is_refused(&self) -> bool {
+        matches!(self, BusError::Refused { .. })
     }
 
     pub fn is_fatal(&self) -> bool {

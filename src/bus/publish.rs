@@ -1,6 +1,6 @@
 use std::collections::VecDeque;
 
-use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::Context;
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
@@ -11,6 +11,11 @@ use super::BusError;
 /// this so the context's in-flight limit (sized in `service.rs` from these bounds) can
 /// never be exhausted by holders that each wait for one more permit.
 pub const PUBLISH_WINDOW: usize = 256;
+
+/// Which digest a published part belongs to: the same value on every part of one digest.
+pub const DIGEST_ID_HEADER: &str = "Alarm-Digest-Id";
+/// A part's place in its digest, `i/n` from 1: part 1 holds the oldest alarms.
+pub const DIGEST_PART_HEADER: &str = "Alarm-Digest-Part";
 
 /// One JetStream publish.
 pub struct Outgoing {
@@ -33,7 +38,16 @@ pub async fn publish_windowed(js: &Context, outgoing: Vec<Outgoing>) -> Vec<Resu
         let published = js
             .publish_with_headers(message.subject, message.headers, message.payload)
             .await
-            .map_err(|e| BusError::transient("publishing", e));
+            .map_err(|e| {
+                if e.kind() == PublishErrorKind::MaxPayloadExceeded {
+                    BusError::Refused {
+                        context: "publishing".into(),
+                        message: e.to_string(),
+                    }
+                } else {
+                    BusError::transient("publishing", e)
+                }
+            });
         window.push_back(published);
     }
     for pending in window {
@@ -43,8 +57,43 @@ pub async fn publish_windowed(js: &Context, outgoing: Vec<Outgoing>) -> Vec<Resu
 }
 
 async fn settle(published: Result<PublishAckFuture, BusError>) -> Result<(), BusError> {
-    published?
-        .await
-        .map(|_| ())
-        .map_err(|e| BusError::transient("awaiting a PubAck", e))
+    published?.await.map(|_| ()).map_err(|e| {
+        let text = e.to_string();
+        if refused_by_the_stream(&text) {
+            BusError::Refused {
+                context: "awaiting a PubAck".into(),
+                message: text,
+            }
+        } else {
+            BusError::transient("awaiting a PubAck", text)
+        }
+    })
+}
+
+/// JetStream's answer for a message larger than the stream's `max_msg_size` (error code 10054)
+/// or the server's `max_payload`. Everything else a PubAck can say (stream full, no stream,
+/// timeouts, a leader election) may pass.
+fn refused_by_the_stream(error: &str) -> bool {
+    error.contains("10054")
+        || error.contains("message size exceeds maximum")
+        || error.contains("maximum payload exceeded")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refused_by_the_stream;
+
+    #[test]
+    fn only_size_refusals_are_permanent() {
+        assert!(refused_by_the_stream(
+            "publish failed: message size exceeds maximum allowed (error code 10054)"
+        ));
+        assert!(!refused_by_the_stream(
+            "publish failed: maximum messages exceeded (error code 10077)"
+        ));
+        assert!(!refused_by_the_stream(
+            "timed out: didn't receive ack in time"
+        ));
+        assert!(!refused_by_the_stream("no stream found for given subject"));
+    }
 }

@@ -3,18 +3,15 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::context::GetStreamErrorKind;
-use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::stream::{self, DiscardPolicy, Republish, RetentionPolicy, StorageType};
 use async_nats::jetstream::Context;
 use async_nats::jetstream::ErrorCode;
 use async_nats::Subject;
+use futures::StreamExt;
 
 use super::BusError;
 use crate::config::{StreamsConfig, TuningConfig};
 use crate::wire::InputKind;
-
-/// JetStream's duplicate window for shard streams: a router that crashed between its publish
-/// and its ack republishes digest requests with the same Msg-Id within this window.
-const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// Every stream, subject and consumer name, derived from config and the shard count.
 #[derive(Debug, Clone)]
@@ -89,6 +86,24 @@ impl Topology {
         }
     }
 
+    /// How long the output and shard streams remember a Msg-Id: a router that crashed between
+    /// its publish and its ack republishes digest requests with the same Msg-Id, and a shard
+    /// worker that crashed between its publish and its outbox removal republishes digests.
+    fn duplicate_window(&self) -> Duration {
+        Duration::from_secs(self.streams.duplicate_window_secs)
+    }
+
+    /// The output stream stores what the service publishes to `output_subject` and republishes
+    /// each stored message to `digest_subject`, where plain subscribers listen: a copy the
+    /// duplicate window drops is never stored, so it is never republished either.
+    fn output_republish(&self) -> Republish {
+        Republish {
+            source: self.streams.output_subject.clone(),
+            destination: self.streams.digest_subject.clone(),
+            headers_only: false,
+        }
+    }
+
     fn stream_configs(&self) -> Vec<stream::Config> {
         let s = &self.streams;
         let mut configs = vec![stream::Config {
@@ -113,19 +128,23 @@ impl Topology {
                 retention: RetentionPolicy::WorkQueue,
                 storage: StorageType::File,
                 num_replicas: s.replicas,
-                duplicate_window: DUPLICATE_WINDOW,
+                duplicate_window: self.duplicate_window(),
                 ..Default::default()
             });
         }
         configs.push(stream::Config {
             name: s.output_stream.clone(),
-            description: Some("alarm-digest output: AlarmDigest messages".into()),
-            subjects: vec![s.digest_subject.clone()],
+            description: Some(format!(
+                "alarm-digest output: digests stored once, republished to {}",
+                s.digest_subject
+            )),
+            subjects: vec![s.output_subject.clone()],
+            republish: Some(self.output_republish()),
             retention: RetentionPolicy::Limits,
             storage: StorageType::File,
             num_replicas: s.replicas,
             max_age: Duration::from_secs(s.output_max_age_hours * 3600),
-            duplicate_window: DUPLICATE_WINDOW,
+            duplicate_window: self.duplicate_window(),
             ..Default::default()
         });
         configs.push(stream::Config {
@@ -147,8 +166,112 @@ impl Topology {
     /// this service relies on. Safe to run from every instance at once.
     pub async fn ensure_streams(&self, js: &Context) -> Result<(), BusError> {
         for config in self.stream_configs() {
+            if config.name == self.streams.output_stream {
+                self.migrate_previous_output(js, &config).await?;
+            }
             ensure_stream(js, config).await?;
         }
+        Ok(())
+    }
+
+    /// The release before RePublish had the output stream capture `digest_subject` itself.
+    /// nats-server cannot add RePublish to an existing stream (error 10052), so such a stream
+    /// is recreated: once every consumer of it has read and acknowledged everything (else this
+    /// is a transient error naming them, retried until they have), it is deleted, created in
+    /// the new shape, and its durable consumers are created again under the same names and
+    /// settings, filters moved to the new subject. The digests it stored are gone with it; its
+    /// consumers had read them all.
+    async fn migrate_previous_output(
+        &self,
+        js: &Context,
+        wanted: &stream::Config,
+    ) -> Result<(), BusError> {
+        let name = &wanted.name;
+        let previous = vec![self.streams.digest_subject.clone()];
+        let Ok(mut stream) = js.get_stream(name).await else {
+            return Ok(()); // Missing: ensure_stream creates it, or reports why it cannot.
+        };
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| BusError::transient(format!("reading stream {name}"), e))?
+            .clone();
+        if info.config.subjects != previous || info.config.republish.is_some() {
+            return Ok(());
+        }
+        let mut durables = Vec::new();
+        let mut behind = Vec::new();
+        let mut consumers = stream.consumers();
+        while let Some(consumer) = consumers.next().await {
+            let consumer = consumer
+                .map_err(|e| BusError::transient(format!("listing consumers of {name}"), e))?;
+            let unread = consumer.num_pending + consumer.num_ack_pending as u64;
+            if unread > 0 {
+                behind.push(format!("{} ({unread} unread)", consumer.name));
+            }
+            if consumer.config.durable_name.is_some() {
+                durables.push(consumer.config);
+            }
+        }
+        if !behind.is_empty() {
+            return Err(BusError::transient(
+                format!("migrating stream {name} to RePublish"),
+                format!(
+                    "waiting for its consumers to read what it holds: {}; the stream is \
+                     recreated once they have (README, 'Upgrading')",
+                    behind.join(", ")
+                ),
+            ));
+        }
+        // Another instance may have migrated it meanwhile: delete only the stream read above.
+        let current = stream
+            .info()
+            .await
+            .map_err(|e| BusError::transient(format!("reading stream {name}"), e))?;
+        if current.created != info.created || current.config.republish.is_some() {
+            return Ok(());
+        }
+        js.delete_stream(name)
+            .await
+            .map_err(|e| jetstream_error(format!("deleting stream {name} to recreate it"), e))?;
+        let created = match js.create_stream(wanted.clone()).await {
+            Ok(created) => created,
+            Err(error) if error.to_string().contains("already in use") => js
+                .get_stream(name)
+                .await
+                .map_err(|e| BusError::transient(format!("opening stream {name}"), e))?,
+            Err(error) => return Err(jetstream_error(format!("creating stream {name}"), error)),
+        };
+        for mut consumer in durables {
+            if consumer.filter_subject == self.streams.digest_subject {
+                consumer.filter_subject = self.streams.output_subject.clone();
+            }
+            for filter in &mut consumer.filter_subjects {
+                if *filter == self.streams.digest_subject {
+                    *filter = self.streams.output_subject.clone();
+                }
+            }
+            let durable = consumer.durable_name.clone().unwrap_or_default();
+            if let Err(error) = created.create_consumer(consumer).await {
+                tracing::error!(
+                    stream = %name,
+                    consumer = %durable,
+                    %error,
+                    "could not recreate a durable consumer of the migrated output stream; \
+                     create it again by hand"
+                );
+            }
+        }
+        let recreated = durables_names(&created).await;
+        tracing::warn!(
+            stream = %name,
+            consumers = ?recreated,
+            "recreated the output stream with RePublish to {}: the service now publishes to \
+             {}, and subscribers of {} receive each stored digest once",
+            self.streams.digest_subject,
+            self.streams.output_subject,
+            self.streams.digest_subject
+        );
         Ok(())
     }
 
@@ -196,28 +319,27 @@ async fn ensure_stream(js: &Context, wanted: stream::Config) -> Result<(), BusEr
                 .info()
                 .await
                 .map_err(|e| BusError::transient(format!("reading stream {name}"), e))?;
-            let have = &info.config;
-            if have.retention != wanted.retention {
-                return Err(BusError::StreamMismatch {
-                    stream: name,
-                    problem: format!(
-                        "has retention {:?}, this service needs {:?}",
-                        have.retention, wanted.retention
-                    ),
-                });
+            let update =
+                reconcile(&info.config, &wanted).map_err(|problem| BusError::StreamMismatch {
+                    stream: name.clone(),
+                    problem,
+                })?;
+            let Some(update) = update else {
+                return Ok(());
+            };
+            match js.update_stream(&update).await {
+                Ok(_) => {
+                    tracing::info!(
+                        stream = %name,
+                        subjects = ?update.subjects,
+                        republish = ?update.republish.as_ref().map(|r| &r.destination),
+                        duplicate_window_secs = update.duplicate_window.as_secs(),
+                        "updated stream in place"
+                    );
+                    Ok(())
+                }
+                Err(error) => Err(jetstream_error(format!("updating stream {name}"), error)),
             }
-            let have_subjects: BTreeSet<&String> = have.subjects.iter().collect();
-            let want_subjects: BTreeSet<&String> = wanted.subjects.iter().collect();
-            if have_subjects != want_subjects {
-                return Err(BusError::StreamMismatch {
-                    stream: name,
-                    problem: format!(
-                        "captures {:?}, this service needs {:?}",
-                        have.subjects, wanted.subjects
-                    ),
-                });
-            }
-            Ok(())
         }
         Err(error) => {
             let not_found = matches!(
@@ -238,6 +360,61 @@ async fn ensure_stream(js: &Context, wanted: stream::Config) -> Result<(), BusEr
             }
         }
     }
+}
+
+async fn durables_names(stream: &stream::Stream) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut listed = stream.consumer_names();
+    while let Some(Ok(name)) = listed.next().await {
+        names.push(name);
+    }
+    names
+}
+
+/// Compares an existing stream with what this release needs. `Ok(None)`: nothing to do;
+/// `Ok(Some(config))`: update it in place to `config` (the existing one with this release's
+/// duplicate window; everything else an operator tuned is kept); `Err`: a stream this service
+/// must not use as it is, with what is wrong. nats-server cannot change a stream's RePublish
+/// in place, so a different one is refused, not updated.
+fn reconcile(
+    have: &stream::Config,
+    wanted: &stream::Config,
+) -> Result<Option<stream::Config>, String> {
+    if have.retention != wanted.retention {
+        return Err(format!(
+            "has retention {:?}, this service needs {:?}",
+            have.retention, wanted.retention
+        ));
+    }
+    let have_subjects: BTreeSet<&String> = have.subjects.iter().collect();
+    let want_subjects: BTreeSet<&String> = wanted.subjects.iter().collect();
+    if have_subjects != want_subjects {
+        return Err(format!(
+            "captures {:?}, this service needs {:?}",
+            have.subjects, wanted.subjects
+        ));
+    }
+    if have.republish != wanted.republish {
+        let describe = |republish: &Option<Republish>| match republish {
+            Some(r) => format!("{} to {}", r.source, r.destination),
+            None => "nothing".to_string(),
+        };
+        return Err(format!(
+            "republishes {}, this service needs it to republish {} (the server cannot change \
+             that in place: delete the stream once its consumers have read it, and start again)",
+            describe(&have.republish),
+            describe(&wanted.republish)
+        ));
+    }
+    // Zero: this service leaves the window to the server's default (the input and the
+    // dead-letter streams).
+    if wanted.duplicate_window.is_zero() || have.duplicate_window == wanted.duplicate_window {
+        return Ok(None);
+    }
+    Ok(Some(stream::Config {
+        duplicate_window: wanted.duplicate_window,
+        ..have.clone()
+    }))
 }
 
 /// Maps "JetStream not enabled" to the fatal error, everything else to a transient one.
@@ -290,6 +467,83 @@ mod tests {
         assert_eq!(
             u32::from(topology.shard_of(user)),
             crc32fast::hash(user.as_bytes()) % 16
+        );
+    }
+
+    fn output_configs() -> (Topology, stream::Config) {
+        let topology = Topology::new(StreamsConfig::default(), 4);
+        let wanted = topology
+            .stream_configs()
+            .into_iter()
+            .find(|c| c.name == topology.streams.output_stream)
+            .expect("an output stream");
+        (topology, wanted)
+    }
+
+    #[test]
+    fn the_output_stream_captures_only_the_output_subject_and_republishes_to_subscribers() {
+        let (_, wanted) = output_configs();
+        assert_eq!(wanted.subjects, ["alarm-digest.output"]);
+        let republish = wanted.republish.expect("republish");
+        assert_eq!(
+            (republish.source.as_str(), republish.destination.as_str()),
+            ("alarm-digest.output", "AlarmDigest")
+        );
+        assert!(!republish.headers_only);
+        assert_eq!(wanted.duplicate_window, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn a_new_duplicate_window_updates_the_stream_keeping_what_operators_tuned() {
+        let (_, wanted) = output_configs();
+        assert_eq!(reconcile(&wanted, &wanted), Ok(None));
+        let tuned = stream::Config {
+            max_bytes: 1 << 30,
+            ..wanted.clone()
+        };
+        let longer = stream::Config {
+            duplicate_window: Duration::from_secs(600),
+            ..wanted.clone()
+        };
+        let update = reconcile(&tuned, &longer).expect("ok").expect("an update");
+        let server_default = stream::Config {
+            duplicate_window: Duration::ZERO,
+            ..wanted.clone()
+        };
+        assert_eq!(reconcile(&wanted, &server_default), Ok(None));
+        assert_eq!(update.duplicate_window, Duration::from_secs(600));
+        assert_eq!(update.max_bytes, 1 << 30, "the operator's limit stays");
+    }
+
+    #[test]
+    fn a_stream_with_foreign_subjects_retention_or_republish_is_refused() {
+        let (_, wanted) = output_configs();
+        let foreign = stream::Config {
+            subjects: vec!["Other.>".into()],
+            ..wanted.clone()
+        };
+        assert!(reconcile(&foreign, &wanted)
+            .expect_err("foreign")
+            .contains("captures"));
+        let work_queue = stream::Config {
+            retention: RetentionPolicy::WorkQueue,
+            ..wanted.clone()
+        };
+        assert!(reconcile(&work_queue, &wanted)
+            .expect_err("retention")
+            .contains("retention"));
+        let elsewhere = stream::Config {
+            republish: Some(Republish {
+                source: "alarm-digest.output".into(),
+                destination: "Elsewhere".into(),
+                headers_only: false,
+            }),
+            ..wanted.clone()
+        };
+        let error = reconcile(&elsewhere, &wanted).expect_err("republish");
+        assert!(
+            error.contains("to Elsewhere") && error.contains("to AlarmDigest"),
+            "{error}"
         );
     }
 

@@ -8,8 +8,9 @@ use async_nats::jetstream::stream::Stream;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{self, DeadLetterHeaders};
+use crate::bus::{self, DeadLetterHeaders, Topology};
 use crate::config::Config;
+use crate::wire::{self, InputKind, FUTURE_TIME};
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum DlqAction {
@@ -74,12 +75,13 @@ pub async fn run(config: Config, action: &DlqAction) -> anyhow::Result<ExitCode>
             if sequences.is_empty() && reason.is_none() && !all {
                 anyhow::bail!("say which records: --seq N (repeatable), --reason R, or --all");
             }
+            let topology = Topology::new(config.streams.clone(), config.shards.count);
             let mut replayed = 0;
             for record in records.iter().filter(|r| {
                 (sequences.is_empty() || sequences.contains(&r.seq))
                     && reason.as_ref().is_none_or(|want| &r.reason == want)
             }) {
-                let subject = input_subject(&config, &record.original_subject);
+                let subject = replay_subject(&config, &topology, record);
                 js.publish(subject.clone(), record.payload.clone().into())
                     .await?
                     .await
@@ -122,6 +124,27 @@ async fn read_records(stream: &mut Stream) -> anyhow::Result<Vec<Record>> {
         });
     }
     Ok(records)
+}
+
+/// Where a replayed record goes. Most go back through the router (records rejected by a shard
+/// worker carry a shard subject, mapped back to its input). A `future_time` record goes
+/// straight to its user's shard: the router would refuse it again, while the shard worker
+/// applies events without looking at the clock. Replaying one says "apply it as it is".
+fn replay_subject(config: &Config, topology: &Topology, record: &Record) -> String {
+    if record.reason == FUTURE_TIME {
+        let decoded = wire::decode(
+            InputKind::StatusChange,
+            record.payload.as_bytes(),
+            config.limits.max_payload_bytes,
+        );
+        if let Ok(input) = decoded {
+            let shard = topology.shard_of(input.user_id());
+            return topology
+                .shard_subject(InputKind::StatusChange, shard)
+                .to_string();
+        }
+    }
+    input_subject(config, &record.original_subject)
 }
 
 /// Records rejected by a shard worker carry a shard subject; replay goes through the router.

@@ -57,6 +57,16 @@ pub struct StatusChange {
     pub observation: Observation,
 }
 
+impl StatusChange {
+    /// Whether the event claims a time further ahead of `now` than `max_skew` allows. Such an
+    /// event would win over every honest later one (newest ChangedAt wins), so a single agent
+    /// with a wrong clock could silence its alarm for good.
+    pub fn is_from_the_future(&self, now: DateTime<Utc>, max_skew: chrono::Duration) -> bool {
+        now.checked_add_signed(max_skew)
+            .is_some_and(|limit| self.observation.changed_at > limit)
+    }
+}
+
 /// Everything remembered about one (UserID, AlarmID).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AlarmRecord {
@@ -115,6 +125,12 @@ impl AlarmRecord {
     pub fn mark_sent(&mut self) {
         self.sent = Some(self.current);
         self.changed_since_sent = false;
+    }
+
+    /// The digest that carried this alarm never reached the broker (it refused it for good):
+    /// the next digest must carry it again, if it is still active.
+    pub fn mark_unsent(&mut self) {
+        self.changed_since_sent = true;
     }
 
     /// A CLEARED alarm is kept as a tombstone, so a late redelivery of an older CRITICAL

@@ -1,3 +1,5 @@
+use std::ops::Range;
+
 use chrono::{DateTime, Utc};
 
 use super::{AlarmRecord, Status};
@@ -35,6 +37,42 @@ pub fn take_digest(alarms: &mut [(String, AlarmRecord)]) -> (Vec<DigestEntry>, V
     (entries, changed)
 }
 
+/// How a digest's rendering is measured: every part costs `frame` bytes (the envelope around
+/// the list), each entry its own size, and `separator` between two entries.
+#[derive(Clone, Copy, Debug)]
+pub struct PartBudget {
+    pub frame: usize,
+    pub separator: usize,
+    /// The most a part may weigh, all included.
+    pub max: usize,
+}
+
+/// Splits entries of the given rendered sizes into consecutive parts that each fit the budget,
+/// keeping their order (part 1 holds the first entries). Greedy: a part takes entries while
+/// the next one fits. An entry too large even alone gets a part of its own (the broker is then
+/// the judge). No entries: one empty part, since an empty digest is still a digest.
+pub fn split_into_parts(sizes: &[usize], budget: PartBudget) -> Vec<Range<usize>> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut weight = budget.frame;
+    for (index, size) in sizes.iter().enumerate() {
+        let added = if index == start {
+            *size
+        } else {
+            budget.separator + size
+        };
+        if index > start && weight + added > budget.max {
+            parts.push(start..index);
+            start = index;
+            weight = budget.frame + size;
+        } else {
+            weight += added;
+        }
+    }
+    parts.push(start..sizes.len());
+    parts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +98,25 @@ mod tests {
         let ids: Vec<&str> = entries.iter().map(|e| e.alarm_id.as_str()).collect();
         assert_eq!(ids, ["a", "z", "c"]);
         assert_eq!(changed, [0, 1, 2]);
+    }
+
+    #[test]
+    fn parts_fill_up_to_the_budget_in_order() {
+        let budget = PartBudget {
+            frame: 10,
+            separator: 1,
+            max: 40,
+        };
+        // 10 + 10 + 1 + 10 + 1 + 10 = 42 > 40: two entries per part, then the rest.
+        assert_eq!(
+            split_into_parts(&[10, 10, 10, 10, 10], budget),
+            vec![0..2, 2..4, 4..5]
+        );
+        assert_eq!(split_into_parts(&[], budget), vec![0..0]);
+        assert_eq!(
+            split_into_parts(&[5, 100, 5], budget),
+            vec![0..1, 1..2, 2..3]
+        );
     }
 
     #[test]

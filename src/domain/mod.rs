@@ -8,7 +8,7 @@ mod alarm;
 mod digest;
 
 pub use alarm::{AlarmRecord, Observation, Status, StatusChange};
-pub use digest::{take_digest, DigestEntry};
+pub use digest::{split_into_parts, take_digest, DigestEntry, PartBudget};
 
 #[cfg(test)]
 mod properties;

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use proptest::prelude::*;
 
-use super::{take_digest, AlarmRecord, Observation, Status};
+use super::{split_into_parts, take_digest, AlarmRecord, Observation, PartBudget, Status};
 
 fn status() -> impl Strategy<Value = Status> {
     prop_oneof![
@@ -126,6 +126,35 @@ proptest! {
                     }
                 }
             }
+        }
+    }
+
+    /// Parts cover every entry once, in order; each fits the budget unless it is one entry
+    /// too large alone; and no part could have taken the next part's first entry.
+    #[test]
+    fn parts_keep_order_cover_everything_and_fit(
+        sizes in prop::collection::vec(1usize..300, 0..200),
+        frame in 0usize..64,
+        separator in 0usize..3,
+        max in 1usize..2_000,
+    ) {
+        let budget = PartBudget { frame, separator, max };
+        let parts = split_into_parts(&sizes, budget);
+        let weight = |range: &std::ops::Range<usize>| {
+            frame + sizes[range.clone()].iter().sum::<usize>()
+                + separator * range.len().saturating_sub(1)
+        };
+        prop_assert!(!parts.is_empty());
+        prop_assert_eq!(parts[0].start, 0);
+        prop_assert_eq!(parts[parts.len() - 1].end, sizes.len());
+        for pair in parts.windows(2) {
+            prop_assert_eq!(pair[0].end, pair[1].start);
+            let with_next = pair[0].start..pair[0].end + 1;
+            prop_assert!(weight(&with_next) > max, "greedy: {:?} could take one more", pair[0]);
+        }
+        for part in &parts {
+            prop_assert!(!part.is_empty() || sizes.is_empty());
+            prop_assert!(weight(part) <= max || part.len() == 1, "{:?} over budget", part);
         }
     }
 }

@@ -20,6 +20,7 @@ fn ceiling_streams(base: &StreamsConfig) -> StreamsConfig {
         status_subject: "BenchCeiling.AlarmStatusChanged".into(),
         digest_request_subject: "BenchCeiling.SendAlarmDigest".into(),
         digest_subject: "BenchCeiling.AlarmDigest".into(),
+        output_subject: "BenchCeiling.Output".into(),
         dead_letter_subject: "BenchCeiling.DeadLetter".into(),
         input_stream: "BENCH_CEILING_INPUT".into(),
         shard_stream_prefix: "BENCH_CEILING_SHARD".into(),
@@ -53,9 +54,11 @@ pub async fn measure(
 ) -> anyhow::Result<Duration> {
     // Same connection layout as the service: consumers on one connection, the router's
     // republishes on another, both apart from the producer's.
-    let consumer_client = async_nats::connect(config.nats.url.as_str()).await?;
+    let consumer_client =
+        async_nats::connect(config.nats.servers().map_err(anyhow::Error::msg)?).await?;
     let js = bus::jetstream(consumer_client.clone(), 64);
-    let publisher_client = async_nats::connect(config.nats.url.as_str()).await?;
+    let publisher_client =
+        async_nats::connect(config.nats.servers().map_err(anyhow::Error::msg)?).await?;
     let publisher = bus::jetstream(
         publisher_client,
         config.tuning.router_batch * (QUEUED_BATCHES + 2) + 64,

@@ -7,11 +7,14 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{AlarmRecord, Observation, Status};
 
 const RECORD_V1: u8 = 1;
+/// One digest a record (the release before digest parts).
 const OUTBOX_V1: u8 = 1;
+/// One digest part a record, with its place in the digest and when it was written.
+const OUTBOX_V2: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
-    #[error("value has format version {0}, this build reads version 1; upgrade the binary")]
+    #[error("value has format version {0}, which this build does not read; upgrade the binary")]
     UnknownVersion(u8),
     #[error("value is empty")]
     Empty,
@@ -19,6 +22,8 @@ pub enum CodecError {
     Corrupt(#[from] bincode::Error),
     #[error("stored instant is out of range")]
     BadInstant,
+    #[error("stored digest is not valid JSON: {0}")]
+    Payload(String),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -100,24 +105,59 @@ pub fn decode_record(bytes: &[u8]) -> Result<AlarmRecord, CodecError> {
     })
 }
 
-/// A digest written in the same atomic batch that marked its alarms sent, waiting for its
-/// PubAck.
+/// One part of a digest, written in the same atomic batch that marked its alarms sent,
+/// waiting for its PubAck.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxEntry {
     /// Stable across republishing, so JetStream drops a copy published twice across a crash.
+    /// Each part has its own.
     pub msg_id: String,
     pub user_id: String,
-    /// The rendered `AlarmDigest` JSON.
+    /// The rendered `AlarmDigest` JSON of this part: a complete digest on its own.
     pub payload: Vec<u8>,
     pub alarm_count: u32,
+    /// Shared by every part of one digest (the `Alarm-Digest-Id` header).
+    pub digest_id: String,
+    /// This part's place, from 1, and how many parts the digest has (`Alarm-Digest-Part`).
+    pub part: u32,
+    pub parts: u32,
+    /// When the digest was written (Unix milliseconds); unknown for records of the release
+    /// before parts, whose reader then counts from when it loaded them.
+    pub written_at_ms: Option<i64>,
+}
+
+/// The outbox record as the release before digest parts wrote it.
+#[derive(Deserialize)]
+struct OutboxEntryV1 {
+    msg_id: String,
+    user_id: String,
+    payload: Vec<u8>,
+    alarm_count: u32,
 }
 
 pub fn encode_outbox(entry: &OutboxEntry) -> Vec<u8> {
-    versioned(OUTBOX_V1, entry)
+    versioned(OUTBOX_V2, entry)
 }
 
+/// Reads both formats: a version-1 record is a whole digest, so it becomes its own part 1 of 1
+/// with its message id as the digest id (an upgrade in place needs no migration step).
 pub fn decode_outbox(bytes: &[u8]) -> Result<OutboxEntry, CodecError> {
-    Ok(bincode::deserialize(unversioned(OUTBOX_V1, bytes)?)?)
+    match bytes.first() {
+        Some(&OUTBOX_V1) => {
+            let old: OutboxEntryV1 = bincode::deserialize(unversioned(OUTBOX_V1, bytes)?)?;
+            Ok(OutboxEntry {
+                digest_id: old.msg_id.clone(),
+                msg_id: old.msg_id,
+                user_id: old.user_id,
+                payload: old.payload,
+                alarm_count: old.alarm_count,
+                part: 1,
+                parts: 1,
+                written_at_ms: None,
+            })
+        }
+        _ => Ok(bincode::deserialize(unversioned(OUTBOX_V2, bytes)?)?),
+    }
 }
 
 #[cfg(test)]
@@ -140,6 +180,36 @@ mod tests {
         };
         let decoded = decode_record(&encode_record(&record)).expect("round trip");
         assert_eq!(decoded, record);
+    }
+
+    /// What the release before digest parts stored, byte for byte: version 1, then bincode of
+    /// (msg_id, user_id, payload, alarm_count).
+    #[test]
+    fn an_outbox_record_of_the_previous_release_reads_as_a_one_part_digest() {
+        #[derive(Serialize)]
+        struct Previous<'a> {
+            msg_id: &'a str,
+            user_id: &'a str,
+            payload: Vec<u8>,
+            alarm_count: u32,
+        }
+        let mut bytes = vec![1u8];
+        let previous = Previous {
+            msg_id: "alarm-digest:3:00000000000000aa:7",
+            user_id: "u",
+            payload: br#"{"UserID":"u","ActiveAlarms":[]}"#.to_vec(),
+            alarm_count: 0,
+        };
+        bincode::serialize_into(&mut bytes, &previous).expect("encode");
+        let entry = decode_outbox(&bytes).expect("the old format still reads");
+        assert_eq!(entry.msg_id, previous.msg_id);
+        assert_eq!(entry.digest_id, previous.msg_id);
+        assert_eq!((entry.part, entry.parts), (1, 1));
+        assert_eq!(entry.payload, previous.payload);
+        assert_eq!(entry.written_at_ms, None);
+        let again = decode_outbox(&encode_outbox(&entry)).expect("round trip");
+        assert_eq!(again, entry);
+        assert_eq!(encode_outbox(&entry)[0], 2);
     }
 
     #[test]

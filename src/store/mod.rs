@@ -258,11 +258,22 @@ pub enum Applied {
     TooManyAlarms,
 }
 
+/// How digests are written.
+#[derive(Debug, Clone)]
+pub struct DigestOptions {
+    /// Nothing to report: write nothing (`digest.skip_empty`).
+    pub skip_empty: bool,
+    /// The most one part's payload may weigh: what the broker accepts, less room for headers.
+    pub max_part_bytes: usize,
+    /// Recorded with each part, for the outbox age gauge.
+    pub written_at: chrono::DateTime<chrono::Utc>,
+}
+
 /// Result of answering one digest request inside a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DigestOutcome {
-    /// A digest was written to the outbox.
-    Queued { alarms: usize },
+    /// A digest was written to the outbox, in this many parts.
+    Queued { alarms: usize, parts: usize },
     /// Nothing to report and `digest.skip_empty` is on.
     SkippedEmpty,
     /// This request (same shard stream sequence) was answered before: a redelivery.
@@ -319,6 +330,35 @@ impl ShardStore {
             batch.remove(&keys::sequence_key(keys::OUTBOX, *sequence));
         }
         Ok(self.tree.apply_batch(batch)?)
+    }
+
+    /// Takes digest parts the broker refused for good out of the outbox and marks their alarms
+    /// unsent again, in one atomic write: the user's next digest carries them (split for the
+    /// limit then in force), so a refusal never loses an alarm. Returns how many alarms came
+    /// back. Not flushed: if the write is lost in a crash, the parts are refused again.
+    pub fn return_to_unsent(&self, refused: &[(u64, OutboxEntry)]) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut returned = 0;
+        for (sequence, entry) in refused {
+            let outbox_key = keys::sequence_key(keys::OUTBOX, *sequence);
+            let digest = wire::decode_digest(&entry.payload)
+                .map_err(|e| StoreError::codec(&outbox_key, CodecError::Payload(e.to_string())))?;
+            for alarm in &digest.active_alarms {
+                let key = keys::alarm_key(&entry.user_id, &alarm.alarm_id);
+                // A record swept meanwhile was CLEARED: nothing left to tell.
+                let Some(bytes) = self.tree.get(&key)? else {
+                    continue;
+                };
+                let mut record =
+                    codec::decode_record(&bytes).map_err(|e| StoreError::codec(&key, e))?;
+                record.mark_unsent();
+                batch.insert(key, codec::encode_record(&record));
+                returned += 1;
+            }
+            batch.remove(&outbox_key[..]);
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(returned)
     }
 
     /// Forgets answered-request markers at or below the consumer's ack floor: JetStream will
@@ -452,13 +492,14 @@ impl ShardWrite<'_> {
     }
 
     /// Answers a digest request: selects what is due, marks it sent and queues the digest in
-    /// the outbox, all in this batch. `request_sequence` is the request's shard stream
-    /// sequence, remembered so a redelivery is not answered twice.
+    /// the outbox, split into parts that each fit `options.max_part_bytes`, all in this batch.
+    /// `request_sequence` is the request's shard stream sequence, remembered so a redelivery
+    /// is not answered twice.
     pub fn digest(
         &mut self,
         user_id: &str,
         request_sequence: u64,
-        skip_empty: bool,
+        options: &DigestOptions,
     ) -> Result<DigestOutcome, StoreError> {
         let marker = keys::sequence_key(keys::REQUEST, request_sequence);
         if self.answered.contains(&request_sequence) || self.store.tree.contains_key(marker)? {
@@ -487,7 +528,7 @@ impl ShardWrite<'_> {
             })
             .collect();
         let (entries, changed) = domain::take_digest(&mut alarms);
-        if entries.is_empty() && skip_empty {
+        if entries.is_empty() && options.skip_empty {
             return Ok(DigestOutcome::SkippedEmpty);
         }
         for index in changed {
@@ -495,19 +536,31 @@ impl ShardWrite<'_> {
             self.alarms
                 .insert(keys::alarm_key(user_id, alarm_id), *record);
         }
-        let sequence = self.store.next_outbox + self.outbox.len() as u64;
-        self.outbox.push((
-            sequence,
-            OutboxEntry {
-                msg_id: self.store.message_id(sequence),
-                user_id: user_id.to_string(),
-                payload: wire::encode_digest(user_id, &entries),
-                alarm_count: u32::try_from(entries.len()).unwrap_or(u32::MAX),
-            },
-        ));
+        let payloads = wire::encode_digest_parts(user_id, &entries, options.max_part_bytes);
+        let count = payloads.len();
+        let parts = u32::try_from(count).unwrap_or(u32::MAX);
+        let first = self.store.next_outbox + self.outbox.len() as u64;
+        let digest_id = self.store.message_id(first);
+        for (index, part) in payloads.into_iter().enumerate() {
+            let sequence = first + index as u64;
+            self.outbox.push((
+                sequence,
+                OutboxEntry {
+                    msg_id: self.store.message_id(sequence),
+                    user_id: user_id.to_string(),
+                    payload: part.payload,
+                    alarm_count: u32::try_from(part.alarms).unwrap_or(u32::MAX),
+                    digest_id: digest_id.clone(),
+                    part: u32::try_from(index + 1).unwrap_or(u32::MAX),
+                    parts,
+                    written_at_ms: Some(options.written_at.timestamp_millis()),
+                },
+            ));
+        }
         self.answered.insert(request_sequence);
         Ok(DigestOutcome::Queued {
             alarms: entries.len(),
+            parts: count,
         })
     }
 
@@ -561,6 +614,14 @@ mod tests {
         }
     }
 
+    fn options(skip_empty: bool) -> DigestOptions {
+        DigestOptions {
+            skip_empty,
+            max_part_bytes: 1024 * 1024,
+            written_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default(),
+        }
+    }
+
     fn digest_ids(entry: &OutboxEntry) -> Vec<String> {
         let digest: AlarmDigest = serde_json::from_slice(&entry.payload).expect("valid digest");
         digest
@@ -587,8 +648,11 @@ mod tests {
                 .apply_unlimited(&change("other", "x", Status::Warning, 5))
                 .expect("apply");
             assert_eq!(
-                write.digest("u", 7, false).expect("digest"),
-                DigestOutcome::Queued { alarms: 2 }
+                write.digest("u", 7, &options(false)).expect("digest"),
+                DigestOutcome::Queued {
+                    alarms: 2,
+                    parts: 1
+                }
             );
             let queued = write.commit().expect("commit");
             assert_eq!(digest_ids(&queued[0].1), ["a1", "a2"]);
@@ -599,12 +663,15 @@ mod tests {
         assert_eq!(shard.pending_outbox().expect("outbox").len(), 1);
         let mut write = shard.begin();
         assert_eq!(
-            write.digest("u", 7, false).expect("digest"),
+            write.digest("u", 7, &options(false)).expect("digest"),
             DigestOutcome::AlreadyAnswered
         );
         assert_eq!(
-            write.digest("u", 8, false).expect("digest"),
-            DigestOutcome::Queued { alarms: 0 }
+            write.digest("u", 8, &options(false)).expect("digest"),
+            DigestOutcome::Queued {
+                alarms: 0,
+                parts: 1
+            }
         );
         let queued = write.commit().expect("commit");
         assert_eq!(queued[0].0, 1, "outbox sequence continues after reopen");
@@ -612,6 +679,87 @@ mod tests {
             queued[0].1.msg_id,
             shard.pending_outbox().expect("outbox")[0].1.msg_id
         );
+    }
+
+    #[test]
+    fn a_digest_over_the_part_limit_is_queued_in_parts_with_one_digest_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 8).expect("open");
+        let mut shard = store.shard(1).expect("shard");
+        let mut write = shard.begin();
+        for n in 0..100 {
+            write
+                .apply_unlimited(&change("u", &format!("alarm-{n:03}"), Status::Critical, n))
+                .expect("apply");
+        }
+        let small = DigestOptions {
+            max_part_bytes: 1_000,
+            ..options(false)
+        };
+        let outcome = write.digest("u", 1, &small).expect("digest");
+        let queued = write.commit().expect("commit");
+        assert_eq!(
+            outcome,
+            DigestOutcome::Queued {
+                alarms: 100,
+                parts: queued.len()
+            }
+        );
+        assert!(queued.len() > 5, "{} parts", queued.len());
+        let mut ids = Vec::new();
+        for (index, (_, entry)) in queued.iter().enumerate() {
+            assert_eq!(entry.digest_id, queued[0].1.msg_id);
+            assert_eq!(
+                (entry.part as usize, entry.parts as usize),
+                (index + 1, queued.len())
+            );
+            assert!(entry.payload.len() <= 1_000);
+            ids.extend(digest_ids(entry));
+        }
+        let expected: Vec<String> = (0..100).map(|n| format!("alarm-{n:03}")).collect();
+        assert_eq!(
+            ids, expected,
+            "every alarm once, oldest first across the parts"
+        );
+        let msg_ids: HashSet<&String> = queued.iter().map(|(_, e)| &e.msg_id).collect();
+        assert_eq!(msg_ids.len(), queued.len(), "each part has its own Msg-Id");
+    }
+
+    #[test]
+    fn a_refused_part_goes_back_to_unsent_so_the_next_digest_carries_its_alarms() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 8).expect("open");
+        let mut shard = store.shard(0).expect("shard");
+        let mut write = shard.begin();
+        for n in 0..10 {
+            write
+                .apply_unlimited(&change("u", &format!("a{n}"), Status::Warning, n))
+                .expect("apply");
+        }
+        let small = DigestOptions {
+            max_part_bytes: 300,
+            ..options(false)
+        };
+        write.digest("u", 1, &small).expect("digest");
+        let queued = write.commit().expect("commit");
+        assert!(queued.len() >= 2);
+        let refused = vec![queued[1].clone()];
+        let returned = shard.return_to_unsent(&refused).expect("return");
+        assert_eq!(returned, digest_ids(&refused[0].1).len());
+        let left: Vec<u64> = shard
+            .pending_outbox()
+            .expect("outbox")
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert!(
+            !left.contains(&refused[0].0),
+            "the refused part left the outbox"
+        );
+        let mut write = shard.begin();
+        write.digest("u", 2, &options(false)).expect("digest");
+        let again = write.commit().expect("commit");
+        assert_eq!(digest_ids(&again[0].1), digest_ids(&refused[0].1));
     }
 
     #[test]
@@ -662,7 +810,7 @@ mod tests {
         let mut shard = store.shard(0).expect("shard");
         let mut write = shard.begin();
         assert_eq!(
-            write.digest("nobody", 1, true).expect("digest"),
+            write.digest("nobody", 1, &options(true)).expect("digest"),
             DigestOutcome::SkippedEmpty
         );
         assert!(write.commit().expect("commit").is_empty());
@@ -742,13 +890,15 @@ mod tests {
         let mut shard = store.shard(0).expect("shard");
         let mut write = shard.begin();
         for sequence in [1, 2, 3] {
-            write.digest("u", sequence, false).expect("digest");
+            write
+                .digest("u", sequence, &options(false))
+                .expect("digest");
         }
         write.commit().expect("commit");
         assert_eq!(shard.prune_answered(2).expect("prune"), 2);
         let mut write = shard.begin();
         assert_eq!(
-            write.digest("u", 3, false).expect("digest"),
+            write.digest("u", 3, &options(false)).expect("digest"),
             DigestOutcome::AlreadyAnswered
         );
     }

@@ -8,8 +8,20 @@ use crate::support::*;
 
 #[test]
 fn bad_config_exits_64_and_names_the_key() {
-    let cases: [(&[(&str, &str)], &str); 4] = [
+    let cases: [(&[(&str, &str)], &str); 6] = [
         (&[("ALARM_DIGEST_SHARDS__COUNT", "0")], "shards.count"),
+        // A server list with one bad URL: a config error, never a connection to retry.
+        (
+            &[(
+                "ALARM_DIGEST_NATS__URL",
+                "nats://127.0.0.1:4222,nats://127.0.0.1:port,nats://127.0.0.1:4224",
+            )],
+            "nats.url",
+        ),
+        (
+            &[("ALARM_DIGEST_LIMITS__MAX_FUTURE_SKEW_SECS", "0")],
+            "limits.max_future_skew_secs",
+        ),
         (
             &[("ALARM_DIGEST_HTTP__LISTEN", "not-an-address")],
             "http.listen",

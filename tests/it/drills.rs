@@ -124,6 +124,9 @@ async fn assert_nothing_lost(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_kill_9s_at_random_moments_lose_nothing_and_answer_every_request_once() {
     let bed = TestBed::start().await;
+    // The notification service's two ways of listening, both from the start.
+    let subscriber = PlainSubscriber::start(&bed.client).await;
+    let mut durable = bed.client.durable_digests("notification-service").await;
     let traffic = Traffic::start(&bed.client, 5, 200);
     let mut rng = StdRng::seed_from_u64(99);
     for _ in 0..5 {
@@ -149,6 +152,34 @@ async fn five_kill_9s_at_random_moments_lose_nothing_and_answer_every_request_on
         requests + users,
         "every request answered exactly once"
     );
+    let plain: Vec<AlarmDigest> = subscriber
+        .settle(Duration::from_secs(1))
+        .await
+        .into_iter()
+        .map(|r| r.digest)
+        .collect();
+    let consumed = durable.drain(Duration::from_secs(2)).await;
+    let alarms: usize = digests.iter().map(|d| d.active_alarms.len()).sum();
+    eprintln!(
+        "plain subscriber: {} digests; durable consumer: {}; {alarms} alarms",
+        plain.len(),
+        consumed.len()
+    );
+    assert_eq!(
+        duplicate_alarms(&plain),
+        0,
+        "a plain subscriber got an alarm twice"
+    );
+    assert_eq!(
+        duplicate_alarms(&consumed),
+        0,
+        "a durable consumer got an alarm twice"
+    );
+    assert_eq!(
+        plain, digests,
+        "the plain subscriber got exactly what the stream stored"
+    );
+    assert_eq!(consumed, digests);
     assert!(
         state.len() > 500,
         "the drill touched many alarms ({})",
@@ -172,6 +203,39 @@ async fn a_broker_outage_while_traffic_flows_loses_nothing() {
     let (state, _) = traffic.finish().await;
     let client = TestClient::connect(&config).await;
     assert_nothing_lost(&client, &state).await;
+    service.stop().await.expect("clean stop");
+}
+
+/// A three-node JetStream cluster on loopback with R3 streams, the service given all three
+/// URLs and started before the cluster: a node killed under traffic and restarted loses
+/// nothing, and every user's final digest is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_rides_out_a_killed_node_with_the_service_started_first() {
+    let mut cluster = NatsCluster::plan(3);
+    let data = tempdir().expect("data dir");
+    let mut config = test_config_at(&cluster.urls(), data.path());
+    config.streams.replicas = 3;
+    // The service first: it retries the connection until the cluster is there.
+    let service = start_service_unready(config.clone()).await;
+    cluster.start();
+    let client = TestClient::connect(&config).await;
+    wait_ready(&service.http_addr.to_string()).await;
+
+    let traffic = Traffic::start(&client, 13, 60);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.nodes[1].stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.nodes[1].restart();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (state, requests) = traffic.finish().await;
+    let digests = assert_nothing_lost(&client, &state).await;
+    eprintln!(
+        "R3 cluster, one node killed: {requests} requests, {} digests, {} alarms",
+        digests.len(),
+        state.len()
+    );
+    assert_eq!(duplicate_alarms(&digests), 0);
+    assert!(state.len() > 100, "traffic touched {} alarms", state.len());
     service.stop().await.expect("clean stop");
 }
 

@@ -7,6 +7,7 @@ mod artifacts;
 mod cli;
 mod cluster;
 mod dead_letter;
+mod delivery;
 mod drills;
 mod durability;
 mod security;

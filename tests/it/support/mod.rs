@@ -5,5 +5,5 @@
 pub mod nats;
 pub mod service;
 
-pub use nats::NatsServer;
+pub use nats::{NatsCluster, NatsServer};
 pub use service::*;

@@ -60,6 +60,20 @@ impl NatsServer {
         server
     }
 
+    /// A server with JetStream on `port` (0: any free one) with these extra arguments.
+    fn start_on_with(port: u16, extra_args: Vec<String>) -> NatsServer {
+        let store = tempfile::tempdir().expect("temp dir for the JetStream store");
+        let mut server = NatsServer {
+            child: None,
+            port,
+            jetstream: true,
+            store,
+            extra_args,
+        };
+        server.spawn((port != 0).then_some(port));
+        server
+    }
+
     /// A server with JetStream and this config file text (authorization, tls, ...).
     pub fn start_with_config(config_text: &str) -> NatsServer {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -157,6 +171,67 @@ impl NatsServer {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Three JetStream servers clustered on loopback, each with its own client port, route port
+/// and store dir. The client ports are chosen before any server starts, so a service can be
+/// given the server list (and started) first.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+    client_ports: Vec<u16>,
+    route_ports: Vec<u16>,
+}
+
+impl NatsCluster {
+    /// Picks the ports; nothing runs yet.
+    pub fn plan(size: usize) -> NatsCluster {
+        NatsCluster {
+            nodes: Vec::new(),
+            client_ports: (0..size).map(|_| free_port()).collect(),
+            route_ports: (0..size).map(|_| free_port()).collect(),
+        }
+    }
+
+    /// Every node's client URL, comma-separated, as `nats.url` takes them.
+    pub fn urls(&self) -> String {
+        self.client_ports
+            .iter()
+            .map(|port| format!("nats://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts every node (they elect a JetStream meta leader among themselves shortly after).
+    pub fn start(&mut self) {
+        for (index, port) in self.client_ports.iter().enumerate() {
+            let routes = self
+                .route_ports
+                .iter()
+                .enumerate()
+                .filter(|(other, _)| *other != index)
+                .map(|(_, route)| format!("nats://127.0.0.1:{route}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let args = vec![
+                "--name".into(),
+                format!("alarm-digest-test-{index}"),
+                "--cluster_name".into(),
+                "alarm-digest-test".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{}", self.route_ports[index]),
+                "--routes".into(),
+                routes,
+            ];
+            self.nodes.push(NatsServer::start_on_with(*port, args));
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 fn parse_port(ports_json: &str) -> Option<u16> {

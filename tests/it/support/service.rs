@@ -22,8 +22,13 @@ pub const WAIT: Duration = Duration::from_secs(30);
 /// Config for a test instance: its own data dir, an ephemeral HTTP port, 4 shards, and a
 /// short ack wait so redeliveries after a kill happen within the test.
 pub fn test_config(nats: &NatsServer, data_dir: &Path) -> Config {
+    test_config_at(&nats.url(), data_dir)
+}
+
+/// `test_config` for servers given by URL (a server list, for a cluster).
+pub fn test_config_at(url: &str, data_dir: &Path) -> Config {
     let mut config = Config::default();
-    config.nats.url = nats.url();
+    config.nats.url = url.to_string();
     config.storage.path = data_dir.to_path_buf();
     config.storage.cache_capacity_mb = 16;
     config.http.listen = "127.0.0.1:0".into();
@@ -144,15 +149,16 @@ impl TestClient {
 
     /// Like `connect`, with credentials or TLS for a server that requires them.
     pub async fn connect_with(options: async_nats::ConnectOptions, config: &Config) -> TestClient {
-        let nats = options
-            .connect(config.nats.url.as_str())
-            .await
-            .expect("connect to nats");
+        let servers = config.nats.servers().expect("a valid server list");
+        let nats = options.connect(servers).await.expect("connect to nats");
         let js = jetstream::new(nats.clone());
-        Topology::new(config.streams.clone(), config.shards.count)
-            .ensure_streams(&js)
-            .await
-            .expect("streams");
+        // A cluster that just started answers "JetStream unavailable" until it has a leader.
+        let topology = Topology::new(config.streams.clone(), config.shards.count);
+        let deadline = Instant::now() + WAIT;
+        while let Err(error) = topology.ensure_streams(&js).await {
+            assert!(Instant::now() < deadline, "streams not created: {error}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         TestClient {
             nats,
             js,
@@ -233,6 +239,28 @@ impl TestClient {
         }
     }
 
+    /// Like `digests`, through a durable consumer of the output stream, as a notification
+    /// service that consumes durably would read them.
+    pub async fn durable_digests(&self, durable: &str) -> DigestReader {
+        let stream = self
+            .js
+            .get_stream(&self.config.streams.output_stream)
+            .await
+            .expect("output stream");
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(durable.into()),
+                deliver_policy: DeliverPolicy::All,
+                ack_policy: AckPolicy::None,
+                ..Default::default()
+            })
+            .await
+            .expect("durable output consumer");
+        DigestReader {
+            messages: consumer.messages().await.expect("output messages"),
+        }
+    }
+
     pub async fn stream_messages(&self, name: &str) -> u64 {
         let mut stream = self.js.get_stream(name).await.expect("stream");
         stream.info().await.expect("stream info").state.messages
@@ -287,6 +315,122 @@ impl DigestReader {
         }
         digests
     }
+}
+
+/// One digest message as a plain subscriber received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub digest: AlarmDigest,
+    pub msg_id: Option<String>,
+    pub digest_id: Option<String>,
+    /// `i/n`.
+    pub part: Option<String>,
+    /// Payload plus headers, as the server counts against `max_payload`.
+    pub wire_bytes: usize,
+}
+
+/// A core NATS subscriber of the digest subject, as the notification service in the
+/// challenge runs `nats sub AlarmDigest`: it sees what reaches the subject, not the stream.
+pub struct PlainSubscriber {
+    received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PlainSubscriber {
+    pub async fn start(client: &TestClient) -> PlainSubscriber {
+        let mut subscriber = client
+            .nats
+            .subscribe(client.config.streams.digest_subject.clone())
+            .await
+            .expect("subscribe");
+        client.nats.flush().await.expect("subscription registered");
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = received.clone();
+        let task = tokio::spawn(async move {
+            while let Some(message) = subscriber.next().await {
+                let header = |name: &str| {
+                    message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(name))
+                        .map(|v| v.to_string())
+                };
+                let wire_bytes = message.length;
+                let item = Received {
+                    digest: serde_json::from_slice(&message.payload).expect("valid digest"),
+                    msg_id: header("Nats-Msg-Id"),
+                    digest_id: header("Alarm-Digest-Id"),
+                    part: header("Alarm-Digest-Part"),
+                    wire_bytes,
+                };
+                if let Ok(mut all) = sink.lock() {
+                    all.push(item);
+                }
+            }
+        });
+        PlainSubscriber { received, task }
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Waits until `done` holds for what arrived so far; returns it.
+    pub async fn wait_until(&self, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let received = self.received();
+            if done(&received) {
+                return received;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "plain subscriber: condition not met; {} messages",
+                received.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Everything received until nothing arrived for `quiet`.
+    pub async fn settle(&self, quiet: Duration) -> Vec<Received> {
+        let mut count = usize::MAX;
+        loop {
+            let received = self.received();
+            if received.len() == count {
+                return received;
+            }
+            count = received.len();
+            tokio::time::sleep(quiet).await;
+        }
+    }
+}
+
+impl Drop for PlainSubscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// How many times an alarm was reported again in the same status with the same
+/// `LatestChangedAt`: the rules never do that, so every one is a duplicate delivery.
+pub fn duplicate_alarms<'a>(digests: impl IntoIterator<Item = &'a AlarmDigest>) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    let mut duplicates = 0;
+    for digest in digests {
+        for alarm in &digest.active_alarms {
+            let key = (
+                digest.user_id.clone(),
+                alarm.alarm_id.clone(),
+                alarm.status.clone(),
+                alarm.latest_changed_at.clone(),
+            );
+            if !seen.insert(key) {
+                duplicates += 1;
+            }
+        }
+    }
+    duplicates
 }
 
 /// The status each (user, alarm) was last reported with, over digests in publish order.
