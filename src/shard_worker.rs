@@ -45,6 +45,9 @@ pub struct ShardWorker {
     held: Vec<Message>,
     part: String,
     sweep: Sweep,
+    /// The output stream's `max_msg_size`, if it has one: read when consuming starts and again
+    /// after a refusal, so the next digest is split to fit it.
+    stream_limit: Option<usize>,
 }
 
 /// Progress of the incremental retention sweep over this shard's alarms.
@@ -140,6 +143,7 @@ impl ShardWorker {
             outbox: Vec::new(),
             held: Vec::new(),
             part,
+            stream_limit: None,
             sweep: Sweep {
                 cursor: None,
                 // The first pass starts once events have shown what time it is.
@@ -248,6 +252,7 @@ impl ShardWorker {
         let Some(mut consumer) = self.bind(cancel).await? else {
             return Ok(());
         };
+        self.read_stream_limit().await;
         // Digests stored before a crash go out before anything new is taken.
         match self.store.pending_outbox() {
             Ok(mut pending) => {
@@ -379,8 +384,7 @@ impl ShardWorker {
         let limits = &shared.config.limits;
         let options = DigestOptions {
             skip_empty: shared.config.digest.skip_empty,
-            // Read per batch: the limit is the current server's and can differ per server.
-            max_part_bytes: shared.js.client().max_payload().saturating_sub(HEADER_ROOM),
+            max_part_bytes: self.part_limit(),
             written_at: chrono::Utc::now(),
         };
         let mut dispositions = Vec::with_capacity(messages.len());
@@ -603,6 +607,10 @@ impl ShardWorker {
         }
         self.outbox.retain(|(sequence, _)| !done.contains(sequence));
         self.note_outbox();
+        if !refused.is_empty() {
+            // The stream's limit may have changed under us: fit the next digest to it.
+            self.read_stream_limit().await;
+        }
         if let Some(error) = first_error {
             return Err(error);
         }
@@ -610,6 +618,28 @@ impl ShardWorker {
             ack(&message).await;
         }
         Ok(())
+    }
+
+    /// The most a digest part's payload may weigh: the connected server's `max_payload` (read
+    /// per batch: it can differ per server of a cluster) or the output stream's
+    /// `max_msg_size`, whichever is smaller, less room for the headers.
+    fn part_limit(&self) -> usize {
+        let server = self.shared.js.client().max_payload();
+        self.stream_limit
+            .map_or(server, |stream| stream.min(server))
+            .saturating_sub(HEADER_ROOM)
+    }
+
+    async fn read_stream_limit(&mut self) {
+        let output = &self.shared.config.streams.output_stream;
+        match self.shared.js.get_stream(output).await {
+            Ok(stream) => {
+                let limit = stream.cached_info().config.max_message_size;
+                self.stream_limit = usize::try_from(limit).ok().filter(|limit| *limit > 0);
+            }
+            // The stream may be away (it is then recreated); the server's limit still holds.
+            Err(error) => tracing::debug!(%error, "cannot read the output stream's limits"),
+        }
     }
 
     /// Publishes the outbox's depth and its oldest entry's age (gauges, per shard).

@@ -395,3 +395,66 @@ async fn an_output_stream_of_the_previous_release_is_recreated_once_its_consumer
     );
     service.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_part_the_stream_refuses_for_good_blocks_nobody_and_its_alarms_come_in_the_next_digest() {
+    let bed = TestBed::start().await;
+    let service = start_service(bed.config.clone()).await;
+    let http = service.http_addr.to_string();
+    let subscriber = PlainSubscriber::start(&bed.client).await;
+    let ids = heavy_user(&bed.client, "heavy", 200).await;
+    let light = neighbour_of(&bed.config, "heavy");
+    bed.client
+        .status(&light, "a", "WARNING", "2021-06-07T20:00:00Z")
+        .await;
+    bed.client.wait_drained().await;
+    // The operator caps the output stream's messages below this digest's size after the
+    // service started: the digest, cut for the server's 1 MiB, is refused (10054).
+    let output = &bed.config.streams.output_stream;
+    let mut stream_config = bed
+        .client
+        .js
+        .get_stream(output)
+        .await
+        .expect("output")
+        .cached_info()
+        .config
+        .clone();
+    stream_config.max_message_size = 8 * 1024;
+    bed.client
+        .js
+        .update_stream(&stream_config)
+        .await
+        .expect("cap message size");
+
+    bed.client.request_digest("heavy").await;
+    bed.client.request_digest(&light).await;
+    subscriber
+        .wait_until(|r| r.iter().any(|d| d.digest.user_id == light))
+        .await;
+    let (_, metrics) = http_get(&http, "/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains("alarm_digest_digest_parts_refused_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        !subscriber
+            .received()
+            .iter()
+            .any(|r| r.digest.user_id == "heavy"),
+        "the refused digest was not delivered"
+    );
+    wait_ready(&http).await;
+
+    // Its alarms went back to unsent: the next digest carries them, cut for the new limit.
+    bed.client.request_digest("heavy").await;
+    subscriber
+        .wait_until(|r| all_parts_arrived(r, "heavy"))
+        .await;
+    let received = subscriber.settle(Duration::from_millis(500)).await;
+    let parts = parts_of(&received, "heavy");
+    assert!(parts.len() >= 3, "{} parts", parts.len());
+    assert!(parts.iter().all(|p| p.wire_bytes <= 8 * 1024));
+    assert_eq!(alarm_ids(&parts), ids, "no alarm lost to the refusal");
+    service.stop().await.expect("clean stop");
+}
