@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Quick start, command 2: the whole test suite — unit and property tests of the rules, and
 # integration tests in which every test starts its own real nats-server (random port, own
-# JetStream store dir). Installs the Debian packages `nats-server` and `systemd` (for
-# systemd-analyze) first when they are missing and we are root; without them the tests that
+# JetStream store dir). Installs what the tests run for real first, when it is missing and we
+# are root: the Debian packages `nats-server`, `systemd` (systemd-analyze) and `prometheus`
+# (prometheus and promtool), and `kubernetes-validate` from PyPI. Without them the tests that
 # need them fail with an install hint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,21 @@ if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
   echo "test: installing systemd for systemd-analyze" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+fi
+
+# Alert rules, the /metrics lint and a real scrape use Prometheus' own binaries.
+if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+  echo "test: installing the prometheus Debian package (prometheus, promtool)" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
+# The Kubernetes manifests are validated against the Kubernetes schema.
+if ! command -v kubernetes-validate >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+  echo "test: installing kubernetes-validate from PyPI" >&2
+  python3 -m pip install -q kubernetes-validate >/dev/null
+  # A pyenv Python puts new commands on PATH through its shims.
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 fi
 
 exec cargo test --locked --all-targets "$@"

@@ -179,13 +179,37 @@ impl Default for StorageConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
+    /// Probes and `/metrics`; also `/inspect` (a user's alarms) when this is a loopback
+    /// address.
     pub listen: String,
+    /// Where `/inspect` is served when `listen` is not loopback (a pod's `0.0.0.0`): user data
+    /// never goes out on an open port. Must be a loopback address.
+    pub inspect_listen: String,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:9090".into(),
+            inspect_listen: "127.0.0.1:9091".into(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Whether `/inspect` is served on `listen` itself (it is loopback).
+    pub fn inspect_on_main_listener(&self) -> bool {
+        self.listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|addr| addr.ip().is_loopback())
+    }
+
+    /// Where `alarm-digest inspect` asks a running instance.
+    pub fn inspect_addr(&self) -> &str {
+        if self.inspect_on_main_listener() {
+            &self.listen
+        } else {
+            &self.inspect_listen
         }
     }
 }
@@ -401,6 +425,9 @@ pub struct TuningConfig {
     pub fetch_expires_ms: u64,
     /// How long JetStream waits for an ack before redelivering.
     pub ack_wait_secs: u64,
+    /// How often the per-shard consumer gauges (lag, ack pending, redelivered) are read from
+    /// JetStream: one consumer-info request per owned shard each time.
+    pub consumer_stats_every_secs: u64,
 }
 
 impl Default for TuningConfig {
@@ -410,6 +437,7 @@ impl Default for TuningConfig {
             worker_batch: 1000,
             fetch_expires_ms: 1000,
             ack_wait_secs: 30,
+            consumer_stats_every_secs: 15,
         }
     }
 }
@@ -421,6 +449,10 @@ impl TuningConfig {
 
     pub fn ack_wait(&self) -> Duration {
         Duration::from_secs(self.ack_wait_secs)
+    }
+
+    pub fn consumer_stats_every(&self) -> Duration {
+        Duration::from_secs(self.consumer_stats_every_secs)
     }
 }
 
@@ -607,6 +639,25 @@ impl Config {
                 ),
             )
         })?;
+        let inspect = self
+            .http
+            .inspect_listen
+            .parse::<SocketAddr>()
+            .map_err(|_| {
+                invalid(
+                    "http.inspect_listen",
+                    format!(
+                        "{:?} is not an address such as 127.0.0.1:9091",
+                        self.http.inspect_listen
+                    ),
+                )
+            })?;
+        if !inspect.ip().is_loopback() {
+            return Err(invalid(
+                "http.inspect_listen",
+                "must be a loopback address (127.0.0.1 or ::1): it serves users' alarms",
+            ));
+        }
         if self.shards.count == 0 || self.shards.count > 4096 {
             return Err(invalid("shards.count", "must be between 1 and 4096"));
         }
@@ -747,6 +798,12 @@ impl Config {
         }
         if t.ack_wait_secs < 5 {
             return Err(invalid("tuning.ack_wait_secs", "must be at least 5"));
+        }
+        if !(1..=3600).contains(&t.consumer_stats_every_secs) {
+            return Err(invalid(
+                "tuning.consumer_stats_every_secs",
+                "must be between 1 and 3600",
+            ));
         }
         let r = &self.retention;
         if r.cleared_after_hours == 0 || r.cleared_after_hours > 24 * 365 * 100 {

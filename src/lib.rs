@@ -6,6 +6,7 @@ pub mod bus;
 pub mod cli;
 pub mod cmd;
 pub mod config;
+pub mod consumer_stats;
 pub mod domain;
 pub mod http;
 pub mod load;

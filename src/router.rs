@@ -8,7 +8,6 @@ use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{AckKind, Message};
 use async_nats::HeaderMap;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -192,14 +191,14 @@ async fn ack_routed(mut batches: mpsc::Receiver<Pending>, shared: Shared) {
             match outcome {
                 Ok(_) => {
                     if let Routed::ToShard = routed {
-                        shared.metrics.routed.fetch_add(1, Relaxed);
+                        shared.metrics.routed.inc();
                     }
                     if let Err(error) = message.ack().await {
                         tracing::debug!(%error, "input ack not sent; it will be redelivered");
                     }
                 }
                 Err(error) => {
-                    shared.metrics.publish_failures.fetch_add(1, Relaxed);
+                    shared.metrics.publish_failures.inc();
                     tracing::warn!(message = "republish failed; input will be redelivered", %error);
                     let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
                 }

@@ -27,6 +27,8 @@ use crate::store::{GroupFlusher, Store};
 /// A started instance.
 pub struct RunningService {
     pub http_addr: SocketAddr,
+    /// Where `/inspect` answers: `http_addr` itself when that is loopback.
+    pub inspect_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     supervisor: JoinHandle<anyhow::Result<()>>,
@@ -61,6 +63,21 @@ pub async fn start(config: Config) -> anyhow::Result<RunningService> {
         .await
         .with_context(|| format!("binding http.listen {}", config.http.listen))?;
     let http_addr = listener.local_addr()?;
+    // User data stays on loopback: a second listener for /inspect when the main one is open.
+    let inspect_listener = if config.http.inspect_on_main_listener() {
+        None
+    } else {
+        let bound = TcpListener::bind(&config.http.inspect_listen)
+            .await
+            .with_context(|| {
+                format!("binding http.inspect_listen {}", config.http.inspect_listen)
+            })?;
+        Some(bound)
+    };
+    let inspect_addr = match &inspect_listener {
+        Some(bound) => bound.local_addr()?,
+        None => http_addr,
+    };
 
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
@@ -76,7 +93,19 @@ pub async fn start(config: Config) -> anyhow::Result<RunningService> {
         topology: topology.clone(),
         nats: nats.clone(),
     };
-    let http_task = tokio::spawn(http::serve(listener, http_state, shutdown.clone()));
+    let http_task = {
+        let (state, cancel) = (http_state.clone(), shutdown.clone());
+        let with_inspect = inspect_listener.is_none();
+        tokio::spawn(async move {
+            let main = http::serve(listener, state.clone(), with_inspect, cancel.clone());
+            match inspect_listener {
+                Some(inspect) => {
+                    tokio::join!(main, http::serve_inspect(inspect, state, cancel));
+                }
+                None => main.await,
+            }
+        })
+    };
     tracing::info!(
         %http_addr,
         data_dir = %config.storage.path.display(),
@@ -97,6 +126,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningService> {
     let supervisor = tokio::spawn(supervise(parts, shutdown.clone(), http_task));
     Ok(RunningService {
         http_addr,
+        inspect_addr,
         metrics,
         shutdown,
         supervisor,
@@ -167,7 +197,7 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
     parts.readiness.set("streams", true);
     // For systemd (Type=notify): started means connected, streams checked and the shard
     // count agreed with the cluster. Per-shard readiness is /readyz's business.
-    crate::notify::notify("READY=1");
+    crate::notify::notify(crate::notify::NotifyState::Ready);
 
     let shared = Shared {
         config: config.clone(),
@@ -184,7 +214,17 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
     parts
         .metrics
         .shards_owned
-        .store(owned.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        .set(i64::try_from(owned.len()).unwrap_or(i64::MAX));
+    let stats = crate::consumer_stats::run(
+        shared.clone(),
+        owned.clone(),
+        config.tuning.consumer_stats_every(),
+        shutdown.clone(),
+    );
+    tasks.spawn(async move {
+        stats.await;
+        Ok(())
+    });
     for shard in owned {
         let store = parts.store.shard(shard)?;
         let worker = ShardWorker::new(shared.clone(), cluster.clone(), store, flusher.clone());
@@ -199,7 +239,7 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
             shutdown.cancel();
         }
     }
-    crate::notify::notify("STOPPING=1");
+    crate::notify::notify(crate::notify::NotifyState::Stopping);
     tracing::info!("stopping: finishing in-flight batches");
     let grace = Duration::from_secs(config.shutdown.grace_secs);
     let drain = async {

@@ -5,7 +5,6 @@
 //! one group flush → ack the status changes → publish the batch's digests (Msg-Id from the
 //! outbox sequence) → on their PubAcks, drop them from the outbox and ack the requests.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use async_nats::header::NATS_MESSAGE_ID;
@@ -177,15 +176,12 @@ impl ShardWorker {
         ) {
             Ok((removed, next)) => {
                 if removed > 0 {
-                    self.shared
-                        .metrics
-                        .tombstones_swept
-                        .fetch_add(removed as u64, Relaxed);
+                    self.shared.metrics.tombstones_swept.inc_by(removed as u64);
                 }
                 if next.is_none() {
                     self.sweep.running = false;
                     self.sweep.last_pass = Instant::now();
-                    self.shared.metrics.sweep_passes.fetch_add(1, Relaxed);
+                    self.shared.metrics.sweep_passes.inc();
                 }
                 self.sweep.cursor = next;
             }
@@ -203,9 +199,9 @@ impl ShardWorker {
             return Ok(());
         };
         let metrics = self.shared.metrics.clone();
-        metrics.shards_consuming.fetch_add(1, Relaxed);
+        metrics.shards_consuming.inc();
         let result = self.consume(&lease, &cancel).await;
-        metrics.shards_consuming.fetch_sub(1, Relaxed);
+        metrics.shards_consuming.dec();
         lease.release().await;
         result
     }
@@ -313,10 +309,7 @@ impl ShardWorker {
                 Ok(messages) if !lease.is_fresh() => {
                     // Paused or cut off past the lease: another process may hold the shard
                     // now. Hand the batch back unapplied.
-                    self.shared
-                        .metrics
-                        .lease_stale_batches
-                        .fetch_add(1, Relaxed);
+                    self.shared.metrics.lease_stale_batches.inc();
                     for message in messages {
                         let _ = message.ack_with(AckKind::Nak(None)).await;
                     }
@@ -326,7 +319,7 @@ impl ShardWorker {
                     match self.process(messages).await {
                         Ok(()) => store_failing_since = None,
                         Err(error) => {
-                            self.shared.metrics.store_failures.fetch_add(1, Relaxed);
+                            self.shared.metrics.store_failures.inc();
                             self.shared.readiness.set(self.part.clone(), false);
                             tracing::error!(shard, %error, "batch not applied; it will be redelivered");
                             let since = *store_failing_since.get_or_insert_with(Instant::now);
@@ -574,7 +567,7 @@ impl ShardWorker {
                     refused.push((*sequence, entry.clone()));
                 }
                 Err(error) => {
-                    shared.metrics.publish_failures.fetch_add(1, Relaxed);
+                    shared.metrics.publish_failures.inc();
                     first_error.get_or_insert(error);
                 }
             }
@@ -582,7 +575,7 @@ impl ShardWorker {
         shared
             .metrics
             .digests_published
-            .fetch_add(delivered.len() as u64, Relaxed);
+            .inc_by(delivered.len() as u64);
         if let Err(error) = self.store.remove_outbox(&delivered) {
             // They would be published again with the same Msg-Id; JetStream drops copies.
             tracing::warn!(shard = self.store.shard(), %error, "cannot drop published digests");
@@ -594,7 +587,7 @@ impl ShardWorker {
                     shared
                         .metrics
                         .digest_parts_refused
-                        .fetch_add(refused.len() as u64, Relaxed);
+                        .inc_by(refused.len() as u64);
                     done.extend(refused.iter().map(|(sequence, _)| *sequence));
                 }
                 Err(error) => {
@@ -614,7 +607,14 @@ impl ShardWorker {
         if let Some(error) = first_error {
             return Err(error);
         }
+        let now_nanos = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
         for message in self.held.drain(..) {
+            // Request stored in the shard stream (the broker's clock) → digest acknowledged.
+            if let Ok(info) = message.info() {
+                let stored = i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0);
+                let seconds = (now_nanos.saturating_sub(stored)).max(0) as f64 / 1e9;
+                self.shared.metrics.digest_latency.observe(seconds);
+            }
             ack(&message).await;
         }
         Ok(())
@@ -702,16 +702,12 @@ struct BatchCounts {
 
 impl BatchCounts {
     fn record(&self, metrics: &crate::metrics::Metrics) {
-        metrics.events_applied.fetch_add(self.applied, Relaxed);
-        metrics.events_unchanged.fetch_add(self.unchanged, Relaxed);
-        metrics.digest_requests.fetch_add(self.requests, Relaxed);
-        metrics
-            .digests_skipped_empty
-            .fetch_add(self.skipped_empty, Relaxed);
-        metrics
-            .duplicate_requests
-            .fetch_add(self.duplicates, Relaxed);
-        metrics.digests_split.fetch_add(self.split_digests, Relaxed);
+        metrics.events_applied.inc_by(self.applied);
+        metrics.events_unchanged.inc_by(self.unchanged);
+        metrics.digest_requests.inc_by(self.requests);
+        metrics.digests_skipped_empty.inc_by(self.skipped_empty);
+        metrics.duplicate_requests.inc_by(self.duplicates);
+        metrics.digests_split.inc_by(self.split_digests);
     }
 }
 

@@ -2,8 +2,6 @@
 
 use std::sync::Arc;
 
-use std::sync::atomic::Ordering::Relaxed;
-
 use async_nats::jetstream::{Context, Message};
 
 use crate::bus::Topology;
@@ -27,7 +25,7 @@ impl Shared {
         match message.info() {
             Ok(info) => {
                 if info.delivered > 1 {
-                    self.metrics.redeliveries.fetch_add(1, Relaxed);
+                    self.metrics.redeliveries.inc();
                 }
                 info.stream_sequence
             }

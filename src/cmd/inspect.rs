@@ -11,7 +11,7 @@ use crate::http;
 use crate::store::{Store, UserReport};
 
 pub async fn run(config: Config, user_id: &str) -> anyhow::Result<ExitCode> {
-    let report = match from_running_instance(&config.http.listen, user_id).await {
+    let report = match from_running_instance(config.http.inspect_addr(), user_id).await {
         Ok(Some(report)) => report,
         Ok(None) => from_data_dir(&config, user_id)?,
         Err(error) => return Err(error),
@@ -22,7 +22,7 @@ pub async fn run(config: Config, user_id: &str) -> anyhow::Result<ExitCode> {
 
 fn from_data_dir(config: &Config, user_id: &str) -> anyhow::Result<UserReport> {
     let store = Store::open(&config.storage.path, config.storage.cache_capacity_mb)
-        .context("no instance answered on http.listen, so reading the data dir directly")?;
+        .context("no instance answered on its inspect address, so reading the data dir directly")?;
     store.check_shard_count(config.shards.count)?;
     let shard = Topology::new(config.streams.clone(), config.shards.count).shard_of(user_id);
     Ok(store.inspect_user(shard, user_id)?)
@@ -30,10 +30,10 @@ fn from_data_dir(config: &Config, user_id: &str) -> anyhow::Result<UserReport> {
 
 /// `Ok(None)` when nothing listens there.
 async fn from_running_instance(listen: &str, user_id: &str) -> anyhow::Result<Option<UserReport>> {
-    let path = format!("/inspect/user?id={}", percent_encode(user_id));
+    let path = format!("/inspect/user?id={}", http::percent_encode(user_id));
     let (status, body) = match http::get(listen, &path).await {
         Ok(answer) => answer,
-        Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
+        Err(http::GetError::Refused(_)) => return Ok(None),
         Err(error) => return Err(error).context(format!("asking the instance at {listen}")),
     };
     if status != 200 {
@@ -45,24 +45,4 @@ async fn from_running_instance(listen: &str, user_id: &str) -> anyhow::Result<Op
     Ok(Some(
         serde_json::from_str(&body).context("reading the instance's answer")?,
     ))
-}
-
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn percent_encoding_keeps_unreserved_and_escapes_the_rest() {
-        assert_eq!(super::percent_encode("a-b_c.d~e"), "a-b_c.d~e");
-        assert_eq!(super::percent_encode("a b/&=é"), "a%20b%2F%26%3D%C3%A9");
-    }
 }

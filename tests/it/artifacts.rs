@@ -115,10 +115,10 @@ async fn systemd_hears_ready_once_the_instance_has_joined_and_stopping_on_sigter
     );
     let mut buffer = [0u8; 64];
     let len = socket.recv(&mut buffer).expect("READY=1 within 30 s");
-    assert_eq!(&buffer[..len], b"READY=1");
+    assert_eq!(buffer[..len].trim_ascii_end(), b"READY=1");
     process.signal("TERM");
     let len = socket.recv(&mut buffer).expect("STOPPING=1 on SIGTERM");
-    assert_eq!(&buffer[..len], b"STOPPING=1");
+    assert_eq!(buffer[..len].trim_ascii_end(), b"STOPPING=1");
     assert!(process.wait_exit(WAIT).success());
 }
 

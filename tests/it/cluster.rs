@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use alarm_digest::bus::Topology;
@@ -155,8 +154,8 @@ async fn three_instances_over_six_shards_answer_every_request_exactly_once() {
             .iter()
             .filter(|(user, ..)| usize::from(shard_of(user) % 3) == ordinal)
             .count() as u64;
-        let applied = instance.metrics.events_applied.load(Relaxed)
-            + instance.metrics.events_unchanged.load(Relaxed);
+        let applied =
+            instance.metrics.events_applied.get() + instance.metrics.events_unchanged.get();
         assert_eq!(applied, own_events, "instance {ordinal}");
     }
     for instance in instances {
@@ -248,11 +247,11 @@ async fn only_the_home_consumes_a_shard_and_export_import_moves_it_with_its_stat
         .status(&user, "old", "CRITICAL", "2026-01-01T00:00:01Z")
         .await;
     client.wait_drained().await;
-    assert_eq!(home.metrics.events_applied.load(Relaxed), 1);
-    assert_eq!(other.metrics.events_applied.load(Relaxed), 0);
-    assert_eq!(home.metrics.shards_consuming.load(Relaxed), 6);
-    assert_eq!(other.metrics.shards_owned.load(Relaxed), 1);
-    assert_eq!(other.metrics.shards_consuming.load(Relaxed), 0);
+    assert_eq!(home.metrics.events_applied.get(), 1);
+    assert_eq!(other.metrics.events_applied.get(), 0);
+    assert_eq!(home.metrics.shards_consuming.get(), 6);
+    assert_eq!(other.metrics.shards_owned.get(), 1);
+    assert_eq!(other.metrics.shards_consuming.get(), 0);
 
     // The home goes away: the other instance still refuses, its state would be missing.
     home.stop().await.expect("clean stop");
@@ -262,7 +261,7 @@ async fn only_the_home_consumes_a_shard_and_export_import_moves_it_with_its_stat
     tokio::time::sleep(Duration::from_secs(4)).await; // past a whole lease period
     let refusal = wait_shard_not_ready(&other.http_addr.to_string()).await;
     assert!(refusal.contains("its home is instance"), "{refusal}");
-    assert_eq!(other.metrics.events_applied.load(Relaxed), 0);
+    assert_eq!(other.metrics.events_applied.get(), 0);
     other.stop().await.expect("clean stop");
 
     // Move shard 2 with the runbook's commands.
@@ -375,7 +374,7 @@ async fn rebalancing_moves_a_shard_between_running_instances_by_the_runbook() {
     let digests = collect(&mut reader, 60).await;
     workload.check(&digests);
     assert_eq!(digests.len(), 60);
-    assert!(b.metrics.digest_requests.load(Relaxed) > a.metrics.digest_requests.load(Relaxed));
+    assert!(b.metrics.digest_requests.get() > a.metrics.digest_requests.get());
     a.stop().await.expect("clean stop");
     b.stop().await.expect("clean stop");
 }

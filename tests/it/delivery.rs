@@ -133,7 +133,10 @@ async fn a_digest_larger_than_max_payload_arrives_in_ordered_parts_and_blocks_no
         .await;
     let parts = parts_of(&received, "heavy");
     let bytes: usize = parts.iter().map(|p| p.wire_bytes).sum();
-    eprintln!("3,000 alarms, {bytes} bytes with headers, in {} parts", parts.len());
+    eprintln!(
+        "3,000 alarms, {bytes} bytes with headers, in {} parts",
+        parts.len()
+    );
     assert!(parts.len() >= 3, "3,000 alarms in {} parts", parts.len());
     assert_eq!(alarm_ids(&parts), ids, "every alarm once, oldest first");
     let neighbour: Vec<_> = received

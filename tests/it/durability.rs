@@ -392,12 +392,7 @@ async fn backfilled_old_events_keep_their_tombstones_through_a_sweep() {
         .await;
     bed.client.wait_drained().await;
     // Wait for two more completed sweep passes: at least one ran entirely after the event.
-    let passes = || {
-        service
-            .metrics
-            .sweep_passes
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let passes = || service.metrics.sweep_passes.get();
     let target = passes() + 2;
     let deadline = std::time::Instant::now() + WAIT;
     while passes() < target {

@@ -10,5 +10,6 @@ mod dead_letter;
 mod delivery;
 mod drills;
 mod durability;
+mod operations;
 mod security;
 mod semantics;

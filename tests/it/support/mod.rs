@@ -4,6 +4,7 @@
 
 pub mod nats;
 pub mod service;
+pub mod tools;
 
 pub use nats::{NatsCluster, NatsServer};
 pub use service::*;

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use super::free_port;
+
 const INSTALL_HINT: &str = "nats-server is required for the integration tests and was not found \
     (looked at $NATS_SERVER_BIN, /usr/sbin/nats-server and $PATH). Install it with \
     `sudo apt-get install nats-server` on Debian/Ubuntu, or set NATS_SERVER_BIN.";
@@ -225,13 +227,6 @@ impl NatsCluster {
             self.nodes.push(NatsServer::start_on_with(*port, args));
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 fn parse_port(ports_json: &str) -> Option<u16> {

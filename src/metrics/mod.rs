@@ -1,0 +1,408 @@
+//! The instance's metrics, kept in `prometheus-client` types and rendered as OpenMetrics text.
+//! Labels are only low-cardinality reasons and shard numbers; a user ID is never a label.
+
+mod process;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+/// `/metrics` for a client that asks for OpenMetrics (Prometheus does).
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// `/metrics` for every other client (curl, `promtool check metrics`): the classic text format.
+pub const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Shard {
+    shard: String,
+}
+
+impl Shard {
+    pub fn new(shard: u16) -> Shard {
+        Shard {
+            shard: shard.to_string(),
+        }
+    }
+}
+
+pub struct Metrics {
+    pub events_applied: Counter,
+    pub events_unchanged: Counter,
+    pub digest_requests: Counter,
+    pub digests_published: Counter,
+    pub digests_skipped_empty: Counter,
+    pub duplicate_requests: Counter,
+    pub routed: Counter,
+    pub redeliveries: Counter,
+    pub publish_failures: Counter,
+    pub store_failures: Counter,
+    pub tombstones_swept: Counter,
+    pub sweep_passes: Counter,
+    pub lease_stale_batches: Counter,
+    /// Digests written in more than one part (larger than the server's `max_payload`).
+    pub digests_split: Counter,
+    /// Digest parts the broker refused for good; their alarms went back to unsent.
+    pub digest_parts_refused: Counter,
+    /// 1 when `/readyz` would answer 200, else 0 (set when scraped).
+    pub ready: Gauge,
+    /// Shards this instance is configured to own.
+    pub shards_owned: Gauge,
+    /// Owned shards being consumed (home here, lease taken).
+    pub shards_consuming: Gauge,
+    /// Per shard, read from JetStream's consumer info (`consumer_stats`).
+    pub shard_pending: Family<Shard, Gauge>,
+    pub shard_ack_pending: Family<Shard, Gauge>,
+    pub shard_redelivered: Family<Shard, Gauge>,
+    /// The router's consumer of the input stream (shared by every instance).
+    pub input_pending: Gauge,
+    /// Request stored in its shard stream → its digest acknowledged by JetStream.
+    pub digest_latency: Histogram,
+    rejected: Family<Reason, Counter>,
+    /// The sum over `rejected`, for callers (not exposed: the family already says it).
+    rejected_all: Counter,
+    batch_latency: Histogram,
+    outbox: Arc<OutboxGauges>,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let histogram = || Histogram::new(LATENCY_BUCKETS);
+        let metrics = Metrics {
+            events_applied: Counter::default(),
+            events_unchanged: Counter::default(),
+            digest_requests: Counter::default(),
+            digests_published: Counter::default(),
+            digests_skipped_empty: Counter::default(),
+            duplicate_requests: Counter::default(),
+            routed: Counter::default(),
+            redeliveries: Counter::default(),
+            publish_failures: Counter::default(),
+            store_failures: Counter::default(),
+            tombstones_swept: Counter::default(),
+            sweep_passes: Counter::default(),
+            lease_stale_batches: Counter::default(),
+            digests_split: Counter::default(),
+            digest_parts_refused: Counter::default(),
+            ready: Gauge::default(),
+            shards_owned: Gauge::default(),
+            shards_consuming: Gauge::default(),
+            shard_pending: Family::default(),
+            shard_ack_pending: Family::default(),
+            shard_redelivered: Family::default(),
+            input_pending: Gauge::default(),
+            digest_latency: histogram(),
+            rejected: Family::default(),
+            rejected_all: Counter::default(),
+            batch_latency: histogram(),
+            outbox: Arc::new(OutboxGauges::default()),
+            registry: Registry::default(),
+        };
+        metrics.registered()
+    }
+
+    /// Registers every metric: ours under `alarm_digest_`, the process's under `process_`,
+    /// as the Prometheus conventions name them.
+    fn registered(mut self) -> Metrics {
+        let mut root = Registry::default();
+        root.register_collector(Box::new(process::ProcessCollector));
+        let ours = root.sub_registry_with_prefix("alarm_digest");
+        let counters: [(&str, &str, &Counter); 15] = [
+            ("events_applied", "Status changes that changed stored state.", &self.events_applied),
+            ("events_unchanged", "Status changes that were stale or duplicates.", &self.events_unchanged),
+            ("digest_requests", "Digest requests answered.", &self.digest_requests),
+            (
+                "digests_published",
+                "Digest messages (parts) acknowledged by JetStream; a digest that fits one message is one.",
+                &self.digests_published,
+            ),
+            ("digests_skipped_empty", "Empty digests not sent (digest.skip_empty).", &self.digests_skipped_empty),
+            ("duplicate_requests", "Redelivered digest requests answered before.", &self.duplicate_requests),
+            ("routed", "Input messages republished to a shard stream.", &self.routed),
+            ("redeliveries", "Messages delivered more than once.", &self.redeliveries),
+            ("publish_failures", "Publishes without a PubAck (retried).", &self.publish_failures),
+            ("store_failures", "Batches the store could not apply or flush (retried).", &self.store_failures),
+            ("tombstones_swept", "CLEARED alarms removed by the retention sweep.", &self.tombstones_swept),
+            ("sweep_passes", "Completed retention sweep passes over a shard.", &self.sweep_passes),
+            (
+                "lease_stale_batches",
+                "Fetched batches handed back unapplied: the shard lease was not renewed in time.",
+                &self.lease_stale_batches,
+            ),
+            (
+                "digests_split",
+                "Digests written in several parts because they exceed the server's max_payload.",
+                &self.digests_split,
+            ),
+            (
+                "digest_parts_refused",
+                "Digest parts the broker refused for good; their alarms went back to unsent.",
+                &self.digest_parts_refused,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            ours.register(name, help, counter.clone());
+        }
+        ours.register(
+            "rejected",
+            "Invalid input dead-lettered, by reason.",
+            self.rejected.clone(),
+        );
+        ours.register(
+            "ready",
+            "1 when /readyz answers 200 (every owned shard consumed, NATS connected), else 0.",
+            self.ready.clone(),
+        );
+        ours.register(
+            "shards_owned",
+            "Shards this instance is configured to own.",
+            self.shards_owned.clone(),
+        );
+        ours.register(
+            "shards_consuming",
+            "Owned shards being consumed; fewer than owned: see /readyz for why.",
+            self.shards_consuming.clone(),
+        );
+        ours.register(
+            "shard_consumer_pending",
+            "Messages in the shard stream not yet delivered to its worker (lag), per shard.",
+            self.shard_pending.clone(),
+        );
+        ours.register(
+            "shard_consumer_ack_pending",
+            "Messages delivered to the shard worker and not yet acked, per shard.",
+            self.shard_ack_pending.clone(),
+        );
+        ours.register(
+            "shard_consumer_redelivered",
+            "Messages of the shard stream delivered more than once and not yet acked, per shard.",
+            self.shard_redelivered.clone(),
+        );
+        ours.register(
+            "input_consumer_pending",
+            "Messages in the input stream not yet delivered to any router (lag).",
+            self.input_pending.clone(),
+        );
+        ours.register(
+            "batch_duration_seconds",
+            "Time to apply, flush, publish and ack one shard batch.",
+            self.batch_latency.clone(),
+        );
+        ours.register(
+            "digest_latency_seconds",
+            "A digest request stored in its shard stream until its digest is acknowledged by JetStream.",
+            self.digest_latency.clone(),
+        );
+        ours.register(
+            "build",
+            "The running build.",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        ours.register_collector(Box::new(self.outbox.clone()));
+        self.registry = root;
+        self
+    }
+
+    pub fn rejected(&self, code: &'static str) {
+        self.rejected
+            .get_or_create(&Reason {
+                reason: code.to_string(),
+            })
+            .inc();
+        self.rejected_all.inc();
+    }
+
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected_all.get()
+    }
+
+    pub fn set_outbox(&self, shard: u16, entries: usize, oldest_written_ms: Option<i64>) {
+        if let Ok(mut outbox) = self.outbox.shards.lock() {
+            outbox.insert(shard, (entries, oldest_written_ms));
+        }
+    }
+
+    pub fn observe_batch(&self, elapsed: Duration) {
+        self.batch_latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(%error, "cannot render the metrics");
+        }
+        out
+    }
+
+    /// The same metrics in Prometheus' classic text format (version 0.0.4).
+    pub fn render_prometheus_text(&self) -> String {
+        let mut out = String::new();
+        if let Err(error) =
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        {
+            tracing::error!(%error, "cannot render the metrics");
+        }
+        out
+    }
+}
+
+/// Per shard: outbox entries waiting for a PubAck and the oldest one's write time (Unix ms).
+/// A collector, so the age is computed when scraped rather than kept up to date by a timer.
+#[derive(Debug, Default)]
+struct OutboxGauges {
+    shards: Mutex<BTreeMap<u16, (usize, Option<i64>)>>,
+}
+
+impl OutboxGauges {
+    fn encode_at(
+        &self,
+        mut encoder: DescriptorEncoder,
+        now_ms: i64,
+    ) -> Result<(), std::fmt::Error> {
+        let Ok(shards) = self.shards.lock() else {
+            return Ok(());
+        };
+        let entries = ConstGauge::new(0i64);
+        let mut family = encoder.encode_descriptor(
+            "outbox_entries",
+            "Digest parts written but not yet acknowledged by JetStream, per shard.",
+            None,
+            entries.metric_type(),
+        )?;
+        for (shard, (count, _)) in shards.iter() {
+            let gauge = ConstGauge::new(i64::try_from(*count).unwrap_or(i64::MAX));
+            gauge.encode(family.encode_family(&Shard::new(*shard))?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest unpublished digest part, per shard (0 when none).",
+            None,
+            entries.metric_type(),
+        )?;
+        for (shard, (_, oldest)) in shards.iter() {
+            let age = oldest.map_or(0.0, |written| (now_ms - written).max(0) as f64 / 1000.0);
+            ConstGauge::new(age).encode(family.encode_family(&Shard::new(*shard))?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Collector for OutboxGauges {
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.encode_at(encoder, chrono::Utc::now().timestamp_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_reasons_buckets_and_build_info() {
+        let metrics = Metrics::new();
+        metrics.events_applied.inc_by(3);
+        metrics.rejected("bad_time");
+        metrics.observe_batch(Duration::from_millis(3));
+        metrics.shards_owned.set(2);
+        metrics.shard_pending.get_or_create(&Shard::new(4)).set(17);
+        let text = metrics.render();
+        assert!(
+            text.contains("# TYPE alarm_digest_shards_owned gauge\n"),
+            "{text}"
+        );
+        assert!(text.contains("alarm_digest_shards_owned 2\n"), "{text}");
+        assert!(
+            text.contains("alarm_digest_events_applied_total 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("alarm_digest_rejected_total{reason=\"bad_time\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("alarm_digest_batch_duration_seconds_bucket{le=\"0.0025\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("alarm_digest_batch_duration_seconds_bucket{le=\"0.005\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("alarm_digest_batch_duration_seconds_count 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("alarm_digest_shard_consumer_pending{shard=\"4\"} 17\n"),
+            "{text}"
+        );
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(
+            text.contains(&format!(
+                "alarm_digest_build_info{{version=\"{version}\"}} 1\n"
+            )),
+            "{text}"
+        );
+        assert!(text.contains("\nprocess_resident_memory_bytes "), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        let classic = metrics.render_prometheus_text();
+        assert!(
+            classic.contains("alarm_digest_events_applied_total 3\n"),
+            "{classic}"
+        );
+        assert!(!classic.contains("# EOF"), "{classic}");
+    }
+
+    #[test]
+    fn outbox_gauges_give_depth_and_oldest_age_per_shard() {
+        let metrics = Metrics::new();
+        metrics.set_outbox(2, 3, Some(10_000));
+        metrics.set_outbox(5, 0, None);
+        let mut registry = Registry::default();
+        let outbox = metrics.outbox.clone();
+        #[derive(Debug)]
+        struct At(Arc<OutboxGauges>);
+        impl Collector for At {
+            fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+                self.0.encode_at(encoder, 25_500)
+            }
+        }
+        registry.register_collector(Box::new(At(outbox)));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("render");
+        assert!(out.contains("outbox_entries{shard=\"2\"} 3\n"), "{out}");
+        assert!(
+            out.contains("outbox_oldest_age_seconds{shard=\"2\"} 15.5\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("outbox_oldest_age_seconds{shard=\"5\"} 0.0\n"),
+            "{out}"
+        );
+    }
+}
