@@ -428,6 +428,14 @@ pub struct TuningConfig {
     /// How often the per-shard consumer gauges (lag, ack pending, redelivered) are read from
     /// JetStream: one consumer-info request per owned shard each time.
     pub consumer_stats_every_secs: u64,
+    /// The router packs each shard's status changes into envelopes of at most this many
+    /// events...
+    pub envelope_max_events: usize,
+    /// ...and at most this many bytes (and always under the server's `max_payload`).
+    pub envelope_max_bytes: usize,
+    /// How long an open envelope may wait for more events after its fetch (0: sealed at the
+    /// end of every fetched batch).
+    pub envelope_linger_ms: u64,
 }
 
 impl Default for TuningConfig {
@@ -438,6 +446,9 @@ impl Default for TuningConfig {
             fetch_expires_ms: 1000,
             ack_wait_secs: 30,
             consumer_stats_every_secs: 15,
+            envelope_max_events: 256,
+            envelope_max_bytes: 256 * 1024,
+            envelope_linger_ms: 0,
         }
     }
 }
@@ -453,6 +464,10 @@ impl TuningConfig {
 
     pub fn consumer_stats_every(&self) -> Duration {
         Duration::from_secs(self.consumer_stats_every_secs)
+    }
+
+    pub fn envelope_linger(&self) -> Duration {
+        Duration::from_millis(self.envelope_linger_ms)
     }
 }
 
@@ -709,10 +724,10 @@ impl Config {
             ("streams.output_subject", &s.output_subject),
             ("streams.dead_letter_subject", &s.dead_letter_subject),
         ] {
-            if !is_literal_subject(subject) {
+            if !is_literal_subject(subject) || subject.len() > 255 {
                 return Err(invalid(
                     key,
-                    format!("{subject:?} is not a literal NATS subject"),
+                    format!("{subject:?} is not a literal NATS subject of at most 255 bytes"),
                 ));
             }
         }
@@ -798,6 +813,21 @@ impl Config {
         }
         if t.ack_wait_secs < 5 {
             return Err(invalid("tuning.ack_wait_secs", "must be at least 5"));
+        }
+        if !(1..=10_000).contains(&t.envelope_max_events) {
+            return Err(invalid(
+                "tuning.envelope_max_events",
+                "must be between 1 and 10000",
+            ));
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&t.envelope_max_bytes) {
+            return Err(invalid(
+                "tuning.envelope_max_bytes",
+                "must be between 1024 and 67108864",
+            ));
+        }
+        if t.envelope_linger_ms > 1000 {
+            return Err(invalid("tuning.envelope_linger_ms", "must be at most 1000"));
         }
         if !(1..=3600).contains(&t.consumer_stats_every_secs) {
             return Err(invalid(

@@ -1,30 +1,38 @@
 //! The router: reads the input stream through one durable consumer shared by every instance,
-//! and republishes each message to its user's shard stream.
+//! and republishes each message to its user's shard stream: status changes packed into one
+//! envelope per shard (`bus::envelope`), digest requests as single messages.
 //!
 //! Publishes of a batch are pipelined; a separate acker task awaits their PubAcks and only
-//! then acks the inputs, so the next fetch overlaps the previous batch's round trips.
+//! then acks the inputs (every input of an envelope after that envelope's PubAck), so the next
+//! fetch overlaps the previous batch's round trips.
+
+use std::time::{Duration, Instant};
 
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{AckKind, Message};
 use async_nats::HeaderMap;
-use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::envelope::{self, Packer, Sealed};
 use crate::bus::{self, BusError, DeadLetter, Outgoing};
 use crate::retry::{until_ok, Backoff};
 use crate::shared::Shared;
-use crate::wire::{self, Input, Rejection};
+use crate::wire::{self, Input, InputKind, Rejection};
 
 /// How long JetStream waits before redelivering an input whose republish failed.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Room left in an envelope message for its headers, under the server's `max_payload`.
+const HEADER_ROOM: usize = 512;
 
 /// Routed batches queued for the acker. With the one being acked and the one being
 /// published, `QUEUED_BATCHES + 2` batches of PubAcks may be outstanding at once.
 pub const QUEUED_BATCHES: usize = 2;
 
-type Pending = Vec<(Result<PublishAckFuture, BusError>, Message, Routed)>;
+/// One publish and the inputs it carries: acked together once it is stored.
+type Pending = Vec<(Result<PublishAckFuture, BusError>, Vec<Message>, Routed)>;
 
 #[derive(Clone, Copy)]
 enum Routed {
@@ -42,6 +50,20 @@ pub struct Router {
 impl Router {
     pub fn new(shared: Shared, publisher: async_nats::jetstream::Context) -> Router {
         Router { shared, publisher }
+    }
+
+    /// Envelope limits: the configured ones, always under the publishing server's limit.
+    fn envelope_limits(&self) -> envelope::Limits {
+        let tuning = &self.shared.config.tuning;
+        let server = self
+            .publisher
+            .client()
+            .max_payload()
+            .saturating_sub(HEADER_ROOM);
+        envelope::Limits {
+            max_entries: tuning.envelope_max_events,
+            max_bytes: tuning.envelope_max_bytes.min(server),
+        }
     }
 
     pub async fn run(self, cancel: CancellationToken) -> Result<(), BusError> {
@@ -72,7 +94,7 @@ impl Router {
                     if messages.is_empty() {
                         continue;
                     }
-                    let pending = self.route(messages).await;
+                    let pending = self.route_round(&consumer, messages).await;
                     if to_acker.send(pending).await.is_err() {
                         break;
                     }
@@ -98,11 +120,52 @@ impl Router {
         Ok(())
     }
 
-    /// Validates and publishes every message of a batch without waiting for PubAcks.
-    async fn route(&self, messages: Vec<Message>) -> Pending {
+    /// Routes one fetched batch and, while `tuning.envelope_linger_ms` allows, whatever else
+    /// is already queued (never more than `router_batch` inputs a round, which bounds the
+    /// PubAcks a round holds), then seals every open envelope.
+    async fn route_round(
+        &self,
+        consumer: &async_nats::jetstream::consumer::PullConsumer,
+        messages: Vec<Message>,
+    ) -> Pending {
+        let tuning = &self.shared.config.tuning;
+        let mut packer = Packer::new(self.shared.topology.shard_count, self.envelope_limits());
+        let mut taken = messages.len();
+        let mut pending = self.route(messages, &mut packer).await;
+        let linger = tuning.envelope_linger();
+        if !linger.is_zero() {
+            let deadline = Instant::now() + linger;
+            while !packer.is_empty() && taken < tuning.router_batch {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                let room = tuning.router_batch - taken;
+                let more = bus::fetch_queued(consumer, room, tuning.fetch_expires())
+                    .await
+                    .unwrap_or_default();
+                if more.is_empty() {
+                    tokio::time::sleep((deadline - now).min(Duration::from_millis(1))).await;
+                    continue;
+                }
+                taken += more.len();
+                let routed = self.route(more, &mut packer).await;
+                pending.extend(routed);
+            }
+        }
+        for sealed in packer.seal_all() {
+            pending.push(self.publish_envelope(sealed).await);
+        }
+        pending
+    }
+
+    /// Validates every message of a batch: status changes go into their shard's envelope
+    /// (publishing the ones that fill up), digest requests out as single messages after their
+    /// shard's open envelope, invalid input to the dead-letter stream. No PubAck is awaited.
+    async fn route(&self, messages: Vec<Message>, packer: &mut Packer<Message>) -> Pending {
         let shared = &self.shared;
         let streams = &shared.config.streams;
-        let mut pending = Vec::with_capacity(messages.len());
+        let mut pending = Vec::new();
         // One reading of the clock per batch: the future-time check is the only place the
         // wall clock decides anything, and it happens here, where events enter.
         let now = chrono::Utc::now();
@@ -118,11 +181,26 @@ impl Router {
                 None => Err(Rejection::UnknownSubject(message.subject.to_string())),
             }
             .and_then(|input| wire::check_clock(input, now, max_skew));
-            let (outgoing, routed) = match decoded {
-                Ok(input) => (
-                    self.shard_message(&input, &message, sequence),
-                    Routed::ToShard,
-                ),
+            match decoded {
+                Ok(Input::StatusChange(change)) => {
+                    let shard = shared.topology.shard_of(&change.user_id);
+                    let subject = message.subject.to_string();
+                    let payload = message.payload.clone();
+                    if let Some(full) = packer.push(shard, sequence, &subject, &payload, message) {
+                        pending.push(self.publish_envelope(full).await);
+                    }
+                }
+                Ok(Input::DigestRequest(request)) => {
+                    // Everything routed before the request goes first: a request never
+                    // overtakes its user's earlier events.
+                    let shard = shared.topology.shard_of(&request.user_id);
+                    if let Some(before) = packer.seal(shard) {
+                        pending.push(self.publish_envelope(before).await);
+                    }
+                    let outgoing = self.request_message(shard, &message, sequence);
+                    let published = self.publish(outgoing).await;
+                    pending.push((published, vec![message], Routed::ToShard));
+                }
                 Err(rejection) => {
                     shared.metrics.rejected(rejection.code());
                     tracing::warn!(
@@ -141,47 +219,61 @@ impl Router {
                     };
                     let outgoing =
                         record.outgoing(&streams.dead_letter_subject, message.payload.clone());
-                    (outgoing, Routed::DeadLettered)
+                    let published = self.publish(outgoing).await;
+                    pending.push((published, vec![message], Routed::DeadLettered));
                 }
-            };
-            let published = self
-                .publisher
-                .publish_with_headers(outgoing.subject, outgoing.headers, outgoing.payload)
-                .await
-                .map_err(|e| BusError::transient("republishing", e));
-            pending.push((published, message, routed));
+            }
         }
         pending
     }
 
-    fn shard_message(&self, input: &Input, message: &Message, input_sequence: u64) -> Outgoing {
-        let shared = &self.shared;
-        let shard = shared.topology.shard_of(input.user_id());
-        let (kind, headers) = match input {
-            // Applying a status change twice is harmless; a Msg-Id on every event would cost
-            // throughput and broker memory for nothing.
-            Input::StatusChange(_) => (wire::InputKind::StatusChange, HeaderMap::new()),
-            // A digest request republished twice (router crash between PubAck and ack) would
-            // be answered twice; the stable Msg-Id lets JetStream drop the copy.
-            Input::DigestRequest(_) => {
-                let mut headers = HeaderMap::new();
-                let id = format!("{}:{input_sequence}", shared.config.streams.input_stream);
-                headers.insert(NATS_MESSAGE_ID, id.as_str());
-                (wire::InputKind::DigestRequest, headers)
-            }
+    async fn publish(&self, outgoing: Outgoing) -> Result<PublishAckFuture, BusError> {
+        self.publisher
+            .publish_with_headers(outgoing.subject, outgoing.headers, outgoing.payload)
+            .await
+            .map_err(|e| BusError::transient("republishing", e))
+    }
+
+    async fn publish_envelope(
+        &self,
+        sealed: Sealed<Message>,
+    ) -> (Result<PublishAckFuture, BusError>, Vec<Message>, Routed) {
+        let mut headers = HeaderMap::new();
+        headers.insert(envelope::FRAME_HEADER, envelope::ENVELOPE_V1);
+        // Applying a status change twice is harmless: envelopes carry no Msg-Id, which would
+        // cost the shard stream memory for nothing.
+        let outgoing = Outgoing {
+            subject: self
+                .shared
+                .topology
+                .shard_subject(InputKind::StatusChange, sealed.shard),
+            headers,
+            payload: sealed.payload,
         };
+        (self.publish(outgoing).await, sealed.tags, Routed::ToShard)
+    }
+
+    /// A digest request republished twice (router crash between PubAck and ack) would be
+    /// answered twice; the stable Msg-Id lets JetStream drop the copy.
+    fn request_message(&self, shard: u16, message: &Message, input_sequence: u64) -> Outgoing {
+        let shared = &self.shared;
+        let mut headers = HeaderMap::new();
+        let id = format!("{}:{input_sequence}", shared.config.streams.input_stream);
+        headers.insert(NATS_MESSAGE_ID, id.as_str());
         Outgoing {
-            subject: shared.topology.shard_subject(kind, shard),
+            subject: shared
+                .topology
+                .shard_subject(InputKind::DigestRequest, shard),
             headers,
             payload: message.payload.clone(),
         }
     }
 }
 
-/// Awaits each batch's PubAcks in order and acks (or naks) the inputs.
+/// Awaits each batch's PubAcks in order and acks (or naks) the inputs each publish carries.
 async fn ack_routed(mut batches: mpsc::Receiver<Pending>, shared: Shared) {
     while let Some(batch) = batches.recv().await {
-        for (published, message, routed) in batch {
+        for (published, messages, routed) in batch {
             let outcome = match published {
                 Ok(ack) => ack
                     .await
@@ -191,16 +283,24 @@ async fn ack_routed(mut batches: mpsc::Receiver<Pending>, shared: Shared) {
             match outcome {
                 Ok(_) => {
                     if let Routed::ToShard = routed {
-                        shared.metrics.routed.inc();
+                        shared.metrics.routed.inc_by(messages.len() as u64);
                     }
-                    if let Err(error) = message.ack().await {
-                        tracing::debug!(%error, "input ack not sent; it will be redelivered");
+                    for message in messages {
+                        if let Err(error) = message.ack().await {
+                            tracing::debug!(%error, "input ack not sent; it will be redelivered");
+                        }
                     }
                 }
                 Err(error) => {
                     shared.metrics.publish_failures.inc();
-                    tracing::warn!(message = "republish failed; input will be redelivered", %error);
-                    let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+                    tracing::warn!(
+                        message = "republish failed; its inputs will be redelivered",
+                        inputs = messages.len(),
+                        %error
+                    );
+                    for message in messages {
+                        let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+                    }
                 }
             }
         }

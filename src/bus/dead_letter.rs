@@ -45,6 +45,10 @@ impl DeadLetter<'_> {
             DeadLetterHeaders::STREAM_SEQUENCE,
             self.stream_sequence.to_string().as_str(),
         );
+        // One record per rejected input: an envelope redelivered because another entry's
+        // record was not stored publishes this one again, and the stream drops the copy.
+        let id = format!("dead-letter:{}:{}", self.stream, self.stream_sequence);
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
         Outgoing {
             subject: Subject::from(dead_letter_subject),
             headers,

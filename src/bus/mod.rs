@@ -3,6 +3,7 @@
 
 mod connect;
 mod dead_letter;
+pub mod envelope;
 pub mod ownership;
 mod publish;
 mod topology;
@@ -40,6 +41,15 @@ pub async fn fetch(
         }
     }
     Ok(messages)
+}
+
+/// Takes whatever is queued, up to `max`, without waiting for more.
+pub async fn fetch_queued(
+    consumer: &PullConsumer,
+    max: usize,
+    expires: Duration,
+) -> Result<Vec<Message>, BusError> {
+    pull(consumer, max, expires, Wait::No).await
 }
 
 enum Wait {

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{publish_events, wait_drained, Workload};
+use crate::bus::envelope::{self, Packer};
 use crate::bus::{self, Topology};
 use crate::config::{Config, StreamsConfig};
 use crate::router::QUEUED_BATCHES;
@@ -109,9 +110,11 @@ pub async fn measure(
 
 type Published = (
     Result<jetstream::context::PublishAckFuture, async_nats::Error>,
-    Message,
+    Vec<Message>,
 );
 
+/// The router's job with zero processing: the same fetches, the same envelopes sealed by the
+/// same rules (`bus::envelope::Packer`), the same acks after each envelope's PubAck.
 async fn route(
     consumer: jetstream::consumer::PullConsumer,
     js: Context,
@@ -122,32 +125,50 @@ async fn route(
     let (to_acker, mut batches) = mpsc::channel::<Vec<Published>>(QUEUED_BATCHES);
     let acker = tokio::spawn(async move {
         while let Some(batch) = batches.recv().await {
-            for (published, message) in batch {
+            for (published, messages) in batch {
                 if let Ok(future) = published {
                     if future.await.is_ok() {
-                        let _ = message.ack().await;
+                        for message in messages {
+                            let _ = message.ack().await;
+                        }
                     }
                 }
             }
         }
     });
+    let limits = envelope::Limits {
+        max_entries: tuning.envelope_max_events,
+        max_bytes: tuning
+            .envelope_max_bytes
+            .min(js.client().max_payload().saturating_sub(512)),
+    };
     loop {
         let fetched = tokio::select! {
             _ = cancel.cancelled() => break,
             fetched = bus::fetch(&consumer, tuning.router_batch, tuning.fetch_expires()) => fetched,
         };
         let Ok(messages) = fetched else { continue };
-        let mut batch = Vec::with_capacity(messages.len());
+        let mut packer = Packer::new(topology.shard_count, limits);
+        let mut sealed = Vec::new();
         for message in messages {
             // Zero processing: route on the raw payload's checksum instead of the UserID.
             let shard =
                 (crc32fast::hash(&message.payload) % u32::from(topology.shard_count)) as u16;
-            let subject = topology.shard_subject(InputKind::StatusChange, shard);
+            let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+            let (subject, payload) = (message.subject.to_string(), message.payload.clone());
+            sealed.extend(packer.push(shard, sequence, &subject, &payload, message));
+        }
+        sealed.extend(packer.seal_all());
+        let mut batch = Vec::with_capacity(sealed.len());
+        for envelope in sealed {
+            let mut headers = HeaderMap::new();
+            headers.insert(envelope::FRAME_HEADER, envelope::ENVELOPE_V1);
+            let subject = topology.shard_subject(InputKind::StatusChange, envelope.shard);
             let published = js
-                .publish_with_headers(subject, HeaderMap::new(), message.payload.clone())
+                .publish_with_headers(subject, headers, envelope.payload)
                 .await
                 .map_err(Into::into);
-            batch.push((published, message));
+            batch.push((published, envelope.tags));
         }
         if to_acker.send(batch).await.is_err() {
             break;

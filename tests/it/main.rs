@@ -10,6 +10,7 @@ mod dead_letter;
 mod delivery;
 mod drills;
 mod durability;
+mod envelopes;
 mod operations;
 mod security;
 mod semantics;

@@ -1,0 +1,372 @@
+//! One fetched batch, applied atomically: every message (an envelope of status changes, a
+//! digest request, or a single status change in the previous release's format) into one
+//! [`crate::store::ShardWrite`] overlay → one atomic sled batch → one group flush → acks, dead
+//! letters and digests.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{AckKind, Message};
+use bytes::Bytes;
+
+use super::{ack, ShardWorker};
+use crate::bus::envelope::{self, ENVELOPE_V1, FRAME_HEADER};
+use crate::bus::{self, DeadLetter};
+use crate::store::{Applied, DigestOptions, DigestOutcome, ShardWrite, StoreError};
+use crate::wire::{self, Input, InputKind, Rejection};
+
+/// Redelivery delay for a batch the store could not take.
+pub(super) const STORE_RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// What to do with one message of a batch once the batch is durable.
+enum Disposition {
+    /// Applied (or a duplicate): ack after the flush.
+    Ack,
+    /// A digest was queued: ack after its PubAck.
+    AfterDigest,
+    /// These inputs (the message itself, or entries of its envelope) are dead-lettered; ack
+    /// the message once every record is stored.
+    DeadLetters(Vec<Rejected>),
+}
+
+/// One input that is not applied, with where it came from for its dead-letter headers.
+struct Rejected {
+    code: &'static str,
+    error: String,
+    subject: String,
+    /// The stream and sequence the input is known by: the input stream's for an envelope
+    /// entry, the shard stream's for a single message.
+    stream: String,
+    sequence: u64,
+    payload: Bytes,
+}
+
+/// One input to apply: a single message, or one entry of an envelope.
+struct Item<'a> {
+    kind: Option<InputKind>,
+    subject: &'a str,
+    payload: &'a [u8],
+    stream: &'a str,
+    sequence: u64,
+}
+
+/// What applying one item did.
+enum Outcome {
+    Done,
+    Digest,
+    Rejected(Rejected),
+}
+
+impl ShardWorker {
+    /// Applies one batch. An `Err` means nothing of it was acked; JetStream redelivers it.
+    pub(super) async fn process(&mut self, messages: Vec<Message>) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let shared = self.shared.clone();
+        let shard = self.store.shard();
+        let options = DigestOptions {
+            skip_empty: shared.config.digest.skip_empty,
+            max_part_bytes: self.part_limit(),
+            written_at: chrono::Utc::now(),
+        };
+        let shard_stream = shared.topology.shard_stream(shard);
+        let input_stream = shared.config.streams.input_stream.clone();
+        let mut dispositions = Vec::with_capacity(messages.len());
+        let mut counts = BatchCounts::default();
+        let mut newest_seen = self.sweep.newest_seen;
+        let mut write = self.store.begin();
+        for message in &messages {
+            let sequence = shared.note_delivery(message);
+            let is_envelope = message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get(FRAME_HEADER))
+                .is_some_and(|frame| frame.as_str() == ENVELOPE_V1);
+            let mut batch = Apply {
+                worker: &shared,
+                shard,
+                write: &mut write,
+                counts: &mut counts,
+                newest_seen: &mut newest_seen,
+                options: &options,
+            };
+            let disposition = if is_envelope {
+                match envelope::decode(&message.payload) {
+                    Ok(entries) => {
+                        let mut rejected = Vec::new();
+                        for entry in entries {
+                            let item = Item {
+                                kind: shared.topology.input_kind(entry.subject),
+                                subject: entry.subject,
+                                payload: entry.payload,
+                                stream: &input_stream,
+                                sequence: entry.input_sequence,
+                            };
+                            match batch.entry(&item)? {
+                                Outcome::Done => {}
+                                Outcome::Rejected(one) => rejected.push(one),
+                                // `entry` never answers a request.
+                                Outcome::Digest => {}
+                            }
+                        }
+                        if rejected.is_empty() {
+                            Disposition::Ack
+                        } else {
+                            Disposition::DeadLetters(rejected)
+                        }
+                    }
+                    Err(error) => Disposition::DeadLetters(vec![Rejected {
+                        code: "bad_envelope",
+                        error: error.to_string(),
+                        subject: message.subject.to_string(),
+                        stream: shard_stream.clone(),
+                        sequence,
+                        payload: message.payload.clone(),
+                    }]),
+                }
+            } else {
+                // A digest request, or a single status change as the release before
+                // envelopes routed it.
+                let item = Item {
+                    kind: shared.topology.shard_kind(shard, &message.subject),
+                    subject: &message.subject,
+                    payload: &message.payload,
+                    stream: &shard_stream,
+                    sequence,
+                };
+                match batch.single(&item)? {
+                    Outcome::Done => Disposition::Ack,
+                    Outcome::Digest => Disposition::AfterDigest,
+                    Outcome::Rejected(one) => Disposition::DeadLetters(vec![one]),
+                }
+            };
+            dispositions.push(disposition);
+        }
+        let queued = match write.commit() {
+            Ok(queued) => queued,
+            Err(error) => return Err(self.nak_all(messages, error).await),
+        };
+        if let Err(error) = self.flusher.flush().await {
+            return Err(self.nak_all(messages, error).await);
+        }
+        self.sweep.newest_seen = newest_seen;
+        counts.record(&shared.metrics);
+        self.outbox.extend(queued);
+        self.note_outbox();
+
+        // Every record with the index of the message it belongs to.
+        let mut records = Vec::new();
+        let mut waiting: Vec<(Message, usize)> = Vec::new();
+        for (message, disposition) in messages.into_iter().zip(dispositions) {
+            match disposition {
+                Disposition::Ack => ack(&message).await,
+                Disposition::AfterDigest => self.held.push(message),
+                Disposition::DeadLetters(rejected) => {
+                    let index = waiting.len();
+                    for one in &rejected {
+                        shared.metrics.rejected(one.code);
+                        tracing::warn!(
+                            message = "rejected shard input; dead-lettering it",
+                            shard,
+                            reason = one.code,
+                            error = %one.error,
+                            subject = %one.subject,
+                            stream = %one.stream,
+                            stream_sequence = one.sequence,
+                        );
+                        let record = DeadLetter {
+                            reason: one.code,
+                            error: &one.error,
+                            original_subject: &one.subject,
+                            stream: &one.stream,
+                            stream_sequence: one.sequence,
+                        };
+                        let outgoing = record.outgoing(
+                            &shared.config.streams.dead_letter_subject,
+                            one.payload.clone(),
+                        );
+                        records.push((outgoing, index));
+                    }
+                    waiting.push((message, rejected.len()));
+                }
+            }
+        }
+        if let Err(error) = self.publish_outbox().await {
+            // The digests are durable in the outbox; the loop retries before taking more.
+            tracing::warn!(shard, %error, "digest publish failed; will retry");
+        }
+        let (outgoing, owners): (Vec<_>, Vec<_>) = records.into_iter().unzip();
+        let outcomes = bus::publish_windowed(&shared.js, outgoing).await;
+        let mut failed = vec![false; waiting.len()];
+        for (owner, outcome) in owners.into_iter().zip(outcomes) {
+            if let Err(error) = outcome {
+                tracing::warn!(shard, %error, "dead letter not stored; will be redelivered");
+                failed[owner] = true;
+            }
+        }
+        // A message is acked once all its records are stored; else it comes back whole
+        // (applying it again is harmless, and each record's Msg-Id drops a second copy).
+        for ((message, _), failed) in waiting.into_iter().zip(failed) {
+            if failed {
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(STORE_RETRY_DELAY)))
+                    .await;
+            } else {
+                ack(&message).await;
+            }
+        }
+        shared.metrics.observe_batch(started.elapsed());
+        Ok(())
+    }
+
+    async fn nak_all(&self, messages: Vec<Message>, error: StoreError) -> StoreError {
+        for message in messages {
+            let _ = message
+                .ack_with(AckKind::Nak(Some(STORE_RETRY_DELAY)))
+                .await;
+        }
+        error
+    }
+}
+
+/// What one message of a batch needs to be applied.
+struct Apply<'b, 's> {
+    worker: &'b crate::shared::Shared,
+    shard: u16,
+    write: &'b mut ShardWrite<'s>,
+    counts: &'b mut BatchCounts,
+    newest_seen: &'b mut Option<chrono::DateTime<chrono::Utc>>,
+    options: &'b DigestOptions,
+}
+
+impl Apply<'_, '_> {
+    /// An envelope entry: a status change. Digest requests travel as single messages (their
+    /// answered-marker is their shard stream sequence), so one inside an envelope is refused.
+    fn entry(&mut self, item: &Item<'_>) -> Result<Outcome, StoreError> {
+        if item.kind == Some(InputKind::DigestRequest) {
+            return Ok(self.reject(
+                item,
+                "request_in_envelope",
+                "digest requests travel as single messages, never inside an envelope".into(),
+            ));
+        }
+        self.single(item)
+    }
+
+    fn single(&mut self, item: &Item<'_>) -> Result<Outcome, StoreError> {
+        let shared = self.worker;
+        let limits = &shared.config.limits;
+        let decoded = match item.kind {
+            Some(kind) => wire::decode(kind, item.payload, limits.max_payload_bytes),
+            None => Err(Rejection::UnknownSubject(item.subject.to_string())),
+        };
+        let input = match decoded {
+            Err(rejection) => {
+                return Ok(self.reject(item, rejection.code(), rejection.to_string()))
+            }
+            Ok(input) => input,
+        };
+        let belongs = shared.topology.shard_of(input.user_id());
+        if belongs != self.shard {
+            let error = format!("user belongs to shard {belongs}, not {}", self.shard);
+            return Ok(self.reject(item, "misrouted", error));
+        }
+        match input {
+            Input::StatusChange(change) => {
+                let at = change.observation.changed_at;
+                if self.newest_seen.is_none_or(|seen| at > seen) {
+                    *self.newest_seen = Some(at);
+                }
+                match self.write.apply(&change, limits.max_alarms_per_user) {
+                    Ok(Applied::Changed) => {
+                        self.counts.applied += 1;
+                        Ok(Outcome::Done)
+                    }
+                    Ok(Applied::Unchanged) => {
+                        self.counts.unchanged += 1;
+                        Ok(Outcome::Done)
+                    }
+                    Ok(Applied::TooManyAlarms) => {
+                        let error = format!(
+                            "the user already has limits.max_alarms_per_user = {} alarms",
+                            limits.max_alarms_per_user
+                        );
+                        Ok(self.reject(item, "too_many_alarms", error))
+                    }
+                    Err(error) => self.unreadable_or_fail(item, error),
+                }
+            }
+            Input::DigestRequest(request) => {
+                match self
+                    .write
+                    .digest(&request.user_id, item.sequence, self.options)
+                {
+                    Ok(DigestOutcome::Queued { parts, .. }) => {
+                        self.counts.requests += 1;
+                        if parts > 1 {
+                            self.counts.split_digests += 1;
+                        }
+                        Ok(Outcome::Digest)
+                    }
+                    Ok(DigestOutcome::SkippedEmpty) => {
+                        self.counts.requests += 1;
+                        self.counts.skipped_empty += 1;
+                        Ok(Outcome::Done)
+                    }
+                    Ok(DigestOutcome::AlreadyAnswered) => {
+                        self.counts.duplicates += 1;
+                        Ok(Outcome::Done)
+                    }
+                    Err(error) => self.unreadable_or_fail(item, error),
+                }
+            }
+        }
+    }
+
+    fn reject(&self, item: &Item<'_>, code: &'static str, error: String) -> Outcome {
+        Outcome::Rejected(Rejected {
+            code,
+            error,
+            subject: item.subject.to_string(),
+            stream: item.stream.to_string(),
+            sequence: item.sequence,
+            payload: Bytes::copy_from_slice(item.payload),
+        })
+    }
+
+    /// A record that cannot be decoded will never decode: dead-letter the input instead of
+    /// failing the batch forever. Any other store error fails the batch.
+    fn unreadable_or_fail(
+        &self,
+        item: &Item<'_>,
+        error: StoreError,
+    ) -> Result<Outcome, StoreError> {
+        match error {
+            StoreError::Codec { .. } => {
+                Ok(self.reject(item, "unreadable_state", error.to_string()))
+            }
+            other => Err(other),
+        }
+    }
+}
+
+/// What one batch did, added to the metrics only once the batch is durable (a failed batch
+/// is redelivered and would otherwise be counted twice).
+#[derive(Default)]
+struct BatchCounts {
+    applied: u64,
+    unchanged: u64,
+    requests: u64,
+    skipped_empty: u64,
+    duplicates: u64,
+    split_digests: u64,
+}
+
+impl BatchCounts {
+    fn record(&self, metrics: &crate::metrics::Metrics) {
+        metrics.events_applied.inc_by(self.applied);
+        metrics.events_unchanged.inc_by(self.unchanged);
+        metrics.digest_requests.inc_by(self.requests);
+        metrics.digests_skipped_empty.inc_by(self.skipped_empty);
+        metrics.duplicate_requests.inc_by(self.duplicates);
+        metrics.digests_split.inc_by(self.split_digests);
+    }
+}
