@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 
+use alarm_digest::bus::envelope;
 use alarm_digest::domain::{take_digest, AlarmRecord, Observation, Status};
 use alarm_digest::store::codec;
 use alarm_digest::wire::{self, InputKind};
@@ -75,5 +76,31 @@ fn encoding(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, apply_one_event, build_digest, encoding);
+/// The router → shard frame: 256 typical status changes in one envelope.
+fn envelopes(c: &mut Criterion) {
+    let payloads: Vec<Vec<u8>> = (0..256)
+        .map(|i| {
+            format!(
+                r#"{{"AlarmID":"alarm-{i:05}","UserID":"e859dab9-1bd4-4b8e-8a6c-2e6c3f9a0f31","Status":"WARNING","ChangedAt":"2021-06-07T20:40:15.598765212Z"}}"#
+            )
+            .into_bytes()
+        })
+        .collect();
+    let encode = || {
+        let mut builder = envelope::Builder::new();
+        for (seq, payload) in payloads.iter().enumerate() {
+            builder.push(seq as u64, "AlarmStatusChanged", payload);
+        }
+        builder.finish()
+    };
+    let bytes = encode();
+    c.bench_function("envelope: encode 256 events", |b| {
+        b.iter(|| black_box(encode()))
+    });
+    c.bench_function("envelope: decode 256 events", |b| {
+        b.iter(|| envelope::decode(black_box(&bytes)).map(|entries| entries.len()))
+    });
+}
+
+criterion_group!(benches, apply_one_event, build_digest, encoding, envelopes);
 criterion_main!(benches);

@@ -796,8 +796,11 @@ impl Config {
             return Err(invalid("limits.max_payload_bytes", "must be at least 64"));
         }
         let t = &self.tuning;
-        if !(1..=4000).contains(&t.router_batch) {
-            return Err(invalid("tuning.router_batch", "must be between 1 and 4000"));
+        if !(1..=10_000).contains(&t.router_batch) {
+            return Err(invalid(
+                "tuning.router_batch",
+                "must be between 1 and 10000",
+            ));
         }
         if !(1..=10_000).contains(&t.worker_batch) {
             return Err(invalid(

@@ -31,13 +31,56 @@ pub async fn fetch(
     max: usize,
     expires: Duration,
 ) -> Result<Vec<Message>, BusError> {
-    let mut messages = pull(consumer, max, expires, Wait::No).await?;
+    fetch_limited(consumer, Limit::messages(max), expires).await
+}
+
+/// How much one fetch may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Limit {
+    pub messages: usize,
+    /// At most this many bytes (0: no limit). It must exceed the largest message the stream
+    /// can hold (the server's `max_payload` does), or that message would never be delivered.
+    pub bytes: usize,
+}
+
+impl Limit {
+    pub fn messages(messages: usize) -> Limit {
+        Limit { messages, bytes: 0 }
+    }
+
+    /// A shard consumer's fetch: `messages`, and at most twice the server's `max_payload` in
+    /// bytes (at least 1 MiB): any one message still fits, and a worker never buffers hundreds
+    /// of envelopes for one batch.
+    pub fn shard_fetch(messages: usize, max_payload: usize) -> Limit {
+        Limit {
+            messages,
+            bytes: max_payload.saturating_mul(2).max(1024 * 1024),
+        }
+    }
+}
+
+/// [`fetch`] bounded by bytes too: a shard worker's envelopes each carry hundreds of events,
+/// so a fetch of `worker_batch` of them would buffer far more than the batch needs.
+pub async fn fetch_limited(
+    consumer: &PullConsumer,
+    limit: Limit,
+    expires: Duration,
+) -> Result<Vec<Message>, BusError> {
+    let mut messages = pull(consumer, limit, expires, Wait::No).await?;
     if messages.is_empty() {
         // A batch of one cannot be left half-filled at expiry, which nats-server 2.9 can
         // fail to close (README, Pitfalls).
-        messages = pull(consumer, 1, expires, Wait::ForFirst).await?;
-        if !messages.is_empty() && max > 1 {
-            messages.extend(pull(consumer, max - 1, expires, Wait::No).await?);
+        let one = Limit {
+            messages: 1,
+            ..limit
+        };
+        messages = pull(consumer, one, expires, Wait::ForFirst).await?;
+        if !messages.is_empty() && limit.messages > 1 {
+            let rest = Limit {
+                messages: limit.messages - 1,
+                ..limit
+            };
+            messages.extend(pull(consumer, rest, expires, Wait::No).await?);
         }
     }
     Ok(messages)
@@ -49,7 +92,7 @@ pub async fn fetch_queued(
     max: usize,
     expires: Duration,
 ) -> Result<Vec<Message>, BusError> {
-    pull(consumer, max, expires, Wait::No).await
+    pull(consumer, Limit::messages(max), expires, Wait::No).await
 }
 
 enum Wait {
@@ -64,15 +107,17 @@ enum Wait {
 /// wait forever.
 async fn pull(
     consumer: &PullConsumer,
-    max: usize,
+    limit: Limit,
     expires: Duration,
     wait: Wait,
 ) -> Result<Vec<Message>, BusError> {
+    let max = limit.messages;
     let mut batch = match wait {
         Wait::No => {
             consumer
                 .fetch()
                 .max_messages(max)
+                .max_bytes(limit.bytes)
                 .expires(expires)
                 .messages()
                 .await
@@ -81,6 +126,7 @@ async fn pull(
             consumer
                 .batch()
                 .max_messages(max)
+                .max_bytes(limit.bytes)
                 .expires(expires)
                 .messages()
                 .await

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{self, Topology};
 use crate::config::Config;
-use crate::load::{self, ceiling, Workload};
+use crate::load::{self, ceiling, naive, Workload};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// First measure the broker alone doing the same work (zero processing), same server.
     #[arg(long)]
     pub broker_ceiling: bool,
+    /// First measure the naive single-hop durable design on the same server: one consumer of
+    /// the input, each event written, flushed to disk and acked on its own.
+    #[arg(long)]
+    pub naive: bool,
     /// The service's pid for RSS (default: the one local `alarm-digest run`, if any).
     #[arg(long)]
     pub service_pid: Option<u32>,
@@ -90,6 +94,20 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         None
     };
 
+    let naive = if args.naive && workload.events > 0 {
+        let elapsed = naive::measure(&client, &config, &workload, args.rate, timeout).await?;
+        let per_second = workload.events as f64 / elapsed.as_secs_f64();
+        println!(
+            "naive single hop {:>9} evts in {:>7.2} s = {:>8.0} events/s  (one consumer: decode, write, flush, ack each event)",
+            workload.events,
+            elapsed.as_secs_f64(),
+            per_second
+        );
+        Some(per_second)
+    } else {
+        None
+    };
+
     if workload.events > 0 {
         let input = &config.streams.input_stream;
         let first = load::last_sequence(&js, input).await?;
@@ -100,9 +118,12 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         load::wait_drained(&js, (input, first + workload.events), &consumers, timeout).await?;
         let elapsed = started.elapsed();
         let per_second = workload.events as f64 / elapsed.as_secs_f64();
-        let ratio = ceiling
+        let mut ratio = ceiling
             .map(|c| format!("  = {:.2} of the broker ceiling", per_second / c))
             .unwrap_or_default();
+        if let Some(naive) = naive {
+            ratio += &format!("  = {:.1}x the naive single hop", per_second / naive);
+        }
         println!(
             "ingest           {:>9} evts in {:>7.2} s = {:>8.0} events/s{ratio}",
             workload.events,

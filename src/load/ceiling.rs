@@ -83,6 +83,7 @@ pub async fn measure(
         tasks.push(tokio::spawn(drain_shard(
             consumer,
             config.tuning.clone(),
+            js.client().max_payload(),
             cancel.clone(),
         )));
     }
@@ -181,12 +182,14 @@ async fn route(
 async fn drain_shard(
     consumer: jetstream::consumer::PullConsumer,
     tuning: crate::config::TuningConfig,
+    max_payload: usize,
     cancel: CancellationToken,
 ) {
+    let limit = bus::Limit::shard_fetch(tuning.worker_batch, max_payload);
     loop {
         let fetched = tokio::select! {
             _ = cancel.cancelled() => break,
-            fetched = bus::fetch(&consumer, tuning.worker_batch, tuning.fetch_expires()) => fetched,
+            fetched = bus::fetch_limited(&consumer, limit, tuning.fetch_expires()) => fetched,
         };
         for message in fetched.unwrap_or_default() {
             let _ = message.ack().await;

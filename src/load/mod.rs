@@ -3,6 +3,7 @@
 //! request-to-digest latency, and optionally the broker-only ceiling through the same topology.
 
 pub mod ceiling;
+pub mod naive;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -112,30 +113,51 @@ pub async fn wait_drained(
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let (input_stream, last_sequence) = input;
+    // A broker answering slowly (a loaded machine, a leader election) is no answer yet: keep
+    // asking until the deadline, and say what was last seen.
+    let mut last_problem = String::from("nothing read yet");
     loop {
         if Instant::now() > deadline {
-            bail!("not drained within {timeout:?}");
+            bail!("not drained within {timeout:?}: {last_problem}");
         }
-        let mut stream = js.get_stream(input_stream).await?;
-        if stream.info().await?.state.last_sequence >= last_sequence {
-            let mut idle = true;
-            for (stream_name, consumer_name) in consumers {
-                let stream = js.get_stream_no_info(stream_name).await?;
-                let info = stream
-                    .consumer_info(consumer_name)
-                    .await
-                    .with_context(|| format!("consumer {consumer_name} on {stream_name}"))?;
-                if info.num_pending > 0 || info.num_ack_pending > 0 {
-                    idle = false;
-                    break;
-                }
-            }
-            if idle {
-                return Ok(());
-            }
+        match drained(js, input_stream, last_sequence, consumers).await {
+            Ok(None) => return Ok(()),
+            Ok(Some(waiting)) => last_problem = waiting,
+            Err(error) => last_problem = format!("{error:#}"),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `None` once the input holds `last_sequence` and no consumer has anything pending or
+/// unacknowledged; else what is still waiting.
+async fn drained(
+    js: &Context,
+    input_stream: &str,
+    last_sequence: u64,
+    consumers: &[(String, String)],
+) -> anyhow::Result<Option<String>> {
+    let mut stream = js.get_stream(input_stream).await?;
+    let stored = stream.info().await?.state.last_sequence;
+    if stored < last_sequence {
+        return Ok(Some(format!(
+            "{input_stream} holds {stored} of {last_sequence} messages"
+        )));
+    }
+    for (stream_name, consumer_name) in consumers {
+        let stream = js.get_stream_no_info(stream_name).await?;
+        let info = stream
+            .consumer_info(consumer_name)
+            .await
+            .with_context(|| format!("consumer {consumer_name} on {stream_name}"))?;
+        if info.num_pending > 0 || info.num_ack_pending > 0 {
+            return Ok(Some(format!(
+                "{consumer_name} on {stream_name}: {} pending, {} unacknowledged",
+                info.num_pending, info.num_ack_pending
+            )));
+        }
+    }
+    Ok(None)
 }
 
 /// The service's consumers: the router's and every shard worker's.

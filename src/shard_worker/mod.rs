@@ -176,7 +176,7 @@ impl ShardWorker {
             let tuning = &self.shared.config.tuning;
             let fetched = tokio::select! {
                 _ = cancel.cancelled() => break,
-                fetched = bus::fetch(&consumer, tuning.worker_batch, tuning.fetch_expires()) => fetched,
+                fetched = bus::fetch_limited(&consumer, self.fetch_limit(), tuning.fetch_expires()) => fetched,
             };
             match fetched {
                 Ok(messages) if messages.is_empty() => {
@@ -235,6 +235,13 @@ impl ShardWorker {
             }
         }
         Ok(())
+    }
+
+    fn fetch_limit(&self) -> bus::Limit {
+        bus::Limit::shard_fetch(
+            self.shared.config.tuning.worker_batch,
+            self.shared.js.client().max_payload(),
+        )
     }
 
     async fn bind(&self, cancel: &CancellationToken) -> Result<Option<PullConsumer>, BusError> {

@@ -10,7 +10,7 @@ mod flusher;
 pub mod keys;
 mod reshard;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use serde::Serialize;
@@ -291,6 +291,7 @@ impl ShardStore {
             alarms: BTreeMap::new(),
             answered: HashSet::new(),
             outbox: Vec::new(),
+            user_counts: HashMap::new(),
         }
     }
 
@@ -428,6 +429,10 @@ pub struct ShardWrite<'s> {
     alarms: BTreeMap<Vec<u8>, AlarmRecord>,
     answered: HashSet<u64>,
     outbox: Vec<(u64, OutboxEntry)>,
+    /// Per user (by key prefix) touched by a create in this batch: how many alarms the user
+    /// has now, counted once (capped at the limit) and kept up to date by later creates, so a
+    /// batch creating many alarms scans each user's keys once rather than once per create.
+    user_counts: HashMap<Vec<u8>, usize>,
 }
 
 impl ShardWrite<'_> {
@@ -457,9 +462,16 @@ impl ShardWrite<'_> {
                 (record, changed)
             }
             None => {
-                if self.user_alarm_count(&change.user_id, max_alarms)? >= max_alarms {
+                let prefix = keys::user_prefix(&change.user_id);
+                let count = match self.user_counts.get(&prefix) {
+                    Some(count) => *count,
+                    None => self.user_alarm_count(&change.user_id, max_alarms)?,
+                };
+                if count >= max_alarms {
+                    self.user_counts.insert(prefix, count);
                     return Ok(Applied::TooManyAlarms);
                 }
+                self.user_counts.insert(prefix, count + 1);
                 (AlarmRecord::new(change.observation), true)
             }
         };
