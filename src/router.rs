@@ -186,8 +186,15 @@ impl Router {
                     let shard = shared.topology.shard_of(&change.user_id);
                     let subject = message.subject.to_string();
                     let payload = message.payload.clone();
-                    if let Some(full) = packer.push(shard, sequence, &subject, &payload, message) {
-                        pending.push(self.publish_envelope(full).await);
+                    match packer.push(shard, sequence, &subject, &payload, message) {
+                        Ok(Some(full)) => pending.push(self.publish_envelope(full).await),
+                        Ok(None) => {}
+                        // Not reachable with a validated config (shard_of is below the count,
+                        // subjects are at most 255 bytes); if it were, redeliver, never drop.
+                        Err(message) => {
+                            tracing::error!(shard, "input does not fit an envelope; naking it");
+                            let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+                        }
                     }
                 }
                 Ok(Input::DigestRequest(request)) => {

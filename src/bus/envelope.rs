@@ -202,7 +202,9 @@ impl<T> Packer<T> {
     }
 
     /// Adds an entry to `shard`'s envelope. Returns the envelope that had to be sealed first
-    /// to keep within the limits, if any (then this entry opens the next one).
+    /// to keep within the limits, if any (then this entry opens the next one). A shard beyond
+    /// the count, or a subject too long to encode, hands the tag back: the caller must not
+    /// lose what it carries.
     pub fn push(
         &mut self,
         shard: u16,
@@ -210,9 +212,14 @@ impl<T> Packer<T> {
         subject: &str,
         payload: &[u8],
         tag: T,
-    ) -> Option<Sealed<T>> {
+    ) -> Result<Option<Sealed<T>>, T> {
         let limits = self.limits;
-        let slot = self.open.get_mut(usize::from(shard))?;
+        if u16::try_from(subject.len()).is_err() {
+            return Err(tag);
+        }
+        let Some(slot) = self.open.get_mut(usize::from(shard)) else {
+            return Err(tag);
+        };
         let added = Builder::entry_size(subject, payload);
         let sealed = match slot {
             Some((builder, _))
@@ -228,10 +235,11 @@ impl<T> Packer<T> {
             _ => None,
         };
         let (builder, tags) = slot.get_or_insert_with(|| (Builder::new(), Vec::new()));
-        if builder.push(input_sequence, subject, payload) {
-            tags.push(tag);
+        if !builder.push(input_sequence, subject, payload) {
+            return Err(tag);
         }
-        sealed
+        tags.push(tag);
+        Ok(sealed)
     }
 
     /// Seals `shard`'s open envelope, if it has one (before a digest request for that shard,
@@ -318,17 +326,26 @@ mod tests {
         };
         let mut packer: Packer<u64> = Packer::new(2, limits);
         for seq in 0..3 {
-            assert!(packer.push(0, seq, "S", b"x", seq).is_none());
+            assert!(matches!(packer.push(0, seq, "S", b"x", seq), Ok(None)));
         }
         let full = packer
             .push(0, 3, "S", b"x", 3)
+            .ok()
+            .flatten()
             .expect("the fourth seals the first three");
         assert_eq!((full.shard, full.tags), (0, vec![0, 1, 2]));
         // 5 + 14 + 1 + 60 = 80 fits; a second such entry does not.
-        assert!(packer.push(1, 10, "S", &[b'y'; 60], 10).is_none());
+        assert!(matches!(packer.push(1, 10, "S", &[b'y'; 60], 10), Ok(None)));
         let by_size = packer
             .push(1, 11, "S", &[b'y'; 60], 11)
+            .ok()
+            .flatten()
             .expect("sealed by size");
+        assert_eq!(
+            packer.push(7, 12, "S", b"x", 12).err(),
+            Some(12),
+            "no shard 7"
+        );
         assert_eq!(by_size.tags, vec![10]);
         let sealed = packer.seal(0).expect("shard 0 has one open entry");
         assert_eq!(sealed.tags, vec![3]);

@@ -82,28 +82,24 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
 
     let ceiling = if args.broker_ceiling && workload.events > 0 {
         let elapsed = ceiling::measure(&client, &config, &workload, args.rate, timeout).await?;
-        let per_second = workload.events as f64 / elapsed.as_secs_f64();
-        println!(
-            "broker ceiling   {:>9} msgs in {:>7.2} s = {:>8.0} msgs/s  (input stream → router hop → shard streams → ack, no processing)",
+        Some(report_rate(
+            "broker ceiling  ",
             workload.events,
-            elapsed.as_secs_f64(),
-            per_second
-        );
-        Some(per_second)
+            elapsed,
+            "(input stream → router hop in envelopes → shard streams → ack, no processing)",
+        ))
     } else {
         None
     };
 
     let naive = if args.naive && workload.events > 0 {
         let elapsed = naive::measure(&client, &config, &workload, args.rate, timeout).await?;
-        let per_second = workload.events as f64 / elapsed.as_secs_f64();
-        println!(
-            "naive single hop {:>9} evts in {:>7.2} s = {:>8.0} events/s  (one consumer: decode, write, flush, ack each event)",
+        Some(report_rate(
+            "naive single hop",
             workload.events,
-            elapsed.as_secs_f64(),
-            per_second
-        );
-        Some(per_second)
+            elapsed,
+            "(one consumer: decode, write, flush, ack each event)",
+        ))
     } else {
         None
     };
@@ -196,4 +192,14 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one comparison run and returns its events per second.
+fn report_rate(label: &str, events: u64, elapsed: Duration, what: &str) -> f64 {
+    let per_second = events as f64 / elapsed.as_secs_f64();
+    println!(
+        "{label} {events:>9} evts in {:>7.2} s = {per_second:>8.0} events/s  {what}",
+        elapsed.as_secs_f64()
+    );
+    per_second
 }

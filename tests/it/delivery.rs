@@ -103,6 +103,34 @@ fn all_parts_arrived(received: &[Received], user: &str) -> bool {
         })
 }
 
+/// A broker with a small `max_payload`, a data dir, a plain subscriber listening, and a heavy
+/// user's 3,000 alarms waiting in the input stream.
+struct HeavyUser {
+    nats: NatsServer,
+    data: tempfile::TempDir,
+    config: alarm_digest::config::Config,
+    client: TestClient,
+    subscriber: PlainSubscriber,
+    ids: Vec<String>,
+}
+
+async fn heavy_user_bed() -> HeavyUser {
+    let nats = small_payload_server();
+    let data = tempdir().expect("data dir");
+    let config = test_config(&nats, data.path());
+    let client = TestClient::connect(&config).await;
+    let subscriber = PlainSubscriber::start(&client).await;
+    let ids = heavy_user(&client, "heavy", 3_000).await;
+    HeavyUser {
+        nats,
+        data,
+        config,
+        client,
+        subscriber,
+        ids,
+    }
+}
+
 fn alarm_ids(parts: &[Received]) -> Vec<String> {
     parts
         .iter()
@@ -112,12 +140,15 @@ fn alarm_ids(parts: &[Received]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_digest_larger_than_max_payload_arrives_in_ordered_parts_and_blocks_nobody() {
-    let nats = small_payload_server();
-    let data = tempdir().expect("data dir");
-    let config = test_config(&nats, data.path());
-    let client = TestClient::connect(&config).await;
-    let subscriber = PlainSubscriber::start(&client).await;
-    let ids = heavy_user(&client, "heavy", 3_000).await;
+    // Bound, not `..`: the broker and the data dir must live to the end of the test.
+    let HeavyUser {
+        nats: _nats,
+        data: _data,
+        config,
+        client,
+        subscriber,
+        ids,
+    } = heavy_user_bed().await;
     let light = neighbour_of(&config, "heavy");
     client
         .status(&light, "a", "WARNING", "2021-06-07T20:00:00Z")
@@ -163,12 +194,14 @@ async fn a_digest_larger_than_max_payload_arrives_in_ordered_parts_and_blocks_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_between_parts_loses_nothing_and_resends_no_part_already_stored() {
-    let nats = small_payload_server();
-    let data = tempdir().expect("data dir");
-    let config = test_config(&nats, data.path());
-    let client = TestClient::connect(&config).await;
-    let subscriber = PlainSubscriber::start(&client).await;
-    let ids = heavy_user(&client, "heavy", 3_000).await;
+    let HeavyUser {
+        nats,
+        data,
+        config,
+        client,
+        subscriber,
+        ids,
+    } = heavy_user_bed().await;
     // The output stream takes two messages, then refuses more (as a full stream does): the
     // digest is cut after part 2, with the rest in the outbox.
     let output = &config.streams.output_stream;

@@ -190,6 +190,24 @@ impl TestClient {
 
     /// Reads every digest in the output stream from the start, in publish order.
     pub async fn digests(&self) -> DigestReader {
+        self.reader(pull::Config {
+            inactive_threshold: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Like `digests`, through a durable consumer of the output stream, as a notification
+    /// service that consumes durably would read them.
+    pub async fn durable_digests(&self, durable: &str) -> DigestReader {
+        self.reader(pull::Config {
+            durable_name: Some(durable.into()),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn reader(&self, config: pull::Config) -> DigestReader {
         let stream = self
             .js
             .get_stream(&self.config.streams.output_stream)
@@ -199,8 +217,7 @@ impl TestClient {
             .create_consumer(pull::Config {
                 deliver_policy: DeliverPolicy::All,
                 ack_policy: AckPolicy::None,
-                inactive_threshold: Duration::from_secs(120),
-                ..Default::default()
+                ..config
             })
             .await
             .expect("output consumer");
@@ -236,28 +253,6 @@ impl TestClient {
                 }
             }
             panic!("not drained: {error}{state}");
-        }
-    }
-
-    /// Like `digests`, through a durable consumer of the output stream, as a notification
-    /// service that consumes durably would read them.
-    pub async fn durable_digests(&self, durable: &str) -> DigestReader {
-        let stream = self
-            .js
-            .get_stream(&self.config.streams.output_stream)
-            .await
-            .expect("output stream");
-        let consumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some(durable.into()),
-                deliver_policy: DeliverPolicy::All,
-                ack_policy: AckPolicy::None,
-                ..Default::default()
-            })
-            .await
-            .expect("durable output consumer");
-        DigestReader {
-            messages: consumer.messages().await.expect("output messages"),
         }
     }
 
