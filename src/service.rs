@@ -206,7 +206,7 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
         metrics: parts.metrics.clone(),
         readiness: parts.readiness.clone(),
     };
-    let flusher = GroupFlusher::spawn(parts.store.clone());
+    let (flusher, flusher_task) = GroupFlusher::spawn(parts.store.clone());
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
     let router = Router::new(shared.clone(), router_js);
     let routed = run_on_own_thread("alarm-digest-router", router.run(shutdown.clone()))?;
@@ -260,6 +260,15 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
             "in-flight work did not finish within shutdown.grace_secs = {}",
             config.shutdown.grace_secs
         ));
+    }
+    // The flusher holds the data dir open until its last handle is gone: wait for it, so a
+    // stopped instance has let go of the directory when `stop` returns.
+    drop(flusher);
+    if tokio::time::timeout(Duration::from_secs(5), flusher_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the flusher did not stop within 5 s");
     }
     // Acks are buffered in the client: push them to the server before exiting.
     match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {

@@ -30,7 +30,10 @@ pub async fn get(addr: &str, path: &str) -> Result<(u16, String), GetError> {
     let uri: axum::http::Uri = format!("http://{addr}{path}")
         .parse()
         .map_err(|e: axum::http::uri::InvalidUri| failed(e.to_string()))?;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    // One request per connection, as a CLI call is: no idle connection outlives the call.
+    let client = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http::<Empty<Bytes>>();
     let response = client.get(uri).await.map_err(|error| {
         if is_refused(&error) {
             GetError::Refused(addr.to_string())

@@ -15,10 +15,11 @@ pub struct GroupFlusher {
 }
 
 impl GroupFlusher {
-    /// Starts the flusher task. It ends when every handle is dropped.
-    pub fn spawn(store: Store) -> GroupFlusher {
+    /// Starts the flusher task. It ends when every handle is dropped; its handle says when,
+    /// so a stopping instance can wait until nothing holds the data dir any more.
+    pub fn spawn(store: Store) -> (GroupFlusher, tokio::task::JoinHandle<()>) {
         let (requests, mut incoming) = mpsc::channel::<Waiter>(1024);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             while let Some(first) = incoming.recv().await {
                 let mut waiters = vec![first];
                 while let Ok(next) = incoming.try_recv() {
@@ -35,7 +36,7 @@ impl GroupFlusher {
                 }
             }
         });
-        GroupFlusher { requests }
+        (GroupFlusher { requests }, task)
     }
 
     /// Returns once everything applied before the call is on disk.

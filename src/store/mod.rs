@@ -60,16 +60,33 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens the data dir. sled lets go of its lock from a background thread once the last
+    /// handle of a previous open is dropped, so opening again right after closing in the same
+    /// process (tests, `inspect` after a stop) can find it still held for a moment: that is
+    /// retried for up to 3 s. Another process holding it fails after that, with the error.
     pub fn open(path: &Path, cache_capacity_mb: u64) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_capacity_mb.saturating_mul(1024 * 1024))
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
-        Ok(Store { db })
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            let opened = sled::Config::new()
+                .path(path)
+                .cache_capacity(cache_capacity_mb.saturating_mul(1024 * 1024))
+                .open();
+            match opened {
+                Ok(db) => return Ok(Store { db }),
+                Err(source)
+                    if source.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(source) => {
+                    return Err(StoreError::Open {
+                        path: path.display().to_string(),
+                        source,
+                    })
+                }
+            }
+        }
     }
 
     /// Records the shard count on first start and refuses a different one later: a changed

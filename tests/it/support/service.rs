@@ -94,8 +94,7 @@ pub async fn start_service_unready(config: Config) -> RunningService {
 
 /// Starts an instance in-process and waits until `/readyz` says ready.
 pub async fn start_service(config: Config) -> RunningService {
-    init_test_logging();
-    let service = service::start(config).await.expect("service starts");
+    let service = start_service_unready(config).await;
     wait_ready(&service.http_addr.to_string()).await;
     service
 }
