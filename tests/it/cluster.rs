@@ -233,7 +233,11 @@ async fn only_the_home_consumes_a_shard_and_export_import_moves_it_with_its_stat
 
     let home = start_service(home_config.clone()).await;
     let other = start_service_unready(other_config.clone()).await;
-    let refusal = wait_shard_not_ready(&other.http_addr.to_string()).await;
+    let refusal = wait_shard_blocked_by(
+        &other.http_addr.to_string(),
+        "shard 2 (its home is instance",
+    )
+    .await;
     assert!(
         refusal.contains("shard 2 (its home is instance"),
         "{refusal}"
@@ -259,7 +263,7 @@ async fn only_the_home_consumes_a_shard_and_export_import_moves_it_with_its_stat
         .status(&user, "new", "WARNING", "2026-01-01T00:00:02Z")
         .await;
     tokio::time::sleep(Duration::from_secs(4)).await; // past a whole lease period
-    let refusal = wait_shard_not_ready(&other.http_addr.to_string()).await;
+    let refusal = wait_shard_blocked_by(&other.http_addr.to_string(), "its home is instance").await;
     assert!(refusal.contains("its home is instance"), "{refusal}");
     assert_eq!(other.metrics.events_applied.get(), 0);
     other.stop().await.expect("clean stop");
@@ -297,7 +301,8 @@ async fn only_the_home_consumes_a_shard_and_export_import_moves_it_with_its_stat
 
     // The old home now refuses shard 2 in turn.
     let home = start_service_unready(home_config).await;
-    let refusal = wait_shard_not_ready(&home.http_addr.to_string()).await;
+    let refusal =
+        wait_shard_blocked_by(&home.http_addr.to_string(), "shard 2 (its home is instance").await;
     assert!(
         refusal.contains("shard 2 (its home is instance"),
         "{refusal}"
@@ -393,14 +398,14 @@ async fn a_paused_holder_loses_its_lease_and_does_not_apply_beside_a_copy_of_its
     let first = ServiceProcess::spawn(&nats, original.path(), &env);
     wait_ready(&first.http).await;
     let second = ServiceProcess::spawn(&nats, copy.path(), &env);
-    let waiting = wait_shard_not_ready(&second.http).await;
+    let waiting = wait_shard_blocked_by(&second.http, "lease held by process").await;
     assert!(waiting.contains("lease held by process"), "{waiting}");
 
     // Pause the holder past its lease: the copy takes the shard over.
     first.signal("STOP");
     wait_ready(&second.http).await;
     first.signal("CONT");
-    let stale = wait_shard_not_ready(&first.http).await;
+    let stale = wait_shard_blocked_by(&first.http, "lease").await;
     assert!(stale.contains("lease"), "{stale}");
 
     let config = test_config(&nats, copy.path());

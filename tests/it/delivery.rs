@@ -226,7 +226,7 @@ async fn a_kill_9_between_parts_loses_nothing_and_resends_no_part_already_stored
     let service = ServiceProcess::spawn(&nats, data.path(), &[]);
     wait_ready(&service.http).await;
     client.request_digest("heavy").await;
-    let blocked = wait_shard_not_ready(&service.http).await;
+    let blocked = wait_shard_blocked_by(&service.http, "digest part(s) unpublished").await;
     assert!(blocked.contains("digest part(s) unpublished"), "{blocked}");
     assert_eq!(client.stream_messages(output).await, 2);
     service.kill_9();

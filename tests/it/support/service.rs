@@ -115,16 +115,25 @@ pub async fn wait_ready(http: &str) {
 
 /// Waits until `/readyz` answers 503 naming a shard (one that holds work it cannot finish).
 pub async fn wait_shard_not_ready(http: &str) -> String {
+    wait_shard_blocked_by(http, "").await
+}
+
+/// Waits until `/readyz` answers 503 naming a shard with a reason containing `reason`. A
+/// shard passes through other states on the way (a fetch failing right after a pause), so
+/// the first 503 alone proves nothing about why.
+pub async fn wait_shard_blocked_by(http: &str, reason: &str) -> String {
     let deadline = Instant::now() + WAIT;
+    let mut last = String::new();
     loop {
         if let Ok((503, body)) = http_get(http, "/readyz").await {
-            if body.contains("shard") {
+            if body.contains("shard") && body.contains(reason) {
                 return body;
             }
+            last = body;
         }
         assert!(
             Instant::now() < deadline,
-            "{http} never reported a blocked shard"
+            "{http} never reported a shard blocked by {reason:?}; last: {last}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
