@@ -184,7 +184,7 @@ impl Router {
             match decoded {
                 Ok(Input::StatusChange(change)) => {
                     let shard = shared.topology.shard_of(&change.user_id);
-                    let subject = message.subject.to_string();
+                    let subject = message.subject.clone();
                     let payload = message.payload.clone();
                     match packer.push(shard, sequence, &subject, &payload, message) {
                         Ok(Some(full)) => pending.push(self.publish_envelope(full).await),

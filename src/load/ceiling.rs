@@ -156,7 +156,7 @@ async fn route(
             let shard =
                 (crc32fast::hash(&message.payload) % u32::from(topology.shard_count)) as u16;
             let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-            let (subject, payload) = (message.subject.to_string(), message.payload.clone());
+            let (subject, payload) = (message.subject.clone(), message.payload.clone());
             // Every shard is below the count and the subject short: nothing is handed back.
             if let Ok(full) = packer.push(shard, sequence, &subject, &payload, message) {
                 sealed.extend(full);

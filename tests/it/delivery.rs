@@ -205,23 +205,12 @@ async fn a_kill_9_between_parts_loses_nothing_and_resends_no_part_already_stored
     // The output stream takes two messages, then refuses more (as a full stream does): the
     // digest is cut after part 2, with the rest in the outbox.
     let output = &config.streams.output_stream;
-    let mut stream_config = client
-        .js
-        .get_stream(output)
-        .await
-        .expect("output")
-        .info()
-        .await
-        .expect("info")
-        .config
-        .clone();
-    stream_config.max_messages = 2;
-    stream_config.discard = DiscardPolicy::New;
     client
-        .js
-        .update_stream(&stream_config)
-        .await
-        .expect("limit");
+        .update_output_stream(|stream| {
+            stream.max_messages = 2;
+            stream.discard = DiscardPolicy::New;
+        })
+        .await;
 
     let service = ServiceProcess::spawn(&nats, data.path(), &[]);
     wait_ready(&service.http).await;
@@ -231,12 +220,9 @@ async fn a_kill_9_between_parts_loses_nothing_and_resends_no_part_already_stored
     assert_eq!(client.stream_messages(output).await, 2);
     service.kill_9();
 
-    stream_config.max_messages = -1;
     client
-        .js
-        .update_stream(&stream_config)
-        .await
-        .expect("unlimited");
+        .update_output_stream(|stream| stream.max_messages = -1)
+        .await;
     let service = ServiceProcess::spawn(&nats, data.path(), &[]);
     subscriber
         .wait_until(|r| all_parts_arrived(r, "heavy"))
@@ -307,17 +293,14 @@ async fn an_event_from_the_future_is_dead_lettered_and_later_events_of_its_alarm
         metrics.contains("alarm_digest_rejected_total{reason=\"future_time\"} 1\n"),
         "{metrics}"
     );
-    let url = bed.nats.url();
-    let env = [
-        ("ALARM_DIGEST_NATS__URL", url.as_str()),
-        ("ALARM_DIGEST_SHARDS__COUNT", "4"),
-    ];
-    let (code, listed, stderr) = run_binary(&["dlq", "list", "--reason", "future_time"], &env);
+    let (code, listed, stderr) =
+        cli_against(&bed.nats, &["dlq", "list", "--reason", "future_time"]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(listed.contains("2099-01-01T00:00:00Z"), "{listed}");
 
     // Replaying it says "apply it as it is": it skips the router's clock check.
-    let (code, replayed, stderr) = run_binary(&["dlq", "replay", "--reason", "future_time"], &env);
+    let (code, replayed, stderr) =
+        cli_against(&bed.nats, &["dlq", "replay", "--reason", "future_time"]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(replayed.contains("replayed 1 record"), "{replayed}");
     bed.client.wait_drained().await;
@@ -448,22 +431,9 @@ async fn a_part_the_stream_refuses_for_good_blocks_nobody_and_its_alarms_come_in
     bed.client.wait_drained().await;
     // The operator caps the output stream's messages below this digest's size after the
     // service started: the digest, cut for the server's 1 MiB, is refused (10054).
-    let output = &bed.config.streams.output_stream;
-    let mut stream_config = bed
-        .client
-        .js
-        .get_stream(output)
-        .await
-        .expect("output")
-        .cached_info()
-        .config
-        .clone();
-    stream_config.max_message_size = 8 * 1024;
     bed.client
-        .js
-        .update_stream(&stream_config)
-        .await
-        .expect("cap message size");
+        .update_output_stream(|stream| stream.max_message_size = 8 * 1024)
+        .await;
 
     bed.client.request_digest("heavy").await;
     bed.client.request_digest(&light).await;

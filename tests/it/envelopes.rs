@@ -35,12 +35,7 @@ fn envelope_headers() -> HeaderMap {
 }
 
 async fn dead_letters(bed: &TestBed) -> Vec<serde_json::Value> {
-    let url = bed.nats.url();
-    let env = [
-        ("ALARM_DIGEST_NATS__URL", url.as_str()),
-        ("ALARM_DIGEST_SHARDS__COUNT", "4"),
-    ];
-    let (code, listed, stderr) = run_binary(&["dlq", "list"], &env);
+    let (code, listed, stderr) = cli_against(&bed.nats, &["dlq", "list"]);
     assert_eq!(code, Some(0), "{stderr}");
     listed
         .lines()

@@ -264,6 +264,24 @@ impl TestClient {
         }
     }
 
+    /// Changes the output stream's settings, as an operator would with `nats stream edit`.
+    pub async fn update_output_stream(
+        &self,
+        change: impl FnOnce(&mut async_nats::jetstream::stream::Config),
+    ) {
+        let mut stream = self
+            .js
+            .get_stream(&self.config.streams.output_stream)
+            .await
+            .expect("output stream");
+        let mut config = stream.info().await.expect("info").config.clone();
+        change(&mut config);
+        self.js
+            .update_stream(&config)
+            .await
+            .expect("output stream updated");
+    }
+
     pub async fn stream_messages(&self, name: &str) -> u64 {
         let mut stream = self.js.get_stream(name).await.expect("stream");
         stream.info().await.expect("stream info").state.messages
@@ -535,6 +553,19 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// Runs a one-shot subcommand (`dlq list`, ...) against `nats` with the tests' 4 shards;
+/// returns (code, stdout, stderr).
+pub fn cli_against(nats: &NatsServer, args: &[&str]) -> (Option<i32>, String, String) {
+    let url = nats.url();
+    run_binary(
+        args,
+        &[
+            ("ALARM_DIGEST_NATS__URL", url.as_str()),
+            ("ALARM_DIGEST_SHARDS__COUNT", "4"),
+        ],
+    )
 }
 
 /// Runs the binary to completion with the given args and env; returns (code, stderr).
