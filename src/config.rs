@@ -45,6 +45,7 @@ pub struct Config {
     pub tuning: TuningConfig,
     pub shutdown: ShutdownConfig,
     pub retention: RetentionConfig,
+    pub snapshots: SnapshotsConfig,
     pub log: LogConfig,
 }
 
@@ -337,6 +338,10 @@ pub struct StreamsConfig {
     pub shard_stream_prefix: String,
     pub output_stream: String,
     pub dead_letter_stream: String,
+    /// Where each shard's snapshots are kept (chunks and manifests).
+    pub snapshot_stream: String,
+    /// Snapshot messages go to `<snapshot_subject>.<shard>.chunk|manifest`.
+    pub snapshot_subject: String,
     pub router_consumer: String,
     pub worker_consumer: String,
     /// JetStream key-value bucket holding the cluster's shard count and each shard's home.
@@ -365,6 +370,8 @@ impl Default for StreamsConfig {
             shard_stream_prefix: "ALARM_DIGEST_SHARD".into(),
             output_stream: "ALARM_DIGEST_OUTPUT".into(),
             dead_letter_stream: "ALARM_DIGEST_DEAD_LETTER".into(),
+            snapshot_stream: "ALARM_DIGEST_SNAPSHOTS".into(),
+            snapshot_subject: "alarm-digest.snapshot".into(),
             router_consumer: "alarm-digest-router".into(),
             worker_consumer: "alarm-digest-worker".into(),
             shards_bucket: "alarm_digest_shards".into(),
@@ -511,6 +518,41 @@ impl Default for RetentionConfig {
 impl RetentionConfig {
     pub fn cleared_after(&self) -> chrono::Duration {
         chrono::Duration::hours(i64::try_from(self.cleared_after_hours).unwrap_or(i64::MAX / 3600))
+    }
+}
+
+/// When each shard's state is snapshotted into JetStream. The shard stream keeps everything
+/// after the oldest kept snapshot, so these bound the broker disk the streams hold (README,
+/// 'Broker disk').
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotsConfig {
+    /// A snapshot at least this often while the shard changes.
+    pub every_secs: u64,
+    /// ...and as soon as the shard stream's tail since the last one holds this many MiB.
+    pub every_mb: u64,
+    /// How many snapshots each shard keeps (at least 2: a damaged newest one falls back to
+    /// the one before, whose tail is still in the stream).
+    pub keep: usize,
+}
+
+impl Default for SnapshotsConfig {
+    fn default() -> Self {
+        SnapshotsConfig {
+            every_secs: 300,
+            every_mb: 64,
+            keep: 2,
+        }
+    }
+}
+
+impl SnapshotsConfig {
+    pub fn every(&self) -> Duration {
+        Duration::from_secs(self.every_secs)
+    }
+
+    pub fn every_bytes(&self) -> u64 {
+        self.every_mb.saturating_mul(1024 * 1024)
     }
 }
 
@@ -752,6 +794,7 @@ impl Config {
             ("streams.shard_stream_prefix", &s.shard_stream_prefix),
             ("streams.output_stream", &s.output_stream),
             ("streams.dead_letter_stream", &s.dead_letter_stream),
+            ("streams.snapshot_stream", &s.snapshot_stream),
             ("streams.router_consumer", &s.router_consumer),
             ("streams.worker_consumer", &s.worker_consumer),
         ] {
@@ -782,6 +825,28 @@ impl Config {
         }
         if !(1..=5).contains(&s.replicas) {
             return Err(invalid("streams.replicas", "must be between 1 and 5"));
+        }
+        if !s.snapshot_subject.split('.').all(is_valid_name) {
+            return Err(invalid(
+                "streams.snapshot_subject",
+                "must be dot-separated tokens without spaces, '*', '>' or '/'",
+            ));
+        }
+        let snapshots = &self.snapshots;
+        if !(1..=86_400).contains(&snapshots.every_secs) {
+            return Err(invalid(
+                "snapshots.every_secs",
+                "must be between 1 and 86400",
+            ));
+        }
+        if snapshots.every_mb == 0 {
+            return Err(invalid("snapshots.every_mb", "must be at least 1"));
+        }
+        if !(2..=100).contains(&snapshots.keep) {
+            return Err(invalid(
+                "snapshots.keep",
+                "must be between 2 and 100: one damaged snapshot must have one to fall back to",
+            ));
         }
         if self.limits.max_alarms_per_user == 0 {
             return Err(invalid("limits.max_alarms_per_user", "must be at least 1"));

@@ -1,6 +1,6 @@
 //! Reads how far each owned shard's consumer is behind (and the router's), from JetStream's
-//! consumer info, into the per-shard gauges. A modest interval: each reading is one request
-//! per shard to the stream's leader.
+//! consumer info, and the bytes each shard stream holds, into the per-shard gauges. A modest
+//! interval: each reading is two requests per shard to the stream's leader.
 
 use std::time::Duration;
 
@@ -14,8 +14,16 @@ pub async fn run(shared: Shared, owned: Vec<u16>, every: Duration, cancel: Cance
     loop {
         for shard in &owned {
             let stream = shared.topology.shard_stream(*shard);
-            let info = match shared.js.get_stream_no_info(&stream).await {
-                Ok(stream) => stream.consumer_info(&streams.worker_consumer).await,
+            let info = match shared.js.get_stream(&stream).await {
+                Ok(stream) => {
+                    let bytes = stream.cached_info().state.bytes;
+                    shared
+                        .metrics
+                        .shard_stream_bytes
+                        .get_or_create(&Shard::new(*shard))
+                        .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+                    stream.consumer_info(&streams.worker_consumer).await
+                }
                 Err(error) => {
                     tracing::debug!(%error, shard, "no shard stream for consumer stats");
                     continue;

@@ -8,6 +8,7 @@ pub mod cmd;
 pub mod config;
 pub mod consumer_stats;
 pub mod domain;
+pub mod failpoint;
 pub mod http;
 pub mod load;
 pub mod metrics;

@@ -6,6 +6,7 @@ mod dead_letter;
 pub mod envelope;
 pub mod ownership;
 mod publish;
+pub mod snapshots;
 mod topology;
 
 pub use connect::{connect, jetstream};
@@ -14,6 +15,7 @@ pub use ownership::{Cluster, Member};
 pub use publish::{
     publish_windowed, Outgoing, DIGEST_ID_HEADER, DIGEST_PART_HEADER, PUBLISH_WINDOW,
 };
+pub use snapshots::Snapshots;
 pub use topology::Topology;
 
 use std::time::Duration;

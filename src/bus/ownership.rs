@@ -5,11 +5,11 @@
 //! | bucket         | key            | value                                   | expires |
 //! |----------------|----------------|-----------------------------------------|---------|
 //! | shards         | `shards.count` | the cluster's shard count (JSON number) | never   |
-//! | shards         | `home.N`       | [`Member`] whose data dir holds shard N | never   |
+//! | shards         | `home.N`       | the previous release's [`Member`] holding shard N (read by the upgrade only, then deleted) | never |
 //! | leases         | `shard.N`      | [`LeaseRecord`] of the process applying | max age |
 //!
-//! A home is claimed by the first instance that owns the shard and changes only through
-//! `alarm-digest shard import`. A lease is created if absent, renewed (compare-and-set on its
+//! Any instance that owns a shard by config may take its lease; its state comes from JetStream
+//! (snapshots and the shard stream), not from a particular data dir. A lease is created if absent, renewed (compare-and-set on its
 //! revision) every third of the bucket's max age, and trusted by its holder only for two
 //! thirds of it, so a holder that missed renewals stops applying before the server lets
 //! anyone else create the key. Homes and leases live in two buckets because a bucket's max
@@ -73,14 +73,6 @@ impl std::fmt::Display for Member {
 pub struct LeaseRecord {
     pub holder: Member,
     pub process: String,
-}
-
-/// Where a shard's state lives, as the cluster records it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Home {
-    /// This instance's data dir (claimed now if nobody had).
-    Here,
-    Elsewhere(Member),
 }
 
 pub enum Acquired {
@@ -167,6 +159,20 @@ impl Cluster {
         Ok(agreed.map(|()| cluster))
     }
 
+    /// This process's instance, as its leases name it.
+    pub fn member(&self) -> &Member {
+        &self.me.holder
+    }
+
+    /// Forgets a shard's home: the previous release pinned each shard to a data dir; once a
+    /// shard's first snapshot is in JetStream, nothing reads it.
+    pub async fn forget_home(&self, shard: u16) -> Result<(), BusError> {
+        self.shards
+            .delete(home_key(shard))
+            .await
+            .map_err(|e| BusError::transient("forgetting a shard home", e))
+    }
+
     pub fn lease_period(&self) -> Duration {
         self.lease_period
     }
@@ -196,25 +202,6 @@ impl Cluster {
                 }
             }
             Err(error) => Err(BusError::transient("recording the shard count", error)),
-        }
-    }
-
-    /// The shard's home, claiming it for this instance if it has none.
-    pub async fn home(&self, shard: u16) -> Result<Home, BusError> {
-        let key = home_key(shard);
-        match self.shards.create(&key, to_json(&self.me.holder)).await {
-            Ok(_) => {
-                tracing::info!(shard, "claimed the shard's home: its state lives here");
-                Ok(Home::Here)
-            }
-            Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
-                match self.read_home(shard).await? {
-                    Some(home) if home.instance == self.me.holder.instance => Ok(Home::Here),
-                    Some(home) => Ok(Home::Elsewhere(home)),
-                    None => Err(BusError::transient("reading a shard home", "it vanished")),
-                }
-            }
-            Err(error) => Err(BusError::transient("claiming a shard home", error)),
         }
     }
 
@@ -270,38 +257,6 @@ impl Cluster {
         Ok(())
     }
 
-    /// Moves a shard's home to this instance, if it is still `expected` (the instance the
-    /// export came from). Used by `shard import` only.
-    pub async fn move_home(&self, shard: u16, expected: &str) -> Result<(), MoveError> {
-        let key = home_key(shard);
-        let entry = self
-            .shards
-            .entry(&key)
-            .await
-            .map_err(|e| MoveError::Bus(BusError::transient("reading a shard home", e)))?;
-        let value = to_json(&self.me.holder);
-        match entry.filter(|e| e.operation == kv::Operation::Put) {
-            None => self
-                .shards
-                .create(&key, value)
-                .await
-                .map(|_| ())
-                .map_err(|e| MoveError::Bus(BusError::transient("claiming a shard home", e))),
-            Some(entry) => {
-                let current: Member = serde_json::from_slice(&entry.value)
-                    .map_err(|e| MoveError::Bus(BusError::transient("reading a shard home", e)))?;
-                if current.instance != expected {
-                    return Err(MoveError::HomeMoved(current));
-                }
-                self.shards
-                    .update(&key, value, entry.revision)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| MoveError::Bus(BusError::transient("moving a shard home", e)))
-            }
-        }
-    }
-
     /// Takes the shard's lease if nobody holds it, and keeps renewing it until released.
     pub async fn acquire(&self, shard: u16) -> Result<Acquired, BusError> {
         let key = lease_key(shard);
@@ -347,14 +302,6 @@ impl Cluster {
     fn trusted_for(&self) -> Duration {
         self.lease_period * 2 / 3
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum MoveError {
-    #[error(transparent)]
-    Bus(BusError),
-    #[error("the shard's home is now {0}, not the instance this file was exported from: a newer copy of the shard exists there; export it again from that instance")]
-    HomeMoved(Member),
 }
 
 struct LeaseState {

@@ -25,8 +25,8 @@ pub struct Outgoing {
 }
 
 /// Publishes in order with at most [`PUBLISH_WINDOW`] PubAcks outstanding, and returns each
-/// publish's outcome in the same order.
-pub async fn publish_windowed(js: &Context, outgoing: Vec<Outgoing>) -> Vec<Result<(), BusError>> {
+/// publish's outcome (the stream sequence it was stored under) in the same order.
+pub async fn publish_windowed(js: &Context, outgoing: Vec<Outgoing>) -> Vec<Result<u64, BusError>> {
     let mut outcomes = Vec::with_capacity(outgoing.len());
     let mut window: VecDeque<Result<PublishAckFuture, BusError>> = VecDeque::new();
     for message in outgoing {
@@ -56,8 +56,8 @@ pub async fn publish_windowed(js: &Context, outgoing: Vec<Outgoing>) -> Vec<Resu
     outcomes
 }
 
-async fn settle(published: Result<PublishAckFuture, BusError>) -> Result<(), BusError> {
-    published?.await.map(|_| ()).map_err(|e| {
+async fn settle(published: Result<PublishAckFuture, BusError>) -> Result<u64, BusError> {
+    published?.await.map(|ack| ack.sequence).map_err(|e| {
         let text = e.to_string();
         if refused_by_the_stream(&text) {
             BusError::Refused {

@@ -46,8 +46,21 @@ impl Topology {
         (crc32fast::hash(user_id.as_bytes()) % u32::from(self.shard_count)) as u16
     }
 
+    /// The shard's log: Limits retention, so its tail after the oldest kept snapshot can be
+    /// replayed by whichever instance takes the shard next.
     pub fn shard_stream(&self, shard: u16) -> String {
+        format!("{}_LOG_{shard}", self.streams.shard_stream_prefix)
+    }
+
+    /// The previous release's shard stream (WorkQueue), drained once by the upgrade.
+    pub fn legacy_shard_stream(&self, shard: u16) -> String {
         format!("{}_{shard}", self.streams.shard_stream_prefix)
+    }
+
+    /// What a previous-release shard stream captures once the upgrade has taken the shard
+    /// subjects from it: nothing anyone publishes to, so it only drains.
+    fn retired_subject(&self, shard: u16) -> String {
+        format!("{}.retired.{shard}", self.streams.status_subject)
     }
 
     /// `<input subject>.shard.<N>`. Panics on a shard outside `0..shard_count`, which only
@@ -125,13 +138,22 @@ impl Topology {
                     self.shard_subject(InputKind::DigestRequest, shard)
                         .to_string(),
                 ],
-                retention: RetentionPolicy::WorkQueue,
+                retention: RetentionPolicy::Limits,
                 storage: StorageType::File,
                 num_replicas: s.replicas,
                 duplicate_window: self.duplicate_window(),
                 ..Default::default()
             });
         }
+        configs.push(stream::Config {
+            name: s.snapshot_stream.clone(),
+            description: Some("alarm-digest shard snapshots: chunks and manifests".into()),
+            subjects: vec![format!("{}.>", s.snapshot_subject)],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            num_replicas: s.replicas,
+            ..Default::default()
+        });
         configs.push(stream::Config {
             name: s.output_stream.clone(),
             description: Some(format!(
@@ -169,9 +191,74 @@ impl Topology {
             if config.name == self.streams.output_stream {
                 self.migrate_previous_output(js, &config).await?;
             }
+            if let Some(shard) =
+                (0..self.shard_count).find(|s| self.shard_stream(*s) == config.name)
+            {
+                self.retire_legacy_shard_stream(js, shard).await?;
+            }
             ensure_stream(js, config).await?;
         }
         Ok(())
+    }
+
+    /// The previous release kept each shard in a WorkQueue stream, which deletes on ack and
+    /// so cannot be replayed; JetStream cannot change a stream's retention in place. The
+    /// upgrade takes the shard subjects from it (a subject change is allowed in place), so
+    /// the new Limits stream can capture them and the old one receives nothing more; the
+    /// shard's worker drains what it still holds, then deletes it
+    /// (`shard_worker/legacy.rs`). Returns whether such a stream still exists.
+    pub async fn retire_legacy_shard_stream(
+        &self,
+        js: &Context,
+        shard: u16,
+    ) -> Result<bool, BusError> {
+        let name = self.legacy_shard_stream(shard);
+        let Ok(mut stream) = js.get_stream(&name).await else {
+            return Ok(false);
+        };
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| BusError::transient(format!("reading stream {name}"), e))?;
+        let retired = vec![self.retired_subject(shard)];
+        if info.config.subjects == retired {
+            return Ok(true);
+        }
+        let update = stream::Config {
+            subjects: retired,
+            ..info.config.clone()
+        };
+        js.update_stream(&update)
+            .await
+            .map_err(|e| jetstream_error(format!("retiring stream {name}"), e))?;
+        tracing::warn!(
+            stream = %name,
+            "the previous release's shard stream no longer captures the shard subjects; its \
+             worker drains it into the shard's state, snapshots it, and deletes it"
+        );
+        Ok(true)
+    }
+
+    /// Whether the previous release's shard stream still exists (the shard is mid-upgrade).
+    pub async fn legacy_shard_stream_exists(
+        &self,
+        js: &Context,
+        shard: u16,
+    ) -> Result<bool, BusError> {
+        match js.get_stream_no_info(self.legacy_shard_stream(shard)).await {
+            Ok(_) => Ok(true),
+            Err(error) => match error.kind() {
+                GetStreamErrorKind::JetStream(ref e)
+                    if e.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    Ok(false)
+                }
+                _ => Err(BusError::transient(
+                    "looking up a previous-release stream",
+                    error,
+                )),
+            },
+        }
     }
 
     /// The release before RePublish had the output stream capture `digest_subject` itself.
@@ -293,7 +380,54 @@ impl Topology {
         .await
     }
 
-    pub async fn worker_consumer(
+    /// The shard's consumer, positioned at `start` (the first sequence the shard's state does
+    /// not reflect). An existing durable would keep its old position whatever this asks
+    /// (async-nats `get_or_create_consumer`), so it is deleted and created again: only the
+    /// lease holder calls this, so nobody else is using it.
+    pub async fn worker_consumer_from(
+        &self,
+        js: &Context,
+        shard: u16,
+        tuning: &TuningConfig,
+        start: u64,
+    ) -> Result<PullConsumer, BusError> {
+        let name = self.shard_stream(shard);
+        let durable = &self.streams.worker_consumer;
+        let stream = js
+            .get_stream_no_info(&name)
+            .await
+            .map_err(|e| BusError::transient(format!("opening stream {name}"), e))?;
+        if let Err(error) = stream.delete_consumer(durable).await {
+            let text = error.to_string();
+            if !text.contains("not found") && !text.contains("10014") {
+                return Err(BusError::transient(
+                    format!("deleting consumer {durable} on {name}"),
+                    text,
+                ));
+            }
+        }
+        let consumer: PullConsumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(durable.to_string()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: tuning.ack_wait(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: start.max(1),
+                },
+                max_deliver: -1,
+                max_ack_pending: i64::try_from((tuning.worker_batch * 4).max(5_000))
+                    .unwrap_or(i64::MAX),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                BusError::transient(format!("creating consumer {durable} on {name}"), e)
+            })?;
+        Ok(consumer)
+    }
+
+    /// The previous release's consumer of its WorkQueue shard stream, for the upgrade's drain.
+    pub async fn legacy_worker_consumer(
         &self,
         js: &Context,
         shard: u16,
@@ -302,7 +436,7 @@ impl Topology {
         let max_ack_pending = (tuning.worker_batch * 4).max(5_000);
         durable_consumer(
             js,
-            &self.shard_stream(shard),
+            &self.legacy_shard_stream(shard),
             &self.streams.worker_consumer,
             tuning,
             max_ack_pending,

@@ -38,17 +38,15 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     {
         return Ok(ExitCode::from(130));
     }
+    // Shard consumers are created by whoever takes a shard, at the sequence its state needs.
     topology.router_consumer(&js, tuning).await?;
-    for shard in config.shards.owned_shards() {
-        topology.worker_consumer(&js, shard, tuning).await?;
-    }
     let s = &config.streams;
     println!(
         "input stream       {} <- {}, {}",
         s.input_stream, s.status_subject, s.digest_request_subject
     );
     println!(
-        "shard streams      {}_0 .. {}_{} <- {}.shard.N, {}.shard.N",
+        "shard streams      {}_LOG_0 .. {}_LOG_{} <- {}.shard.N, {}.shard.N",
         s.shard_stream_prefix,
         s.shard_stream_prefix,
         config.shards.count - 1,
@@ -64,7 +62,11 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
         s.dead_letter_stream, s.dead_letter_subject
     );
     println!(
-        "ownership          key-value buckets {} (shards.count = {}, homes), {} (leases)",
+        "snapshot stream    {} <- {}.>",
+        s.snapshot_stream, s.snapshot_subject
+    );
+    println!(
+        "ownership          key-value buckets {} (shards.count = {}), {} (leases)",
         s.shards_bucket, config.shards.count, s.leases_bucket
     );
     println!("ok");

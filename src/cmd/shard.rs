@@ -8,12 +8,11 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::ownership::MoveError;
-use crate::bus::Topology;
-use crate::bus::{self, Cluster, Member};
+use crate::bus::{self, Cluster, Member, Snapshots, Topology};
 use crate::config::Config;
 use crate::retry::until_ok;
-use crate::store::{ShardExport, Store, RESHARD_SOURCE};
+use crate::store::{ShardExport, Store};
+use crate::wire::InputKind;
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum ShardAction {
@@ -25,13 +24,15 @@ pub enum ShardAction {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Load an exported shard into this data dir and make this instance its home.
+    /// Load an exported shard into this data dir (used when it is newer than the shard's
+    /// newest snapshot).
     Import {
         /// The file `shard export` wrote.
         #[arg(long)]
         file: PathBuf,
     },
-    /// Print the cluster's shard count and each shard's home and lease holder (JSON lines).
+    /// Print the cluster's shard count and, per shard, its lease holder, newest snapshot and
+    /// shard stream (JSON lines).
     Status,
     /// Re-split the exports of every shard into exports for another shard count (offline).
     Reshard {
@@ -45,8 +46,9 @@ pub enum ShardAction {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Switch the cluster to another shard count: requeue the shard streams' backlog into
-    /// the input stream, forget every home, record the count. Every instance must be stopped.
+    /// Switch the cluster to another shard count: requeue what the shard streams hold beyond
+    /// the newest snapshots into the input stream, delete the shard streams and snapshots,
+    /// record the count. Every instance must be stopped.
     Recount {
         /// The new shard count (shards.count in the config is the current one).
         #[arg(long)]
@@ -112,7 +114,7 @@ async fn import(config: &Config, file: &PathBuf) -> anyhow::Result<ExitCode> {
     }
     let store = open_store(config)?;
     let me = Member::here(store.instance_id()?, config);
-    let (_, cluster) = connect_cluster(config, me.clone()).await?;
+    let (client, cluster) = connect_cluster(config, me.clone()).await?;
     // The move is safe only while nobody applies the shard: the exporting instance must be
     // stopped, or its later batches would be missing from this copy.
     if let Some(lease) = cluster.read_lease(shard).await? {
@@ -124,34 +126,31 @@ async fn import(config: &Config, file: &PathBuf) -> anyhow::Result<ExitCode> {
             cluster.lease_period().as_secs()
         );
     }
-    match cluster.read_home(shard).await? {
-        Some(_) if export.source_instance == RESHARD_SOURCE => bail!(
-            "shard {shard} still has a home from before the re-shard: run `alarm-digest shard \
-             recount --count {}` (with every instance stopped) before importing",
-            export.count
-        ),
-        Some(home) if home.instance != export.source_instance => {
-            return Err(MoveError::HomeMoved(home).into());
-        }
-        _ => {}
-    }
     store.import_shard(&export)?;
-    match cluster.move_home(shard, &export.source_instance).await {
-        Ok(()) => {}
-        Err(MoveError::HomeMoved(home)) => {
-            bail!(
-                "the data was written here but shard {shard}'s home moved to {home} meanwhile, \
-                 so this copy stays unused; export again from there"
-            )
-        }
-        Err(MoveError::Bus(error)) => return Err(error.into()),
-    }
+    let imported = store.shard(shard)?.applied();
+    let snapshots = snapshots_of(&client, config);
+    let newest = snapshots.chain(shard, 1).await?.pop();
     println!(
-        "imported shard {shard} ({} entries) from instance {}; its home is now {me}",
+        "imported shard {shard} ({} entries, shard stream sequence {imported}) from instance {}",
         export.entries.len(),
         export.source_instance
     );
+    if let Some(newest) = newest.filter(|n| n.manifest.covers > imported) {
+        println!(
+            "note: the shard's newest snapshot in JetStream covers sequence {}, newer than this \
+             file: the instance that takes the shard restores from the snapshot instead",
+            newest.manifest.covers
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn snapshots_of(client: &async_nats::Client, config: &Config) -> Snapshots {
+    Snapshots::new(
+        async_nats::jetstream::new(client.clone()),
+        config.streams.snapshot_stream.clone(),
+        config.streams.snapshot_subject.clone(),
+    )
 }
 
 fn reshard(
@@ -202,67 +201,155 @@ async fn recount(config: &Config, count: u16) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    // Messages already routed by the old count go back through the routers, which will
-    // route them by the new one. Events are order-independent; a request answered later
-    // only sees more.
+    // Messages routed by the old count that no snapshot holds go back through the routers,
+    // which route them by the new one. Events are order-independent; a request answered
+    // later only sees more.
     let js = async_nats::jetstream::new(client.clone());
     let old = Topology::new(config.streams.clone(), from);
+    let snapshots = snapshots_of(&client, config);
     let mut requeued = 0u64;
     for shard in 0..from {
-        let Ok(mut stream) = js.get_stream(old.shard_stream(shard)).await else {
-            continue;
+        let covered = match snapshots.chain(shard, 1).await?.pop() {
+            Some(newest) => newest.manifest.covers,
+            None => 0,
         };
-        let state = stream.info().await?.state.clone();
-        if state.messages == 0 {
-            continue;
+        for (name, after) in [
+            (old.legacy_shard_stream(shard), 0),
+            (old.shard_stream(shard), covered),
+        ] {
+            requeued += requeue(&js, &old, shard, &name, after).await?;
+            if let Err(error) = js.delete_stream(&name).await {
+                if !error.to_string().contains("not found") {
+                    bail!("deleting {name}: {error}");
+                }
+            }
         }
-        for seq in state.first_sequence..=state.last_sequence {
-            let Ok(message) = stream.get_raw_message(seq).await else {
-                continue; // already deleted: a gap
-            };
-            let Some(kind) = old.shard_kind(shard, &message.subject) else {
-                bail!(
-                    "shard stream {} holds a message on {}, which is not a shard subject",
-                    old.shard_stream(shard),
-                    message.subject
-                );
-            };
-            let subject = old.input_subject(kind).to_string();
-            js.publish(subject.clone(), message.payload.clone())
-                .await?
-                .await
-                .with_context(|| {
-                    format!("requeueing {} #{seq} to {subject}", old.shard_stream(shard))
-                })?;
-            stream.delete_message(seq).await?;
-            requeued += 1;
+    }
+    // Snapshots of the old shards describe shards that no longer exist.
+    if let Err(error) = js.delete_stream(&config.streams.snapshot_stream).await {
+        if !error.to_string().contains("not found") {
+            bail!("deleting {}: {error}", config.streams.snapshot_stream);
         }
     }
     cluster.recount(from, count).await?;
     client.flush().await?;
     println!(
-        "shards.count is now {count} (was {from}); {requeued} routed message(s) requeued; every \
-         home forgotten: set shards.count = {count} everywhere, import the re-sharded exports \
-         into fresh data dirs, start"
+        "shards.count is now {count} (was {from}); {requeued} routed message(s) requeued; shard \
+         streams and snapshots of the old count deleted: set shards.count = {count} everywhere, \
+         import the re-sharded exports into fresh data dirs, start"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Publishes every message of a shard stream after `after` back to its input subject.
+async fn requeue(
+    js: &async_nats::jetstream::Context,
+    old: &Topology,
+    shard: u16,
+    name: &str,
+    after: u64,
+) -> anyhow::Result<u64> {
+    let Ok(mut stream) = js.get_stream(name).await else {
+        return Ok(0);
+    };
+    let state = stream.info().await?.state.clone();
+    if state.messages == 0 {
+        return Ok(0);
+    }
+    let mut requeued = 0;
+    for seq in state.first_sequence.max(after + 1)..=state.last_sequence {
+        let Ok(message) = stream.get_raw_message(seq).await else {
+            continue; // already deleted: a gap
+        };
+        let subject = match old.shard_kind(shard, &message.subject) {
+            Some(kind) => old.input_subject(kind).to_string(),
+            // An envelope of the router's: its entries each name their input subject.
+            None if message
+                .subject
+                .starts_with(old.input_subject(InputKind::StatusChange)) =>
+            {
+                old.input_subject(InputKind::StatusChange).to_string()
+            }
+            None => bail!(
+                "shard stream {name} holds a message on {}, which is not a shard subject",
+                message.subject
+            ),
+        };
+        let payloads = match crate::bus::envelope::decode(&message.payload) {
+            Ok(entries)
+                if message
+                    .headers
+                    .get(crate::bus::envelope::FRAME_HEADER)
+                    .is_some() =>
+            {
+                entries
+                    .into_iter()
+                    .map(|entry| {
+                        (
+                            entry.subject.to_string(),
+                            bytes::Bytes::copy_from_slice(entry.payload),
+                        )
+                    })
+                    .collect()
+            }
+            _ => vec![(subject, message.payload.clone())],
+        };
+        for (subject, payload) in payloads {
+            js.publish(subject.clone(), payload)
+                .await?
+                .await
+                .with_context(|| format!("requeueing {name} #{seq} to {subject}"))?;
+        }
+        requeued += 1;
+    }
+    Ok(requeued)
 }
 
 async fn status(config: &Config) -> anyhow::Result<ExitCode> {
     // Read-only: a member that claims nothing. Its id marks it as not an instance.
     let observer = Member::here("status-reader".into(), config);
-    let (_, cluster) = connect_cluster(config, observer).await?;
+    let (client, cluster) = connect_cluster(config, observer).await?;
     let count = cluster.recorded_count().await?;
     println!(
         "{}",
         serde_json::json!({ "shards_count": count, "lease_secs": cluster.lease_period().as_secs() })
     );
+    let js = async_nats::jetstream::new(client.clone());
+    let topology = Topology::new(config.streams.clone(), config.shards.count);
+    let snapshots = snapshots_of(&client, config);
+    let now_ms = chrono::Utc::now().timestamp_millis();
     for shard in 0..count.unwrap_or(config.shards.count) {
-        let home = cluster.read_home(shard).await?;
         let lease = cluster.read_lease(shard).await?;
+        let newest = snapshots.chain(shard, 1).await?.pop();
+        let snapshot = newest.map(|s| {
+            serde_json::json!({
+                "covers": s.manifest.covers,
+                "bytes": s.manifest.bytes,
+                "age_secs": (now_ms - s.manifest.taken_at_ms).max(0) / 1000,
+            })
+        });
+        let stream = match js.get_stream(topology.shard_stream(shard)).await {
+            Ok(mut stream) => {
+                let state = &stream.info().await?.state;
+                Some(serde_json::json!({
+                    "first": state.first_sequence,
+                    "last": state.last_sequence,
+                    "messages": state.messages,
+                    "bytes": state.bytes,
+                }))
+            }
+            Err(_) => None,
+        };
+        let upgrading = topology.legacy_shard_stream_exists(&js, shard).await?;
         println!(
             "{}",
-            serde_json::json!({ "shard": shard, "home": home, "lease": lease })
+            serde_json::json!({
+                "shard": shard,
+                "lease": lease,
+                "snapshot": snapshot,
+                "stream": stream,
+                "upgrading": upgrading,
+            })
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -27,6 +27,8 @@ fn ceiling_streams(base: &StreamsConfig) -> StreamsConfig {
         shard_stream_prefix: "BENCH_CEILING_SHARD".into(),
         output_stream: "BENCH_CEILING_OUTPUT".into(),
         dead_letter_stream: "BENCH_CEILING_DEAD_LETTER".into(),
+        snapshot_stream: "BENCH_CEILING_SNAPSHOTS".into(),
+        snapshot_subject: "BenchCeiling.Snapshot".into(),
         ..base.clone()
     }
 }
@@ -37,6 +39,7 @@ async fn delete_streams(js: &Context, topology: &Topology) {
         s.input_stream.clone(),
         s.output_stream.clone(),
         s.dead_letter_stream.clone(),
+        s.snapshot_stream.clone(),
     ];
     names.extend((0..topology.shard_count).map(|shard| topology.shard_stream(shard)));
     for name in names {
@@ -79,7 +82,9 @@ pub async fn measure(
         cancel.clone(),
     )));
     for shard in 0..topology.shard_count {
-        let consumer = topology.worker_consumer(&js, shard, &config.tuning).await?;
+        let consumer = topology
+            .worker_consumer_from(&js, shard, &config.tuning, 1)
+            .await?;
         tasks.push(tokio::spawn(drain_shard(
             consumer,
             config.tuning.clone(),

@@ -44,6 +44,47 @@ impl Shard {
     }
 }
 
+/// What a shard worker is doing, for `alarm_digest_shard_phase` and `/readyz`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Not holding the shard (another instance does, or it waits for its lease).
+    Waiting,
+    /// Draining the previous release's WorkQueue stream (the upgrade).
+    Upgrading,
+    /// Loading the newest good snapshot into the data dir.
+    Restoring,
+    /// Applying the shard stream's tail up to where it ended when the shard was taken.
+    Replaying,
+    /// Caught up: applying new messages as they come.
+    Consuming,
+}
+
+impl Phase {
+    const ALL: [Phase; 5] = [
+        Phase::Waiting,
+        Phase::Upgrading,
+        Phase::Restoring,
+        Phase::Replaying,
+        Phase::Consuming,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Waiting => "waiting",
+            Phase::Upgrading => "upgrading",
+            Phase::Restoring => "restoring",
+            Phase::Replaying => "replaying",
+            Phase::Consuming => "consuming",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShardPhase {
+    shard: String,
+    phase: String,
+}
+
 pub struct Metrics {
     pub events_applied: Counter,
     pub events_unchanged: Counter,
@@ -62,6 +103,19 @@ pub struct Metrics {
     pub digests_split: Counter,
     /// Digest parts the broker refused for good; their alarms went back to unsent.
     pub digest_parts_refused: Counter,
+    /// Redelivered shard log messages the state already reflected: acked unapplied.
+    pub redeliveries_covered: Counter,
+    pub snapshots_taken: Counter,
+    /// Snapshots a restore found damaged (it fell back to the one before).
+    pub snapshots_damaged: Counter,
+    /// Per shard: the newest snapshot's shard stream sequence and time (Unix seconds).
+    pub snapshot_sequence: Family<Shard, Gauge>,
+    pub snapshot_timestamp: Family<Shard, Gauge>,
+    /// Per shard: bytes the broker holds in the shard stream (read by `consumer_stats`).
+    pub shard_stream_bytes: Family<Shard, Gauge>,
+    /// Per shard: messages still to replay before the shard is caught up.
+    replay_behind: Family<Shard, Gauge>,
+    phase: Family<ShardPhase, Gauge>,
     /// 1 when `/readyz` would answer 200, else 0 (set when scraped).
     pub ready: Gauge,
     /// Shards this instance is configured to own.
@@ -109,6 +163,14 @@ impl Metrics {
             lease_stale_batches: Counter::default(),
             digests_split: Counter::default(),
             digest_parts_refused: Counter::default(),
+            redeliveries_covered: Counter::default(),
+            snapshots_taken: Counter::default(),
+            snapshots_damaged: Counter::default(),
+            snapshot_sequence: Family::default(),
+            snapshot_timestamp: Family::default(),
+            shard_stream_bytes: Family::default(),
+            replay_behind: Family::default(),
+            phase: Family::default(),
             ready: Gauge::default(),
             shards_owned: Gauge::default(),
             shards_consuming: Gauge::default(),
@@ -132,7 +194,7 @@ impl Metrics {
         let mut root = Registry::default();
         root.register_collector(Box::new(process::ProcessCollector));
         let ours = root.sub_registry_with_prefix("alarm_digest");
-        let counters: [(&str, &str, &Counter); 15] = [
+        let counters: [(&str, &str, &Counter); 18] = [
             ("events_applied", "Status changes that changed stored state.", &self.events_applied),
             ("events_unchanged", "Status changes that were stale or duplicates.", &self.events_unchanged),
             ("digest_requests", "Digest requests answered.", &self.digest_requests),
@@ -163,6 +225,17 @@ impl Metrics {
                 "digest_parts_refused",
                 "Digest parts the broker refused for good; their alarms went back to unsent.",
                 &self.digest_parts_refused,
+            ),
+            (
+                "redeliveries_covered",
+                "Redelivered shard stream messages the shard state already reflected (acked unapplied).",
+                &self.redeliveries_covered,
+            ),
+            ("snapshots_taken", "Shard snapshots stored in JetStream.", &self.snapshots_taken),
+            (
+                "snapshots_damaged",
+                "Snapshots a restore found damaged; it used the one before.",
+                &self.snapshots_damaged,
             ),
         ];
         for (name, help, counter) in counters {
@@ -202,6 +275,31 @@ impl Metrics {
             "shard_consumer_redelivered",
             "Messages of the shard stream delivered more than once and not yet acked, per shard.",
             self.shard_redelivered.clone(),
+        );
+        ours.register(
+            "snapshot_sequence",
+            "The shard stream sequence the shard's newest snapshot covers, per shard.",
+            self.snapshot_sequence.clone(),
+        );
+        ours.register(
+            "snapshot_timestamp_seconds",
+            "When the shard's newest snapshot was taken (Unix time), per shard.",
+            self.snapshot_timestamp.clone(),
+        );
+        ours.register(
+            "shard_stream_bytes",
+            "Bytes the broker holds in the shard stream (the tail since the oldest kept snapshot), per shard.",
+            self.shard_stream_bytes.clone(),
+        );
+        ours.register(
+            "shard_replay_behind_messages",
+            "Shard stream messages still to replay before the shard is caught up, per shard.",
+            self.replay_behind.clone(),
+        );
+        ours.register(
+            "shard_phase",
+            "1 for the phase each owned shard is in (waiting, upgrading, restoring, replaying, consuming).",
+            self.phase.clone(),
         );
         ours.register(
             "input_consumer_pending",
@@ -245,6 +343,34 @@ impl Metrics {
         if let Ok(mut outbox) = self.outbox.shards.lock() {
             outbox.insert(shard, (entries, oldest_written_ms));
         }
+    }
+
+    pub fn set_phase(&self, shard: u16, phase: Phase) {
+        for each in Phase::ALL {
+            let labels = ShardPhase {
+                shard: shard.to_string(),
+                phase: each.as_str().to_string(),
+            };
+            self.phase
+                .get_or_create(&labels)
+                .set(i64::from(each == phase));
+        }
+    }
+
+    pub fn set_replay_behind(&self, shard: u16, behind: u64) {
+        self.replay_behind
+            .get_or_create(&Shard::new(shard))
+            .set(i64::try_from(behind).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_snapshot(&self, shard: u16, sequence: u64, taken_at_ms: i64) {
+        let shard = Shard::new(shard);
+        self.snapshot_sequence
+            .get_or_create(&shard)
+            .set(i64::try_from(sequence).unwrap_or(i64::MAX));
+        self.snapshot_timestamp
+            .get_or_create(&shard)
+            .set(taken_at_ms / 1000);
     }
 
     pub fn observe_batch(&self, elapsed: Duration) {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
 
-use super::{ack, ShardWorker};
+use super::{ack, Continuity, ShardWorker};
 use crate::bus::envelope::{self, ENVELOPE_V1, FRAME_HEADER};
 use crate::bus::{self, DeadLetter};
 use crate::store::{Applied, DigestOptions, DigestOutcome, ShardWrite, StoreError};
@@ -58,7 +58,15 @@ enum Outcome {
 
 impl ShardWorker {
     /// Applies one batch. An `Err` means nothing of it was acked; JetStream redelivers it.
-    pub(super) async fn process(&mut self, messages: Vec<Message>) -> Result<(), StoreError> {
+    ///
+    /// The shard log is applied in sequence order: a message at or below the sequence the
+    /// state reflects is acked unapplied (a redelivery), and one past the next expected
+    /// sequence ends the batch there ([`Continuity::Gap`]). The sequence reached is written
+    /// in the same atomic batch as what it covers.
+    pub(super) async fn process(
+        &mut self,
+        mut messages: Vec<Message>,
+    ) -> Result<Continuity, StoreError> {
         let started = Instant::now();
         let shared = self.shared.clone();
         let shard = self.store.shard();
@@ -72,9 +80,26 @@ impl ShardWorker {
         let mut dispositions = Vec::with_capacity(messages.len());
         let mut counts = BatchCounts::default();
         let mut newest_seen = self.sweep.newest_seen;
+        let tracked = !self.draining_legacy;
+        let mut next = self.store.applied() + 1;
+        let mut gap_at = None;
+        let mut tail_bytes = 0;
         let mut write = self.store.begin();
-        for message in &messages {
+        for (index, message) in messages.iter().enumerate() {
             let sequence = shared.note_delivery(message);
+            if tracked {
+                if sequence != 0 && sequence < next {
+                    counts.covered += 1;
+                    dispositions.push(Disposition::Ack);
+                    continue;
+                }
+                if sequence != next {
+                    gap_at = Some(index);
+                    break;
+                }
+                next += 1;
+                tail_bytes += message.payload.len() as u64;
+            }
             let is_envelope = message
                 .headers
                 .as_ref()
@@ -140,6 +165,19 @@ impl ShardWorker {
             };
             dispositions.push(disposition);
         }
+        if tracked {
+            write.applied_through(next - 1);
+        }
+        if let Some(gap) = gap_at {
+            tracing::info!(
+                shard,
+                expected = next,
+                "the shard log arrived out of order; taking it again from the first message \
+                 not applied"
+            );
+            // Neither applied nor acked: the consumer is created again at `next`.
+            messages.truncate(gap);
+        }
         let queued = match write.commit() {
             Ok(queued) => queued,
             Err(error) => return Err(self.nak_all(messages, error).await),
@@ -148,6 +186,7 @@ impl ShardWorker {
             return Err(self.nak_all(messages, error).await);
         }
         self.sweep.newest_seen = newest_seen;
+        self.tail_bytes += tail_bytes;
         counts.record(&shared.metrics);
         self.outbox.extend(queued);
         self.note_outbox();
@@ -214,7 +253,11 @@ impl ShardWorker {
             }
         }
         shared.metrics.observe_batch(started.elapsed());
-        Ok(())
+        Ok(if gap_at.is_some() {
+            Continuity::Gap
+        } else {
+            Continuity::Contiguous
+        })
     }
 
     async fn nak_all(&self, messages: Vec<Message>, error: StoreError) -> StoreError {
@@ -358,6 +401,8 @@ struct BatchCounts {
     skipped_empty: u64,
     duplicates: u64,
     split_digests: u64,
+    /// Redelivered shard log messages the state already reflects.
+    covered: u64,
 }
 
 impl BatchCounts {
@@ -367,6 +412,7 @@ impl BatchCounts {
         metrics.digest_requests.inc_by(self.requests);
         metrics.digests_skipped_empty.inc_by(self.skipped_empty);
         metrics.duplicate_requests.inc_by(self.duplicates);
+        metrics.redeliveries_covered.inc_by(self.covered);
         metrics.digests_split.inc_by(self.split_digests);
     }
 }

@@ -1,14 +1,22 @@
-//! One shard worker per owned shard: applies its shard stream to sled in batches and answers
-//! digest requests through the outbox.
+//! One shard worker per owned shard: takes the shard's lease, brings the shard's state up to
+//! date, applies its shard stream to sled in batches and answers digest requests through the
+//! outbox; snapshots the state into JetStream as it goes and once more when it lets go.
 //!
-//! - `mod.rs` (here): admission (home and lease), the consume loop, binding.
+//! - `mod.rs` (here): the life of a worker (admit, restore, consume, hand off), binding.
+//! - `legacy.rs`: the upgrade: drains the previous release's WorkQueue shard stream first.
+//! - `restore.rs`: local state, or the newest good snapshot, as the base to replay from.
 //! - `batch.rs`: one fetched batch → one [`crate::store::ShardWrite`] overlay → one atomic
-//!   sled batch → one group flush → acks and dead letters. Envelopes are unpacked here.
+//!   sled batch (with the shard stream sequence it reaches) → one group flush → acks and dead
+//!   letters. Envelopes are unpacked here.
+//! - `snapshot.rs`: when to snapshot, storing it, purging the shard stream behind it.
 //! - `outbox.rs`: publishing digest parts (Msg-Id from the outbox sequence), PubAcks, refusals.
 //! - `waiting.rs`: why a worker is not consuming yet. `sweep.rs`: the retention sweep.
 
 mod batch;
+mod legacy;
 mod outbox;
+mod restore;
+mod snapshot;
 mod sweep;
 mod waiting;
 
@@ -18,8 +26,9 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::ownership::{Acquired, Home, ShardLease};
-use crate::bus::{self, BusError, Cluster};
+use crate::bus::ownership::{Acquired, ShardLease};
+use crate::bus::snapshots::Stored;
+use crate::bus::{self, BusError, Cluster, Snapshots};
 use crate::retry::{until_ok, Backoff};
 use crate::shared::Shared;
 use crate::store::{GroupFlusher, OutboxEntry, ShardStore};
@@ -43,6 +52,18 @@ pub struct ShardWorker {
     /// The output stream's `max_msg_size`, if it has one: read when consuming starts and again
     /// after a refusal, so the next digest is split to fit it.
     stream_limit: Option<usize>,
+    snapshots: Snapshots,
+    /// The shard's newest snapshot (whoever took it), once known.
+    newest_snapshot: Option<Stored>,
+    /// Shard stream bytes applied since the newest snapshot, and when that was.
+    tail_bytes: u64,
+    snapshot_at: Instant,
+    /// While draining the previous release's WorkQueue stream: its sequences are not the
+    /// shard log's, so they are neither tracked nor checked for gaps.
+    draining_legacy: bool,
+    /// Where the shard stream ended when the shard was taken: until the state reaches it,
+    /// the worker is replaying.
+    replay_target: u64,
 }
 
 impl ShardWorker {
@@ -53,7 +74,18 @@ impl ShardWorker {
         flusher: GroupFlusher,
     ) -> ShardWorker {
         let part = format!("shard {}", store.shard());
+        let snapshots = Snapshots::new(
+            shared.js.clone(),
+            shared.config.streams.snapshot_stream.clone(),
+            shared.config.streams.snapshot_subject.clone(),
+        );
         ShardWorker {
+            snapshots,
+            newest_snapshot: None,
+            tail_bytes: 0,
+            snapshot_at: Instant::now(),
+            draining_legacy: false,
+            replay_target: 0,
             shared,
             cluster,
             store,
@@ -79,29 +111,51 @@ impl ShardWorker {
         };
         let metrics = self.shared.metrics.clone();
         metrics.shards_consuming.inc();
-        let result = self.consume(&lease, &cancel).await;
+        let result = self.serve(&lease, &cancel).await;
         metrics.shards_consuming.dec();
         lease.release().await;
         result
     }
 
-    /// Waits until this instance is the shard's home and holds its lease. An instance that
-    /// is not the home never consumes the shard, even while the home is down: the home's
-    /// data dir holds the shard's alarms, and applying without them loses alarms.
+    /// Everything done under the lease: the upgrade's drain, the restore, consuming, and the
+    /// final snapshot that lets the next owner start where this one stopped.
+    async fn serve(
+        &mut self,
+        lease: &ShardLease,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        self.load_outbox();
+        if !self.drain_previous_release(lease, cancel).await? {
+            return Ok(());
+        }
+        if !self.restore(cancel).await? {
+            return Ok(());
+        }
+        self.consume(lease, cancel).await?;
+        if lease.is_fresh() {
+            self.final_snapshot().await;
+        }
+        Ok(())
+    }
+
+    /// Waits until this process holds the shard's lease. A shard still in the previous
+    /// release's WorkQueue stream is taken only by its home there (the data dir holding its
+    /// state), which drains it and writes its first snapshot; after that, any instance that
+    /// owns the shard by config may take it.
     async fn admit(&self, cancel: &CancellationToken) -> Option<ShardLease> {
         let shard = self.store.shard();
         let mut last: Option<Waiting> = None;
         loop {
-            let waiting = match self.cluster.home(shard).await {
-                Ok(Home::Here) => match self.cluster.acquire(shard).await {
+            let waiting = match self.previous_release_home().await {
+                Ok(Some(home)) => Waiting::PreviousReleaseHome(home),
+                Ok(None) => match self.cluster.acquire(shard).await {
                     Ok(Acquired::Held(lease)) => {
-                        tracing::info!(shard, "shard lease taken; consuming");
+                        tracing::info!(shard, "shard lease taken");
                         return Some(*lease);
                     }
                     Ok(Acquired::HeldBy(record)) => Waiting::LeaseHeld(record),
                     Err(error) => Waiting::Unavailable(error.to_string()),
                 },
-                Ok(Home::Elsewhere(home)) => Waiting::NotHome(home),
                 Err(error) => Waiting::Unavailable(error.to_string()),
             };
             if last.as_ref() != Some(&waiting) {
@@ -118,17 +172,8 @@ impl ShardWorker {
         }
     }
 
-    async fn consume(
-        &mut self,
-        lease: &ShardLease,
-        cancel: &CancellationToken,
-    ) -> anyhow::Result<()> {
-        let shard = self.store.shard();
-        let Some(mut consumer) = self.bind(cancel).await? else {
-            return Ok(());
-        };
-        self.read_stream_limit().await;
-        // Digests stored before a crash go out before anything new is taken.
+    /// Digests stored before a crash go out before anything new is taken.
+    fn load_outbox(&mut self) {
         match self.store.pending_outbox() {
             Ok(mut pending) => {
                 // Records of the release before parts carry no time: count from now.
@@ -139,8 +184,22 @@ impl ShardWorker {
                 self.outbox = pending;
                 self.note_outbox();
             }
-            Err(error) => tracing::error!(shard, %error, "cannot read the outbox"),
+            Err(error) => {
+                tracing::error!(shard = self.store.shard(), %error, "cannot read the outbox")
+            }
         }
+    }
+
+    async fn consume(
+        &mut self,
+        lease: &ShardLease,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let shard = self.store.shard();
+        let Some(mut consumer) = self.bind(cancel).await? else {
+            return Ok(());
+        };
+        self.read_stream_limit().await;
         let mut backoff = Backoff::default();
         let mut last_prune = Instant::now();
         // Set on a failed batch, cleared by the next one that is applied and flushed.
@@ -169,10 +228,11 @@ impl ShardWorker {
                     _ = tokio::time::sleep(self.cluster.renew_every() / 4) => continue,
                 }
             }
-            self.shared
-                .readiness
-                .set(self.part.clone(), store_failing_since.is_none());
+            self.note_phase(store_failing_since.is_none());
             self.sweep_step();
+            if self.snapshot_due() {
+                self.take_snapshot().await;
+            }
             let tuning = &self.shared.config.tuning;
             let fetched = tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -196,7 +256,15 @@ impl ShardWorker {
                 Ok(messages) => {
                     backoff.reset();
                     match self.process(messages).await {
-                        Ok(()) => store_failing_since = None,
+                        Ok(Continuity::Contiguous) => store_failing_since = None,
+                        Ok(Continuity::Gap) => {
+                            // A message came before one it follows (a redelivery after a
+                            // failure): take the log again from the first one not applied.
+                            store_failing_since = None;
+                            if let Some(rebound) = self.bind(cancel).await? {
+                                consumer = rebound;
+                            }
+                        }
                         Err(error) => {
                             self.shared.metrics.store_failures.inc();
                             self.shared.readiness.set(self.part.clone(), false);
@@ -212,6 +280,9 @@ impl ShardWorker {
                             }
                             if !backoff.wait(cancel).await {
                                 break;
+                            }
+                            if let Some(rebound) = self.bind(cancel).await? {
+                                consumer = rebound;
                             }
                         }
                     }
@@ -244,15 +315,35 @@ impl ShardWorker {
         )
     }
 
+    /// The shard's consumer, from the first shard stream sequence the state does not reflect.
     async fn bind(&self, cancel: &CancellationToken) -> Result<Option<PullConsumer>, BusError> {
         let shared = &self.shared;
         let shard = self.store.shard();
+        let start = self.store.applied() + 1;
         until_ok("binding a shard consumer", cancel, || {
             shared
                 .topology
-                .worker_consumer(&shared.js, shard, &shared.config.tuning)
+                .worker_consumer_from(&shared.js, shard, &shared.config.tuning, start)
         })
         .await
+    }
+
+    /// Readiness and the phase gauge: replaying until the state reaches where the shard
+    /// stream ended when the shard was taken, consuming after.
+    fn note_phase(&self, store_ok: bool) {
+        let shard = self.store.shard();
+        let behind = self.replay_target.saturating_sub(self.store.applied());
+        self.shared.metrics.set_replay_behind(shard, behind);
+        if behind > 0 {
+            self.shared.metrics.set_phase(shard, Phase::Replaying);
+            self.shared.readiness.block(
+                self.part.clone(),
+                format!("replaying the shard stream: {behind} message(s) behind"),
+            );
+        } else {
+            self.shared.metrics.set_phase(shard, Phase::Consuming);
+            self.shared.readiness.set(self.part.clone(), store_ok);
+        }
     }
 
     async fn prune_answered(&self, consumer: &PullConsumer) {
@@ -272,6 +363,16 @@ impl ShardWorker {
         }
     }
 }
+
+/// Whether a batch continued the shard log without a hole.
+pub(super) enum Continuity {
+    Contiguous,
+    /// A message arrived before one it follows: everything from there on was left unapplied
+    /// and unacked, and the consumer must be created again at the first unapplied sequence.
+    Gap,
+}
+
+pub use crate::metrics::Phase;
 
 async fn ack(message: &Message) {
     // Acks are fire-and-forget; a lost one means a redelivery, which is idempotent.

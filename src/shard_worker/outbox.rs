@@ -44,7 +44,7 @@ impl ShardWorker {
         let mut first_error = None;
         for ((sequence, entry), outcome) in self.outbox.iter().zip(outcomes) {
             match outcome {
-                Ok(()) => delivered.push(*sequence),
+                Ok(_) => delivered.push(*sequence),
                 Err(error) if error.is_refused() => {
                     tracing::error!(
                         shard = self.store.shard(),

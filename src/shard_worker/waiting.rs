@@ -8,10 +8,11 @@ use crate::bus::Member;
 /// Why a shard worker is not consuming yet.
 #[derive(PartialEq)]
 pub(super) enum Waiting {
-    /// The shard's state lives in another instance's data dir.
-    NotHome(Member),
-    /// Another process applies the shard (a previous run of this instance whose lease has
-    /// not expired, or a copy of this data dir).
+    /// The shard is still in the previous release's WorkQueue stream and its state in the
+    /// data dir of that release's home for it: only that instance can carry it over.
+    PreviousReleaseHome(Member),
+    /// Another process applies the shard (another instance that owns it too, a previous run
+    /// of this instance whose lease has not expired, or a copy of this data dir).
     LeaseHeld(LeaseRecord),
     /// The ownership buckets could not be read.
     Unavailable(String),
@@ -21,7 +22,9 @@ impl Waiting {
     /// Short, for `/readyz`.
     pub(super) fn reason(&self) -> String {
         match self {
-            Waiting::NotHome(home) => format!("its home is {home}"),
+            Waiting::PreviousReleaseHome(home) => {
+                format!("upgrading: waiting for the previous release's home {home}")
+            }
             Waiting::LeaseHeld(lease) => {
                 format!(
                     "lease held by process {} of {}",
@@ -35,22 +38,21 @@ impl Waiting {
     /// Long, with the fix, once per change.
     pub(super) fn log(&self, shard: u16, lease_period: Duration) {
         match self {
-            Waiting::NotHome(home) => tracing::error!(
+            Waiting::PreviousReleaseHome(home) => tracing::warn!(
                 shard,
                 %home,
-                "not consuming shard {shard}: its state lives in the data dir of {home}, not \
-                 here, so applying it here would lose that state. Fix: remove {shard} from \
-                 shards.owned on this instance, or move the shard here (stop both; \
-                 `alarm-digest shard export --shard {shard}` there; `alarm-digest shard \
-                 import` here; README, 'Rebalancing runbook')"
+                "not taking shard {shard} yet: the previous release kept its state in the data \
+                 dir of {home} and its messages in a WorkQueue stream; that instance, started \
+                 on this release, drains them and writes the shard's first snapshot, and then \
+                 any owner can take it (README, 'Upgrading')"
             ),
             Waiting::LeaseHeld(lease) => tracing::warn!(
                 shard,
                 holder = %lease.holder,
                 process = %lease.process,
-                "waiting for shard {shard}'s lease: another process holds it (a previous run \
-                 of this instance, or a copy of this data dir); it expires {}s after its \
-                 holder stops renewing",
+                "waiting for shard {shard}'s lease: another process holds it (another owner, a \
+                 previous run of this instance, or a copy of this data dir); a holder that \
+                 stops releases it, one that dies loses it {}s after its last renewal",
                 lease_period.as_secs()
             ),
             Waiting::Unavailable(error) => {

@@ -14,6 +14,10 @@ pub const REQUEST: u8 = b'r';
 
 pub const META_EPOCH: &[u8] = b"mepoch";
 pub const META_NEXT_OUTBOX: &[u8] = b"mnext_outbox";
+/// The shard stream sequence this tree reflects: every message at or below it is applied.
+/// Written in the same atomic batch as the messages it covers. Absent in a tree of the
+/// release before shard state lived in JetStream (read as 0).
+pub const META_APPLIED: &[u8] = b"mapplied";
 
 /// The prefix of every alarm of one user. The length prefix keeps user "ab" + alarm "c"
 /// apart from user "a" + alarm "bc", whatever bytes the IDs contain.

@@ -140,54 +140,27 @@ impl Store {
 
     /// The shard's whole tree, for `alarm-digest shard export`.
     pub fn export_shard(&self, shard: u16, count: u16) -> Result<ShardExport, StoreError> {
-        let tree = self.db.open_tree(shard_tree_name(shard))?;
-        let entries = tree
-            .iter()
-            .map(|entry| entry.map(|(k, v)| (k.to_vec(), v.to_vec())))
-            .collect::<Result<Vec<_>, sled::Error>>()?;
-        Ok(ShardExport {
-            shard,
-            count,
-            source_instance: self.instance_id()?,
-            entries,
-        })
+        self.shard(shard)?.export(count, self.instance_id()?)
     }
 
     /// Replaces the shard's tree with an export's entries, atomically, and flushes.
     pub fn import_shard(&self, export: &ShardExport) -> Result<(), StoreError> {
-        let tree = self.db.open_tree(shard_tree_name(export.shard))?;
-        let mut batch = sled::Batch::default();
-        for key in tree.iter().keys() {
-            batch.remove(key?);
-        }
-        for (key, value) in &export.entries {
-            batch.insert(key.as_slice(), value.as_slice());
-        }
-        tree.apply_batch(batch)?;
+        self.shard(export.shard)?.replace(export)?;
         self.db.flush()?;
         Ok(())
     }
 
     pub fn shard(&self, shard: u16) -> Result<ShardStore, StoreError> {
         let tree = self.db.open_tree(shard_tree_name(shard))?;
-        let epoch = match tree.get(keys::META_EPOCH)? {
-            Some(bytes) => read_u64(&bytes),
-            None => {
-                let epoch = rand::random::<u64>();
-                tree.insert(keys::META_EPOCH, &epoch.to_be_bytes())?;
-                epoch
-            }
-        };
-        let next_outbox = tree
-            .get(keys::META_NEXT_OUTBOX)?
-            .map(|b| read_u64(&b))
-            .unwrap_or(0);
-        Ok(ShardStore {
+        let mut store = ShardStore {
             shard,
             tree,
-            epoch,
-            next_outbox,
-        })
+            epoch: 0,
+            next_outbox: 0,
+            applied: 0,
+        };
+        store.load_meta()?;
+        Ok(store)
     }
 
     /// Makes every applied batch durable. Called by the [`GroupFlusher`] and at shutdown.
@@ -263,6 +236,8 @@ pub struct ShardStore {
     tree: sled::Tree,
     epoch: u64,
     next_outbox: u64,
+    /// The shard stream sequence the tree reflects ([`keys::META_APPLIED`]).
+    applied: u64,
 }
 
 /// Result of applying one status change inside a batch.
@@ -302,8 +277,90 @@ impl ShardStore {
         self.shard
     }
 
+    /// Reads the metadata the store caches, creating the digest epoch on first use.
+    fn load_meta(&mut self) -> Result<(), StoreError> {
+        self.epoch = match self.tree.get(keys::META_EPOCH)? {
+            Some(bytes) => read_u64(&bytes),
+            None => {
+                let epoch = rand::random::<u64>();
+                self.tree.insert(keys::META_EPOCH, &epoch.to_be_bytes())?;
+                epoch
+            }
+        };
+        let meta = |key: &[u8]| -> Result<u64, StoreError> {
+            Ok(self.tree.get(key)?.map(|b| read_u64(&b)).unwrap_or(0))
+        };
+        self.next_outbox = meta(keys::META_NEXT_OUTBOX)?;
+        self.applied = meta(keys::META_APPLIED)?;
+        Ok(())
+    }
+
+    /// The shard stream sequence this tree reflects: every message at or below it is applied.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Records that the tree reflects the shard stream up to `sequence` (not flushed: the
+    /// caller flushes through the group flusher or at shutdown).
+    pub fn set_applied(&mut self, sequence: u64) -> Result<(), StoreError> {
+        self.tree
+            .insert(keys::META_APPLIED, &sequence.to_be_bytes())?;
+        self.applied = sequence;
+        Ok(())
+    }
+
+    /// Sets the digest epoch (part of every digest's Msg-Id). Only for a tree in its initial
+    /// state, before any digest was written.
+    pub fn set_epoch(&mut self, epoch: u64) -> Result<(), StoreError> {
+        self.tree.insert(keys::META_EPOCH, &epoch.to_be_bytes())?;
+        self.epoch = epoch;
+        Ok(())
+    }
+
+    /// Whether the tree holds no alarms, digests or markers at all.
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        for item in self.tree.iter().keys() {
+            if item?.first() != Some(&b'm') {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The whole tree as an export (the snapshot and `shard export` format). Consistent as
+    /// long as nothing writes meanwhile, which the worker (the tree's only writer) ensures by
+    /// exporting between batches.
+    pub fn export(&self, count: u16, source_instance: String) -> Result<ShardExport, StoreError> {
+        let entries = self
+            .tree
+            .iter()
+            .map(|entry| entry.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<Vec<_>, sled::Error>>()?;
+        Ok(ShardExport {
+            shard: self.shard,
+            count,
+            source_instance,
+            entries,
+        })
+    }
+
+    /// Replaces the tree with an export's entries in one atomic batch (not flushed) and
+    /// reloads the metadata from them.
+    pub fn replace(&mut self, export: &ShardExport) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for key in self.tree.iter().keys() {
+            batch.remove(key?);
+        }
+        for (key, value) in &export.entries {
+            batch.insert(key.as_slice(), value.as_slice());
+        }
+        self.tree.apply_batch(batch)?;
+        self.load_meta()
+    }
+
     pub fn begin(&mut self) -> ShardWrite<'_> {
         ShardWrite {
+            applied: None,
             store: self,
             alarms: BTreeMap::new(),
             answered: HashSet::new(),
@@ -443,6 +500,8 @@ impl ShardStore {
 /// The pending writes of one batch. Reads see the batch's own earlier writes first.
 pub struct ShardWrite<'s> {
     store: &'s mut ShardStore,
+    /// The shard stream sequence the tree reflects once this batch is committed.
+    applied: Option<u64>,
     alarms: BTreeMap<Vec<u8>, AlarmRecord>,
     answered: HashSet<u64>,
     outbox: Vec<(u64, OutboxEntry)>,
@@ -453,6 +512,12 @@ pub struct ShardWrite<'s> {
 }
 
 impl ShardWrite<'_> {
+    /// The tree reflects the shard stream up to `sequence` once this batch commits: written
+    /// in the same atomic batch as what it covers.
+    pub fn applied_through(&mut self, sequence: u64) {
+        self.applied = Some(sequence);
+    }
+
     fn record(&self, key: &[u8]) -> Result<Option<AlarmRecord>, StoreError> {
         if let Some(record) = self.alarms.get(key) {
             return Ok(Some(*record));
@@ -613,8 +678,14 @@ impl ShardWrite<'_> {
         if !self.outbox.is_empty() {
             batch.insert(keys::META_NEXT_OUTBOX, &next_outbox.to_be_bytes());
         }
+        if let Some(applied) = self.applied {
+            batch.insert(keys::META_APPLIED, &applied.to_be_bytes());
+        }
         self.store.tree.apply_batch(batch)?;
         self.store.next_outbox = next_outbox;
+        if let Some(applied) = self.applied {
+            self.store.applied = applied;
+        }
         Ok(self.outbox)
     }
 }

@@ -107,7 +107,8 @@ async fn setup_creates_every_stream_and_is_idempotent() {
         defaults.output_stream.clone(),
         defaults.dead_letter_stream.clone(),
     ];
-    names.extend((0..4).map(|s| format!("{}_{s}", defaults.shard_stream_prefix)));
+    names.push(defaults.snapshot_stream.clone());
+    names.extend((0..4).map(|s| format!("{}_LOG_{s}", defaults.shard_stream_prefix)));
     for name in names {
         js.get_stream(&name)
             .await

@@ -1,5 +1,6 @@
-//! Several instances share one nats-server and six shards: each shard is applied by its home
-//! only, nothing is lost when one dies, and shards move between data dirs by export/import.
+//! Several instances share one nats-server and six shards: each shard is applied by its lease
+//! holder only, nothing is lost when one dies, and shards move between instances through
+//! their snapshots in JetStream (export/import stays as an offline tool).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -14,10 +15,10 @@ use tempfile::tempdir;
 
 use crate::support::*;
 
-const SHARDS: u16 = 6;
+pub(crate) const SHARDS: u16 = 6;
 
 /// One of three instances over six shards, owning `s % 3 == ordinal`.
-fn member_config(nats: &NatsServer, data_dir: &Path, ordinal: u16) -> Config {
+pub(crate) fn member_config(nats: &NatsServer, data_dir: &Path, ordinal: u16) -> Config {
     let mut config = test_config(nats, data_dir);
     config.shards.count = SHARDS;
     config.shards.owned = OwnedShards::Ordinal;
@@ -33,19 +34,19 @@ fn owning(nats: &NatsServer, data_dir: &Path, shards: &[u16]) -> Config {
     config
 }
 
-fn shard_of(user: &str) -> u16 {
+pub(crate) fn shard_of(user: &str) -> u16 {
     Topology::new(Default::default(), SHARDS).shard_of(user)
 }
 
 /// Status changes for many users in several rounds (later rounds newer), and the digest each
 /// user must get after all of them.
-struct Workload {
-    events: Vec<(String, String, String, String)>,
-    expected: BTreeMap<String, Vec<(String, String, String)>>,
+pub(crate) struct Workload {
+    pub(crate) events: Vec<(String, String, String, String)>,
+    pub(crate) expected: BTreeMap<String, Vec<(String, String, String)>>,
 }
 
 impl Workload {
-    fn new(users: usize, alarms: usize, rounds: usize, seed: u64) -> Workload {
+    pub(crate) fn new(users: usize, alarms: usize, rounds: usize, seed: u64) -> Workload {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut events = Vec::new();
         let mut latest = BTreeMap::new();
@@ -74,20 +75,20 @@ impl Workload {
         Workload { events, expected }
     }
 
-    async fn publish(&self, client: &TestClient, range: std::ops::Range<usize>) {
+    pub(crate) async fn publish(&self, client: &TestClient, range: std::ops::Range<usize>) {
         for (user, alarm, status, at) in &self.events[range] {
             client.status(user, alarm, status, at).await;
         }
     }
 
-    async fn request_all(&self, client: &TestClient) {
+    pub(crate) async fn request_all(&self, client: &TestClient) {
         for user in self.expected.keys() {
             client.request_digest(user).await;
         }
     }
 
     /// Each received digest equals the expected one, oldest first.
-    fn check(&self, digests: &[AlarmDigest]) {
+    pub(crate) fn check(&self, digests: &[AlarmDigest]) {
         for digest in digests {
             let got = entries(digest);
             let mut want = self.expected[&digest.user_id].clone();
@@ -105,7 +106,7 @@ impl Workload {
 }
 
 /// Reads digests until `count` arrived and then none for a while; returns them all.
-async fn collect(reader: &mut DigestReader, count: usize) -> Vec<AlarmDigest> {
+pub(crate) async fn collect(reader: &mut DigestReader, count: usize) -> Vec<AlarmDigest> {
     let mut digests = Vec::new();
     while digests.len() < count {
         digests.push(reader.next().await);
@@ -114,7 +115,7 @@ async fn collect(reader: &mut DigestReader, count: usize) -> Vec<AlarmDigest> {
     digests
 }
 
-fn per_user(digests: &[AlarmDigest]) -> BTreeMap<String, usize> {
+pub(crate) fn per_user(digests: &[AlarmDigest]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for digest in digests {
         *counts.entry(digest.user_id.clone()).or_default() += 1;
@@ -219,66 +220,40 @@ async fn a_killed_instance_catches_up_after_restart_while_the_others_keep_servin
 }
 
 #[tokio::test]
-async fn only_the_home_consumes_a_shard_and_export_import_moves_it_with_its_state() {
+async fn a_stopped_owner_hands_its_shard_to_another_owner_through_its_final_snapshot() {
     let nats = NatsServer::start();
-    let (home_dir, other_dir) = (tempdir().unwrap(), tempdir().unwrap());
+    let (first_dir, other_dir) = (tempdir().unwrap(), tempdir().unwrap());
     let user = (0..)
         .map(|i| format!("u{i}"))
         .find(|u| shard_of(u) == 2)
         .unwrap();
-    let home_config = owning(&nats, home_dir.path(), &[0, 1, 2, 3, 4, 5]);
+    let first_config = owning(&nats, first_dir.path(), &[0, 1, 2, 3, 4, 5]);
     let other_config = owning(&nats, other_dir.path(), &[2]);
-    let client = TestClient::connect(&home_config).await;
+    let client = TestClient::connect(&first_config).await;
     let mut reader = client.digests().await;
 
-    let home = start_service(home_config.clone()).await;
+    let first = start_service(first_config.clone()).await;
     let other = start_service_unready(other_config.clone()).await;
-    let refusal = wait_shard_blocked_by(
-        &other.http_addr.to_string(),
-        "shard 2 (its home is instance",
-    )
-    .await;
-    assert!(
-        refusal.contains("shard 2 (its home is instance"),
-        "{refusal}"
-    );
-    assert!(
-        refusal.contains(&home_dir.path().display().to_string()),
-        "{refusal}"
-    );
+    let waiting =
+        wait_shard_blocked_by(&other.http_addr.to_string(), "shard 2 (lease held by").await;
+    assert!(waiting.contains("shard 2 (lease held by"), "{waiting}");
 
     client
         .status(&user, "old", "CRITICAL", "2026-01-01T00:00:01Z")
         .await;
     client.wait_drained().await;
-    assert_eq!(home.metrics.events_applied.get(), 1);
+    assert_eq!(first.metrics.events_applied.get(), 1);
     assert_eq!(other.metrics.events_applied.get(), 0);
-    assert_eq!(home.metrics.shards_consuming.get(), 6);
-    assert_eq!(other.metrics.shards_owned.get(), 1);
+    assert_eq!(first.metrics.shards_consuming.get(), 6);
     assert_eq!(other.metrics.shards_consuming.get(), 0);
 
-    // The home goes away: the other instance still refuses, its state would be missing.
-    home.stop().await.expect("clean stop");
+    // The holder stops: its final snapshot carries shard 2 to the other instance, whose data
+    // dir never saw it.
+    first.stop().await.expect("clean stop");
+    wait_ready(&other.http_addr.to_string()).await;
     client
         .status(&user, "new", "WARNING", "2026-01-01T00:00:02Z")
         .await;
-    tokio::time::sleep(Duration::from_secs(4)).await; // past a whole lease period
-    let refusal = wait_shard_blocked_by(&other.http_addr.to_string(), "its home is instance").await;
-    assert!(refusal.contains("its home is instance"), "{refusal}");
-    assert_eq!(other.metrics.events_applied.get(), 0);
-    other.stop().await.expect("clean stop");
-
-    // Move shard 2 with the runbook's commands.
-    let export = export_shard(&nats, home_dir.path(), 2);
-    let (code, out, err) = shard_command(
-        &nats,
-        other_dir.path(),
-        &["import", "--file", export.to_str().unwrap()],
-    );
-    assert_eq!(code, Some(0), "import: {out}{err}");
-    assert!(out.contains("its home is now"), "{out}");
-
-    let other = start_service(other_config).await;
     client.request_digest(&user).await;
     let digest = reader.next_for(&user).await;
     assert_eq!(
@@ -295,20 +270,33 @@ async fn only_the_home_consumes_a_shard_and_export_import_moves_it_with_its_stat
                 "2026-01-01T00:00:02Z".into()
             ),
         ],
-        "the new home serves the shard with the old home's state"
+        "the new owner serves the shard with the old owner's state"
     );
+    assert_eq!(other.metrics.events_applied.get(), 1, "only the new event");
     other.stop().await.expect("clean stop");
 
-    // The old home now refuses shard 2 in turn.
-    let home = start_service_unready(home_config).await;
-    let refusal =
-        wait_shard_blocked_by(&home.http_addr.to_string(), "shard 2 (its home is instance").await;
-    assert!(
-        refusal.contains("shard 2 (its home is instance"),
-        "{refusal}"
+    // Export and import stay as offline tools: a damaged file is refused before anything is
+    // written, a good one lands.
+    let export = export_shard(&nats, other_dir.path(), 2);
+    let damaged = first_dir.path().join("damaged.export");
+    let mut bytes = std::fs::read(&export).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&damaged, bytes).unwrap();
+    let (code, _, err) = shard_command(
+        &nats,
+        first_dir.path(),
+        &["import", "--file", damaged.to_str().unwrap()],
     );
-    assert!(!refusal.contains("shard 1 "), "{refusal}");
-    home.stop().await.expect("clean stop");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("checksum"), "{err}");
+    let (code, out, err) = shard_command(
+        &nats,
+        first_dir.path(),
+        &["import", "--file", export.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "import: {out}{err}");
+    assert!(out.contains("imported shard 2"), "{out}");
 }
 
 #[tokio::test]
@@ -336,7 +324,7 @@ async fn an_instance_with_another_shard_count_is_refused() {
 }
 
 #[tokio::test]
-async fn rebalancing_moves_a_shard_between_running_instances_by_the_runbook() {
+async fn changing_ownership_moves_a_shard_without_any_manual_step() {
     let nats = NatsServer::start();
     let (a_dir, b_dir) = (tempdir().unwrap(), tempdir().unwrap());
     let client = TestClient::connect(&owning(&nats, a_dir.path(), &[0])).await;
@@ -347,31 +335,9 @@ async fn rebalancing_moves_a_shard_between_running_instances_by_the_runbook() {
     workload.publish(&client, 0..workload.events.len()).await;
     client.wait_drained().await;
 
-    // Runbook: stop both, export shard 2 from A, import into B, change ownership, start.
+    // Shard 2 moves from A to B by config alone.
     a.stop().await.expect("clean stop");
     b.stop().await.expect("clean stop");
-    let export = export_shard(&nats, a_dir.path(), 2);
-
-    // A damaged copy is refused before anything is written.
-    let damaged = b_dir.path().join("damaged.export");
-    let mut bytes = std::fs::read(&export).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 1;
-    std::fs::write(&damaged, bytes).unwrap();
-    let (code, _, err) = shard_command(
-        &nats,
-        b_dir.path(),
-        &["import", "--file", damaged.to_str().unwrap()],
-    );
-    assert_eq!(code, Some(1));
-    assert!(err.contains("checksum"), "{err}");
-
-    let (code, out, err) = shard_command(
-        &nats,
-        b_dir.path(),
-        &["import", "--file", export.to_str().unwrap()],
-    );
-    assert_eq!(code, Some(0), "{out}{err}");
     let a = start_service(owning(&nats, a_dir.path(), &[0, 1])).await;
     let b = start_service(owning(&nats, b_dir.path(), &[2, 3, 4, 5])).await;
 

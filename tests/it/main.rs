@@ -14,3 +14,4 @@ mod envelopes;
 mod operations;
 mod security;
 mod semantics;
+mod shard_state;

@@ -1,0 +1,248 @@
+//! Shard snapshots in JetStream: the durable copy of a shard's state that, with the shard
+//! stream's tail after it, rebuilds the shard on any instance.
+//!
+//! One Limits stream (`streams.snapshot_stream`) holds, per shard, chunk messages on
+//! `<snapshot_subject>.<shard>.chunk` and one manifest per snapshot on
+//! `<snapshot_subject>.<shard>.manifest`. A snapshot's bytes are the shard export format
+//! (`store/export.rs`: magic, format version, shard, shard count, entries, crc32); the
+//! manifest (JSON) names the shard stream sequence the state covers, the chunks' stream
+//! sequences, the length and a crc32 of the whole, and the manifest before it. The manifest is
+//! written only after every chunk got its PubAck, so the newest manifest always points at a
+//! complete snapshot; a damaged one is detected by the checksums and the reader falls back
+//! along `previous`. Chunks are read with the stream's message-get API (no consumer, so no
+//! consumer state to go wrong mid-restore), and forgotten by deleting them one by one.
+
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use async_nats::jetstream::Context;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{publish_windowed, BusError, Outgoing};
+
+/// The manifest's own format.
+pub const MANIFEST_FORMAT: u16 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u16,
+    pub shard: u16,
+    pub shard_count: u16,
+    /// Every shard stream message at or below this sequence is in the snapshot.
+    pub covers: u64,
+    pub bytes: u64,
+    /// crc32 of all the bytes (the export format also checks itself).
+    pub crc32: u32,
+    /// The snapshot stream sequences of the chunks, in order.
+    pub chunks: Vec<u64>,
+    /// Milliseconds since the epoch when it was taken.
+    pub taken_at_ms: i64,
+    /// The manifest of the snapshot before this one, while it is kept.
+    pub previous: Option<u64>,
+}
+
+/// A manifest as stored: with its own sequence in the snapshot stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub sequence: u64,
+    pub manifest: Manifest,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The snapshot cannot be used: a chunk is missing or its bytes do not check out.
+    #[error("snapshot {sequence} of shard {shard} is damaged: {problem}")]
+    Damaged {
+        shard: u16,
+        sequence: u64,
+        problem: String,
+    },
+}
+
+/// The snapshot stream of one cluster.
+#[derive(Clone)]
+pub struct Snapshots {
+    js: Context,
+    stream_name: String,
+    subject: String,
+}
+
+impl Snapshots {
+    pub fn new(js: Context, stream_name: String, subject: String) -> Snapshots {
+        Snapshots {
+            js,
+            stream_name,
+            subject,
+        }
+    }
+
+    fn chunk_subject(&self, shard: u16) -> String {
+        format!("{}.{shard}.chunk", self.subject)
+    }
+
+    fn manifest_subject(&self, shard: u16) -> String {
+        format!("{}.{shard}.manifest", self.subject)
+    }
+
+    async fn stream(&self) -> Result<Stream<()>, BusError> {
+        self.js
+            .get_stream_no_info(&self.stream_name)
+            .await
+            .map_err(|e| BusError::transient(format!("opening stream {}", self.stream_name), e))
+    }
+
+    /// Stores one snapshot: chunks first (each at most `chunk_bytes`), the manifest last.
+    pub async fn put(
+        &self,
+        manifest: Manifest,
+        bytes: &[u8],
+        chunk_bytes: usize,
+    ) -> Result<Stored, BusError> {
+        let shard = manifest.shard;
+        let subject = self.chunk_subject(shard);
+        let outgoing = bytes
+            .chunks(chunk_bytes.max(1))
+            .map(|chunk| Outgoing {
+                subject: subject.clone().into(),
+                headers: HeaderMap::new(),
+                payload: Bytes::copy_from_slice(chunk),
+            })
+            .collect();
+        let mut chunks = Vec::new();
+        for outcome in publish_windowed(&self.js, outgoing).await {
+            chunks.push(outcome?);
+        }
+        let manifest = Manifest {
+            chunks,
+            bytes: bytes.len() as u64,
+            crc32: crc32fast::hash(bytes),
+            ..manifest
+        };
+        let payload = serde_json::to_vec(&manifest)
+            .map_err(|e| BusError::transient("encoding a snapshot manifest", e))?;
+        let ack = self
+            .js
+            .publish(self.manifest_subject(shard), payload.into())
+            .await
+            .map_err(|e| BusError::transient("storing a snapshot manifest", e))?
+            .await
+            .map_err(|e| BusError::transient("storing a snapshot manifest", e))?;
+        Ok(Stored {
+            sequence: ack.sequence,
+            manifest,
+        })
+    }
+
+    /// The newest snapshot's manifest of the shard, and those before it that are still kept
+    /// (newest first, at most `max`). A manifest that cannot be read ends the chain.
+    pub async fn chain(&self, shard: u16, max: usize) -> Result<Vec<Stored>, BusError> {
+        let stream = self.stream().await?;
+        let newest = match stream
+            .get_last_raw_message_by_subject(&self.manifest_subject(shard))
+            .await
+        {
+            Ok(message) => message,
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(Vec::new())
+            }
+            // No snapshot stream (deleted by `shard recount`; created again at start): none.
+            Err(error) if error.to_string().contains("10059") => return Ok(Vec::new()),
+            Err(error) => return Err(BusError::transient("reading a snapshot manifest", error)),
+        };
+        let mut chain = Vec::new();
+        let mut next = decode_manifest(newest.sequence, &newest.payload);
+        while let Some(stored) = next.take() {
+            let previous = stored.manifest.previous;
+            chain.push(stored);
+            if chain.len() >= max {
+                break;
+            }
+            if let Some(sequence) = previous {
+                next = match stream.get_raw_message(sequence).await {
+                    Ok(message) => decode_manifest(message.sequence, &message.payload),
+                    Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => None,
+                    Err(error) => {
+                        return Err(BusError::transient("reading a snapshot manifest", error))
+                    }
+                };
+            }
+        }
+        Ok(chain)
+    }
+
+    /// A snapshot's bytes, checked against its manifest.
+    pub async fn read(&self, stored: &Stored) -> Result<Vec<u8>, SnapshotError> {
+        let manifest = &stored.manifest;
+        let damaged = |problem: String| SnapshotError::Damaged {
+            shard: manifest.shard,
+            sequence: stored.sequence,
+            problem,
+        };
+        let stream = self.stream().await?;
+        let mut bytes = Vec::with_capacity(usize::try_from(manifest.bytes).unwrap_or(0));
+        for sequence in &manifest.chunks {
+            match stream.get_raw_message(*sequence).await {
+                Ok(message) => bytes.extend_from_slice(&message.payload),
+                Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                    return Err(damaged(format!("chunk {sequence} is missing")))
+                }
+                Err(error) => {
+                    return Err(BusError::transient("reading a snapshot chunk", error).into())
+                }
+            }
+        }
+        if bytes.len() as u64 != manifest.bytes {
+            return Err(damaged(format!(
+                "{} bytes, the manifest says {}",
+                bytes.len(),
+                manifest.bytes
+            )));
+        }
+        if crc32fast::hash(&bytes) != manifest.crc32 {
+            return Err(damaged("checksum mismatch".into()));
+        }
+        Ok(bytes)
+    }
+
+    /// Deletes a snapshot: its chunks, then its manifest. Missing pieces are fine (a delete
+    /// repeated after a crash).
+    pub async fn forget(&self, stored: &Stored) -> Result<(), BusError> {
+        let stream = self.stream().await?;
+        for sequence in stored
+            .manifest
+            .chunks
+            .iter()
+            .chain(std::iter::once(&stored.sequence))
+        {
+            if let Err(error) = stream.delete_message(*sequence).await {
+                let text = error.to_string();
+                if !text.contains("no message found") && !text.contains("10037") {
+                    return Err(BusError::transient("deleting an old snapshot", text));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A manifest the service cannot read is treated as absent (with a warning): the chain ends
+/// there and the restore uses what it has.
+fn decode_manifest(sequence: u64, payload: &[u8]) -> Option<Stored> {
+    match serde_json::from_slice::<Manifest>(payload) {
+        Ok(manifest) if manifest.format == MANIFEST_FORMAT => Some(Stored { sequence, manifest }),
+        Ok(manifest) => {
+            tracing::warn!(
+                sequence,
+                format = manifest.format,
+                "snapshot manifest of an unknown format; ignored"
+            );
+            None
+        }
+        Err(error) => {
+            tracing::warn!(sequence, %error, "unreadable snapshot manifest; ignored");
+            None
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Bringing a taken shard's state up to date before anything is answered.
+//!
+//! The base is the data dir's own state when it is at least as new as the newest snapshot
+//! and the shard stream still holds everything after it; otherwise the newest snapshot that
+//! checks out and whose tail the stream still holds (a damaged one falls back to the one
+//! before). The consumer then starts right after the base's sequence, so the replay applies
+//! exactly the messages the base does not reflect, in order, answering each digest request
+//! exactly as the first time: same state, same outbox sequence, so the same Msg-Ids, which
+//! the output stream drops within its duplicate window.
+
+use std::time::Instant;
+
+use super::ShardWorker;
+use crate::bus::snapshots::{SnapshotError, Stored};
+use crate::bus::BusError;
+use crate::metrics::Phase;
+use crate::retry::Backoff;
+use crate::store::ShardExport;
+use tokio_util::sync::CancellationToken;
+
+/// Where the shard stream stands.
+struct Extent {
+    first: u64,
+    last: u64,
+    /// When this incarnation of the stream was created (Unix nanoseconds).
+    created: u64,
+}
+
+/// Why no base could be chosen.
+enum NoBase {
+    Bus(BusError),
+    /// Nothing usable: the reason, for `/readyz` and the log.
+    Unusable(String),
+}
+
+impl From<BusError> for NoBase {
+    fn from(error: BusError) -> NoBase {
+        NoBase::Bus(error)
+    }
+}
+
+impl ShardWorker {
+    /// Restores the base; `Ok(false)` if cancelled meanwhile.
+    pub(super) async fn restore(&mut self, cancel: &CancellationToken) -> anyhow::Result<bool> {
+        let shard = self.store.shard();
+        self.shared.metrics.set_phase(shard, Phase::Restoring);
+        self.shared
+            .readiness
+            .block(self.part.clone(), "restoring the shard's state");
+        let mut backoff = Backoff::default();
+        loop {
+            let started = Instant::now();
+            match self.choose_and_load_base().await {
+                Ok(extent) => {
+                    self.replay_target = extent.last;
+                    tracing::info!(
+                        shard,
+                        applied = self.store.applied(),
+                        stream_last = extent.last,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "shard state restored; replaying the shard stream from there"
+                    );
+                    return Ok(true);
+                }
+                Err(NoBase::Bus(error)) => {
+                    tracing::warn!(shard, %error, "cannot restore the shard yet; retrying");
+                    self.shared
+                        .readiness
+                        .block(self.part.clone(), format!("restoring: {error}"));
+                }
+                Err(NoBase::Unusable(reason)) => {
+                    tracing::error!(shard, "cannot restore the shard: {reason}");
+                    self.shared
+                        .readiness
+                        .block(self.part.clone(), format!("cannot restore: {reason}"));
+                }
+            }
+            if !backoff.wait(cancel).await {
+                return Ok(false);
+            }
+        }
+    }
+
+    async fn choose_and_load_base(&mut self) -> Result<Extent, NoBase> {
+        let shard = self.store.shard();
+        let keep = self.shared.config.snapshots.keep;
+        let chain = self.snapshots.chain(shard, keep + 16).await?;
+        let extent = self.shard_stream_extent().await?;
+        // Every message after `base` must still be in the stream, and `base` cannot be past
+        // its end (a state of another incarnation of the stream).
+        let replayable = |base: u64| base + 1 >= extent.first && base <= extent.last;
+        let local = self.store.applied();
+        let newest = chain.first().map(|s| s.manifest.covers);
+        if newest.is_none_or(|covers| local >= covers) && replayable(local) {
+            if let Some(stored) = chain.first() {
+                self.note_snapshot(stored.clone());
+            }
+            if local == 0 && self.is_initial_state()? {
+                // The state before the log's first message: every instance that starts the
+                // shard from it must name its digests alike, so a replay after a lost disk
+                // answers with the Msg-Ids of the first time (the epoch otherwise random).
+                self.store
+                    .set_epoch(extent.created ^ u64::from(shard))
+                    .map_err(|e| BusError::transient("recording the digest epoch", e))?;
+            }
+            return Ok(extent);
+        }
+        let mut problems = Vec::new();
+        for stored in &chain {
+            let covers = stored.manifest.covers;
+            if !replayable(covers) {
+                problems.push(format!(
+                    "snapshot {} covers {covers}, the stream holds {}..={}",
+                    stored.sequence, extent.first, extent.last
+                ));
+                continue;
+            }
+            match self.load_snapshot(stored).await {
+                Ok(()) => {
+                    if let Some(newest) = chain.first() {
+                        self.note_snapshot(newest.clone());
+                    }
+                    return Ok(extent);
+                }
+                Err(SnapshotError::Bus(error)) => return Err(error.into()),
+                Err(damaged) => {
+                    self.shared.metrics.snapshots_damaged.inc();
+                    tracing::error!(shard, error = %damaged, "snapshot unusable; trying the one before");
+                    problems.push(damaged.to_string());
+                }
+            }
+        }
+        if problems.is_empty() {
+            problems.push(format!(
+                "the data dir reflects sequence {local}, the stream holds {}..={} and there is \
+                 no snapshot",
+                extent.first, extent.last
+            ));
+        }
+        Err(NoBase::Unusable(problems.join("; ")))
+    }
+
+    fn is_initial_state(&self) -> Result<bool, BusError> {
+        self.store
+            .is_empty()
+            .map_err(|e| BusError::transient("reading the shard's state", e))
+    }
+
+    async fn load_snapshot(&mut self, stored: &Stored) -> Result<(), SnapshotError> {
+        let bytes = self.snapshots.read(stored).await?;
+        let damaged = |problem: String| SnapshotError::Damaged {
+            shard: stored.manifest.shard,
+            sequence: stored.sequence,
+            problem,
+        };
+        let export = ShardExport::decode(&bytes).map_err(|e| damaged(e.to_string()))?;
+        let expected = (self.store.shard(), self.shared.config.shards.count);
+        if (export.shard, export.count) != expected {
+            return Err(damaged(format!(
+                "it holds shard {} of {}, not shard {} of {}",
+                export.shard, export.count, expected.0, expected.1
+            )));
+        }
+        self.store
+            .replace(&export)
+            .and_then(|()| self.store.set_applied(stored.manifest.covers))
+            .map_err(|e| BusError::transient("writing a restored snapshot", e))?;
+        self.flusher
+            .flush()
+            .await
+            .map_err(|e| BusError::transient("flushing a restored snapshot", e))?;
+        // The restored outbox (digests not yet acknowledged when it was taken) goes out first.
+        self.load_outbox();
+        tracing::info!(
+            shard = self.store.shard(),
+            covers = stored.manifest.covers,
+            entries = export.entries.len(),
+            "restored the shard from its snapshot"
+        );
+        Ok(())
+    }
+
+    async fn shard_stream_extent(&self) -> Result<Extent, BusError> {
+        let name = self.shared.topology.shard_stream(self.store.shard());
+        let mut stream = self
+            .shared
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| BusError::transient(format!("opening stream {name}"), e))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| BusError::transient(format!("reading stream {name}"), e))?;
+        Ok(Extent {
+            first: info.state.first_sequence,
+            last: info.state.last_sequence,
+            created: u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(0),
+        })
+    }
+}
