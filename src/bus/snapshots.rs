@@ -14,11 +14,14 @@
 
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use async_nats::jetstream::Context;
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{publish_windowed, BusError, Outgoing};
+use std::collections::VecDeque;
+
+use async_nats::jetstream::context::PublishAckFuture;
+
+use super::BusError;
 
 /// The manifest's own format.
 pub const MANIFEST_FORMAT: u16 = 1;
@@ -93,31 +96,43 @@ impl Snapshots {
             .map_err(|e| BusError::transient(format!("opening stream {}", self.stream_name), e))
     }
 
-    /// Stores one snapshot: chunks first (each at most `chunk_bytes`), the manifest last.
-    pub async fn put(
+    /// Stores one snapshot: its chunks first, pipelined (at most [`CHUNKS_IN_FLIGHT`]
+    /// awaiting their PubAck, so a large shard is never whole in memory), the manifest last.
+    pub async fn put<E: std::fmt::Display>(
         &self,
         manifest: Manifest,
-        bytes: &[u8],
-        chunk_bytes: usize,
+        chunks: impl Iterator<Item = Result<Vec<u8>, E>>,
     ) -> Result<Stored, BusError> {
         let shard = manifest.shard;
         let subject = self.chunk_subject(shard);
-        let outgoing = bytes
-            .chunks(chunk_bytes.max(1))
-            .map(|chunk| Outgoing {
-                subject: subject.clone().into(),
-                headers: HeaderMap::new(),
-                payload: Bytes::copy_from_slice(chunk),
-            })
-            .collect();
-        let mut chunks = Vec::new();
-        for outcome in publish_windowed(&self.js, outgoing).await {
-            chunks.push(outcome?);
+        let mut hasher = crc32fast::Hasher::new();
+        let mut bytes = 0u64;
+        let mut sequences = Vec::new();
+        let mut in_flight = VecDeque::new();
+        for chunk in chunks {
+            let chunk =
+                chunk.map_err(|e| BusError::transient("reading the shard for a snapshot", e))?;
+            hasher.update(&chunk);
+            bytes += chunk.len() as u64;
+            if in_flight.len() >= CHUNKS_IN_FLIGHT {
+                if let Some(oldest) = in_flight.pop_front() {
+                    sequences.push(pub_ack(oldest).await?);
+                }
+            }
+            let ack = self
+                .js
+                .publish(subject.clone(), Bytes::from(chunk))
+                .await
+                .map_err(|e| BusError::transient("storing a snapshot chunk", e))?;
+            in_flight.push_back(ack);
+        }
+        for ack in in_flight {
+            sequences.push(pub_ack(ack).await?);
         }
         let manifest = Manifest {
-            chunks,
-            bytes: bytes.len() as u64,
-            crc32: crc32fast::hash(bytes),
+            chunks: sequences,
+            bytes,
+            crc32: hasher.finalize(),
             ..manifest
         };
         let payload = serde_json::to_vec(&manifest)
@@ -126,11 +141,9 @@ impl Snapshots {
             .js
             .publish(self.manifest_subject(shard), payload.into())
             .await
-            .map_err(|e| BusError::transient("storing a snapshot manifest", e))?
-            .await
             .map_err(|e| BusError::transient("storing a snapshot manifest", e))?;
         Ok(Stored {
-            sequence: ack.sequence,
+            sequence: pub_ack(ack).await?,
             manifest,
         })
     }
@@ -172,8 +185,14 @@ impl Snapshots {
         Ok(chain)
     }
 
-    /// A snapshot's bytes, checked against its manifest.
-    pub async fn read(&self, stored: &Stored) -> Result<Vec<u8>, SnapshotError> {
+    /// Hands a snapshot's bytes to `each`, a chunk at a time, and checks them against the
+    /// manifest at the end: a caller must not trust what it did with them before this returns
+    /// `Ok`. `each` may refuse them (as damaged) early.
+    pub async fn read(
+        &self,
+        stored: &Stored,
+        mut each: impl FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<(), SnapshotError> {
         let manifest = &stored.manifest;
         let damaged = |problem: String| SnapshotError::Damaged {
             shard: manifest.shard,
@@ -181,10 +200,15 @@ impl Snapshots {
             problem,
         };
         let stream = self.stream().await?;
-        let mut bytes = Vec::with_capacity(usize::try_from(manifest.bytes).unwrap_or(0));
+        let mut hasher = crc32fast::Hasher::new();
+        let mut bytes = 0u64;
         for sequence in &manifest.chunks {
             match stream.get_raw_message(*sequence).await {
-                Ok(message) => bytes.extend_from_slice(&message.payload),
+                Ok(message) => {
+                    hasher.update(&message.payload);
+                    bytes += message.payload.len() as u64;
+                    each(&message.payload).map_err(damaged)?;
+                }
                 Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
                     return Err(damaged(format!("chunk {sequence} is missing")))
                 }
@@ -193,17 +217,16 @@ impl Snapshots {
                 }
             }
         }
-        if bytes.len() as u64 != manifest.bytes {
+        if bytes != manifest.bytes {
             return Err(damaged(format!(
-                "{} bytes, the manifest says {}",
-                bytes.len(),
+                "{bytes} bytes, the manifest says {}",
                 manifest.bytes
             )));
         }
-        if crc32fast::hash(&bytes) != manifest.crc32 {
+        if hasher.finalize() != manifest.crc32 {
             return Err(damaged("checksum mismatch".into()));
         }
-        Ok(bytes)
+        Ok(())
     }
 
     /// Deletes a snapshot: its chunks, then its manifest. Missing pieces are fine (a delete
@@ -225,6 +248,15 @@ impl Snapshots {
         }
         Ok(())
     }
+}
+
+/// Snapshot chunks awaiting their PubAck at once.
+pub const CHUNKS_IN_FLIGHT: usize = 8;
+
+async fn pub_ack(ack: PublishAckFuture) -> Result<u64, BusError> {
+    ack.await
+        .map(|ack| ack.sequence)
+        .map_err(|e| BusError::transient("storing a snapshot", e))
 }
 
 /// A manifest the service cannot read is treated as absent (with a warning): the chain ends

@@ -161,6 +161,7 @@ impl ShardWorker {
             if last.as_ref() != Some(&waiting) {
                 waiting.log(shard, self.cluster.lease_period());
             }
+            self.shared.metrics.set_phase(shard, Phase::Waiting);
             self.shared
                 .readiness
                 .block(self.part.clone(), waiting.reason());

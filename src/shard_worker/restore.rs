@@ -15,7 +15,7 @@ use crate::bus::snapshots::{SnapshotError, Stored};
 use crate::bus::BusError;
 use crate::metrics::Phase;
 use crate::retry::Backoff;
-use crate::store::ShardExport;
+use crate::store::{Header, StoreError, StreamDecoder};
 use tokio_util::sync::CancellationToken;
 
 /// Where the shard stream stands.
@@ -146,25 +146,61 @@ impl ShardWorker {
             .map_err(|e| BusError::transient("reading the shard's state", e))
     }
 
+    /// Loads a snapshot into the data dir. Its bytes are checked twice over (the manifest's
+    /// length and crc32, then the export's own checksum, shard and count) in a first pass;
+    /// the second writes the entries as they arrive, so a large shard is never whole in
+    /// memory. The applied sequence is written last, once everything is in: a restore cut
+    /// short is never taken for a current state.
     async fn load_snapshot(&mut self, stored: &Stored) -> Result<(), SnapshotError> {
-        let bytes = self.snapshots.read(stored).await?;
         let damaged = |problem: String| SnapshotError::Damaged {
             shard: stored.manifest.shard,
             sequence: stored.sequence,
             problem,
         };
-        let export = ShardExport::decode(&bytes).map_err(|e| damaged(e.to_string()))?;
         let expected = (self.store.shard(), self.shared.config.shards.count);
-        if (export.shard, export.count) != expected {
-            return Err(damaged(format!(
-                "it holds shard {} of {}, not shard {} of {}",
-                export.shard, export.count, expected.0, expected.1
-            )));
+        let check_header = |header: &Header| {
+            if (header.shard, header.count) == expected {
+                Ok(())
+            } else {
+                Err(format!(
+                    "it holds shard {} of {}, not shard {} of {}",
+                    header.shard, header.count, expected.0, expected.1
+                ))
+            }
+        };
+        let mut checker = StreamDecoder::default();
+        self.snapshots
+            .read(stored, |chunk| {
+                checker.feed(chunk).map(drop).map_err(|e| e.to_string())?;
+                checker.header().map_or(Ok(()), check_header)
+            })
+            .await?;
+        checker.finish().map_err(|e| damaged(e.to_string()))?;
+
+        let store_error = |e: StoreError| BusError::transient("writing a restored snapshot", e);
+        self.store.clear().map_err(store_error)?;
+        let mut decoder = StreamDecoder::default();
+        let mut write_failed = None;
+        let store = &mut self.store;
+        let read = self
+            .snapshots
+            .read(stored, |chunk| {
+                let entries = decoder.feed(chunk).map_err(|e| e.to_string())?;
+                if let Err(error) = store.restore_entries(&entries) {
+                    write_failed = Some(error);
+                    return Err("the data dir refused it".into());
+                }
+                Ok(())
+            })
+            .await;
+        if let Some(error) = write_failed {
+            return Err(store_error(error).into());
         }
+        read?;
+        decoder.finish().map_err(|e| damaged(e.to_string()))?;
         self.store
-            .replace(&export)
-            .and_then(|()| self.store.set_applied(stored.manifest.covers))
-            .map_err(|e| BusError::transient("writing a restored snapshot", e))?;
+            .finish_restore(stored.manifest.covers)
+            .map_err(store_error)?;
         self.flusher
             .flush()
             .await
@@ -174,7 +210,7 @@ impl ShardWorker {
         tracing::info!(
             shard = self.store.shard(),
             covers = stored.manifest.covers,
-            entries = export.entries.len(),
+            bytes = stored.manifest.bytes,
             "restored the shard from its snapshot"
         );
         Ok(())

@@ -1,8 +1,9 @@
 //! Snapshots: the shard's state stored in JetStream, so any instance can rebuild it from the
 //! newest one and the shard stream's tail.
 //!
-//! Order, each step safe to crash after: export the tree between two batches (the worker is
-//! its only writer, so the copy is consistent and covers exactly `applied`) → store the chunks
+//! Order, each step safe to crash after: export the tree between two batches, a chunk at a
+//! time (the worker is its only writer and waits meanwhile, so the copy is consistent and
+//! covers exactly `applied`) → store the chunks
 //! → store the manifest (the newest snapshot is now this one) → purge the shard stream up to
 //! the oldest *kept* snapshot (so a damaged newest one can still fall back, with its tail) →
 //! forget the snapshots beyond `snapshots.keep`. A crash before the manifest leaves orphan
@@ -86,12 +87,6 @@ impl ShardWorker {
         let shared = &self.shared;
         let shard = self.store.shard();
         let count = shared.config.shards.count;
-        let export = self
-            .store
-            .export(count, self.cluster.member().instance.clone())
-            .map_err(|e| BusError::transient("exporting the shard for a snapshot", e))?;
-        let bytes = export.encode();
-        drop(export);
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
             shard,
@@ -105,7 +100,10 @@ impl ShardWorker {
         };
         // Half the server's max_payload: a chunk comes back inside a JSON reply, base64'd.
         let chunk_bytes = (shared.js.client().max_payload() / 2).max(1024);
-        let stored = self.snapshots.put(manifest, &bytes, chunk_bytes).await?;
+        let chunks = self
+            .store
+            .export_chunks(count, &self.cluster.member().instance, chunk_bytes);
+        let stored = self.snapshots.put(manifest, chunks).await?;
         failpoint::hit("snapshot-stored");
         Ok(stored)
     }

@@ -46,22 +46,17 @@ impl ShardExport {
             .map(|(k, v)| 8 + k.len() + v.len())
             .sum();
         let mut out = Vec::with_capacity(MAGIC.len() + 32 + payload);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
-        out.extend_from_slice(&self.shard.to_be_bytes());
-        out.extend_from_slice(&self.count.to_be_bytes());
-        let id = self.source_instance.as_bytes();
-        out.extend_from_slice(&(id.len() as u16).to_be_bytes());
-        out.extend_from_slice(id);
-        out.extend_from_slice(&(self.entries.len() as u64).to_be_bytes());
+        let mut encoder = Encoder::start(
+            &mut out,
+            self.shard,
+            self.count,
+            &self.source_instance,
+            self.entries.len() as u64,
+        );
         for (key, value) in &self.entries {
-            out.extend_from_slice(&(key.len() as u32).to_be_bytes());
-            out.extend_from_slice(key);
-            out.extend_from_slice(&(value.len() as u32).to_be_bytes());
-            out.extend_from_slice(value);
+            encoder.entry(&mut out, key, value);
         }
-        let checksum = crc32fast::hash(&out);
-        out.extend_from_slice(&checksum.to_be_bytes());
+        encoder.finish(&mut out);
         out
     }
 
@@ -115,6 +110,171 @@ impl ShardExport {
             entries,
         })
     }
+}
+
+/// Writes an export piece by piece, so a large shard is encoded (and snapshotted) a chunk at
+/// a time instead of whole in memory. The entry count goes in the header, so the caller counts
+/// first. Every byte appended is checksummed.
+pub struct Encoder {
+    hasher: crc32fast::Hasher,
+}
+
+impl Encoder {
+    /// Appends the header to `out`.
+    pub fn start(out: &mut Vec<u8>, shard: u16, count: u16, source: &str, entries: u64) -> Encoder {
+        let mut encoder = Encoder {
+            hasher: crc32fast::Hasher::new(),
+        };
+        let from = out.len();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+        out.extend_from_slice(&shard.to_be_bytes());
+        out.extend_from_slice(&count.to_be_bytes());
+        let id = source.as_bytes();
+        let id = &id[..id.len().min(usize::from(u16::MAX))];
+        out.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        out.extend_from_slice(id);
+        out.extend_from_slice(&entries.to_be_bytes());
+        encoder.hasher.update(&out[from..]);
+        encoder
+    }
+
+    pub fn entry(&mut self, out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+        let from = out.len();
+        out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        out.extend_from_slice(key);
+        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        out.extend_from_slice(value);
+        self.hasher.update(&out[from..]);
+    }
+
+    /// Appends the checksum of everything before it.
+    pub fn finish(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.hasher.finalize().to_be_bytes());
+    }
+}
+
+/// What an export's header says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub shard: u16,
+    pub count: u16,
+    pub source_instance: String,
+}
+
+/// Reads an export fed a chunk at a time, handing back each complete entry as soon as it is
+/// in: a restore applies a large snapshot without holding it whole. The checksum is known
+/// only at the end ([`StreamDecoder::finish`]), so a caller must not trust what it applied
+/// before that returns `Ok`.
+#[derive(Default)]
+pub struct StreamDecoder {
+    pending: Vec<u8>,
+    hasher: crc32fast::Hasher,
+    header: Option<Header>,
+    remaining: u64,
+}
+
+impl StreamDecoder {
+    pub fn header(&self) -> Option<&Header> {
+        self.header.as_ref()
+    }
+
+    /// Takes the next bytes; returns the entries they complete.
+    #[allow(clippy::type_complexity)]
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ExportError> {
+        self.pending.extend_from_slice(bytes);
+        let mut reader = Reader {
+            rest: &self.pending,
+        };
+        let mut entries = Vec::new();
+        if self.header.is_none() {
+            if reader.rest.len() >= MAGIC.len() && !reader.rest.starts_with(MAGIC) {
+                return Err(ExportError::NotAnExport);
+            }
+            let Some((header, remaining)) = read_header(&mut reader)? else {
+                return Ok(entries);
+            };
+            self.header = Some(header);
+            self.remaining = remaining;
+        }
+        // Keep the 4 checksum bytes back: they are no entry.
+        while self.remaining > 0 {
+            let before = reader.rest;
+            let entry = (|| -> Result<(Vec<u8>, Vec<u8>), ExportError> {
+                let key_len = reader.u32()? as usize;
+                let key = reader.take(key_len)?.to_vec();
+                let value_len = reader.u32()? as usize;
+                let value = reader.take(value_len)?.to_vec();
+                Ok((key, value))
+            })();
+            match entry {
+                Ok(entry) => {
+                    entries.push(entry);
+                    self.remaining -= 1;
+                }
+                Err(_) => {
+                    reader.rest = before;
+                    break;
+                }
+            }
+        }
+        let consumed = self.pending.len() - reader.rest.len();
+        self.hasher.update(&self.pending[..consumed]);
+        self.pending.drain(..consumed);
+        Ok(entries)
+    }
+
+    /// Checks that every entry arrived and the checksum matches.
+    pub fn finish(self) -> Result<Header, ExportError> {
+        let header = self
+            .header
+            .ok_or(ExportError::Malformed("ends inside the header"))?;
+        if self.remaining > 0 {
+            return Err(ExportError::Malformed("ends inside the entries"));
+        }
+        let stored: [u8; 4] = self
+            .pending
+            .as_slice()
+            .try_into()
+            .map_err(|_| ExportError::Checksum)?;
+        if self.hasher.finalize() != u32::from_be_bytes(stored) {
+            return Err(ExportError::Checksum);
+        }
+        Ok(header)
+    }
+}
+
+/// The header, or `None` while not all of it is in.
+fn read_header(reader: &mut Reader<'_>) -> Result<Option<(Header, u64)>, ExportError> {
+    let start = reader.rest;
+    let parsed = (|| -> Result<(u16, u16, u16, Vec<u8>, u64), ExportError> {
+        reader.take(MAGIC.len())?;
+        let version = reader.u16()?;
+        let shard = reader.u16()?;
+        let count = reader.u16()?;
+        let id_len = usize::from(reader.u16()?);
+        let id = reader.take(id_len)?.to_vec();
+        let entries = reader.u64()?;
+        Ok((version, shard, count, id, entries))
+    })();
+    let Ok((version, shard, count, id, entries)) = parsed else {
+        reader.rest = start;
+        return Ok(None);
+    };
+    if version != FORMAT_VERSION {
+        return Err(ExportError::UnsupportedVersion(version));
+    }
+    if shard >= count {
+        return Err(ExportError::Malformed("shard is not below the shard count"));
+    }
+    let source_instance =
+        String::from_utf8(id).map_err(|_| ExportError::Malformed("instance id is not UTF-8"))?;
+    let header = Header {
+        shard,
+        count,
+        source_instance,
+    };
+    Ok(Some((header, entries)))
 }
 
 struct Reader<'a> {
@@ -214,6 +374,43 @@ mod tests {
         ) {
             let export = ShardExport { shard, count: 8, source_instance: "x".into(), entries };
             prop_assert_eq!(ShardExport::decode(&export.encode()), Ok(export));
+        }
+
+        #[test]
+        fn fed_in_any_chunks_it_reads_the_same_entries(
+            entries in proptest::collection::vec(
+                (proptest::collection::vec(any::<u8>(), 0..40),
+                 proptest::collection::vec(any::<u8>(), 0..40)),
+                0..20),
+            chunk in 1usize..64,
+        ) {
+            let export = ShardExport { shard: 1, count: 4, source_instance: "x".into(), entries };
+            let bytes = export.encode();
+            let mut decoder = StreamDecoder::default();
+            let mut read = Vec::new();
+            for piece in bytes.chunks(chunk) {
+                read.extend(decoder.feed(piece).expect("feed"));
+            }
+            let header = decoder.finish().expect("whole");
+            prop_assert_eq!((header.shard, header.count), (1, 4));
+            prop_assert_eq!(read, export.entries);
+        }
+
+        #[test]
+        fn fed_a_flipped_bit_it_never_finishes_ok(at in 0usize..1000, chunk in 1usize..64) {
+            let bytes = sample().encode();
+            let mut damaged = bytes.clone();
+            let at = at % damaged.len();
+            damaged[at] ^= 0x10;
+            let mut decoder = StreamDecoder::default();
+            let mut failed = false;
+            for piece in damaged.chunks(chunk) {
+                if decoder.feed(piece).is_err() {
+                    failed = true;
+                    break;
+                }
+            }
+            prop_assert!(failed || decoder.finish().is_err());
         }
 
         #[test]

@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::domain::{self, AlarmRecord, StatusChange};
 use crate::wire;
 pub use codec::{CodecError, OutboxEntry};
-pub use export::{ExportError, ShardExport};
+pub use export::{Encoder, ExportError, Header, ShardExport, StreamDecoder};
 pub use flusher::GroupFlusher;
 pub use reshard::{reshard, ReshardError, RESHARD_SOURCE};
 
@@ -240,6 +240,40 @@ pub struct ShardStore {
     applied: u64,
 }
 
+/// The chunks of [`ShardStore::export_chunks`].
+struct ExportChunks {
+    entries: sled::Iter,
+    /// `None` once the checksum is written.
+    encoder: Option<Encoder>,
+    buffer: Vec<u8>,
+    chunk_bytes: usize,
+}
+
+impl Iterator for ExportChunks {
+    type Item = Result<Vec<u8>, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let encoder = self.encoder.as_mut()?;
+        while self.buffer.len() < self.chunk_bytes {
+            match self.entries.next() {
+                Some(Ok((key, value))) => encoder.entry(&mut self.buffer, &key, &value),
+                Some(Err(error)) => {
+                    self.encoder = None;
+                    return Some(Err(error.into()));
+                }
+                None => {
+                    if let Some(encoder) = self.encoder.take() {
+                        encoder.finish(&mut self.buffer);
+                    }
+                    break;
+                }
+            }
+        }
+        let next = Vec::with_capacity(self.chunk_bytes + 1024);
+        Some(Ok(std::mem::replace(&mut self.buffer, next)))
+    }
+}
+
 /// Result of applying one status change inside a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -342,6 +376,61 @@ impl ShardStore {
             source_instance,
             entries,
         })
+    }
+
+    /// The tree in the export format, `chunk_bytes` at a time, for a snapshot: never the
+    /// whole shard in memory. Consistent as long as nothing writes meanwhile (the worker, the
+    /// tree's only writer, awaits the snapshot).
+    pub fn export_chunks(
+        &self,
+        count: u16,
+        source_instance: &str,
+        chunk_bytes: usize,
+    ) -> impl Iterator<Item = Result<Vec<u8>, StoreError>> + Send + 'static {
+        let entries = self.tree.len() as u64;
+        let mut first = Vec::with_capacity(chunk_bytes + 1024);
+        let encoder = Encoder::start(&mut first, self.shard, count, source_instance, entries);
+        ExportChunks {
+            entries: self.tree.iter(),
+            encoder: Some(encoder),
+            buffer: first,
+            chunk_bytes: chunk_bytes.max(1024),
+        }
+    }
+
+    /// Empties the tree, before a restore writes a snapshot's entries into it.
+    pub fn clear(&mut self) -> Result<(), StoreError> {
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut any = false;
+            for key in self.tree.iter().keys().take(10_000) {
+                batch.remove(key?);
+                any = true;
+            }
+            if !any {
+                return Ok(());
+            }
+            self.tree.apply_batch(batch)?;
+        }
+    }
+
+    /// Writes restored entries. The applied sequence is left out: it is set by
+    /// [`ShardStore::finish_restore`] only once the whole snapshot checked out, so a restore
+    /// cut short never passes for a current state.
+    pub fn restore_entries(&mut self, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in entries {
+            if key.as_slice() != keys::META_APPLIED {
+                batch.insert(key.as_slice(), value.as_slice());
+            }
+        }
+        Ok(self.tree.apply_batch(batch)?)
+    }
+
+    /// Marks a restore complete at `applied`.
+    pub fn finish_restore(&mut self, applied: u64) -> Result<(), StoreError> {
+        self.load_meta()?;
+        self.set_applied(applied)
     }
 
     /// Replaces the tree with an export's entries in one atomic batch (not flushed) and
