@@ -3,7 +3,10 @@
 # fresh release instance(s) of alarm-digest, then `alarm-digest bench "$@"` against them.
 #   ./scripts/bench.sh --events 200000 --broker-ceiling
 #   INSTANCES=3 ./scripts/bench.sh --events 200000     # shards split s % 3 across 3 instances
-# Everything it starts is stopped and removed on exit.
+#   ALARM_DIGEST_SHARDS__COUNT=1 MEASURE_RESTORE=1 ./scripts/bench.sh --events 1000000 --users 100000
+#                                                      # one shard of 1M alarms: snapshot, restore
+# Instance logs (snapshots and restores at info) go to $work/instance-<i>.log and are shown at
+# the end. Everything it starts is stopped and removed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 instances="${INSTANCES:-1}"
@@ -41,7 +44,8 @@ start_instance() {
   # Ordinal ownership, as a StatefulSet runs it: instance i owns shards s % instances == i.
   ALARM_DIGEST_STORAGE__PATH="$work/data-$i" ALARM_DIGEST_HTTP__LISTEN="$listen" \
     ALARM_DIGEST_SHARDS__OWNED=ordinal ALARM_DIGEST_SHARDS__REPLICAS="$instances" \
-    ALARM_DIGEST_SHARDS__ORDINAL="$i" RUST_LOG=warn "$bin" run &
+    ALARM_DIGEST_SHARDS__ORDINAL="$i" RUST_LOG="warn,alarm_digest::shard_worker=info" \
+    "$bin" run 2>>"$work/instance-$i.log" &
 }
 ready() {
   # In a subshell: the redirections must not outlive the probe.
@@ -58,6 +62,18 @@ done
 "$bin" setup >/dev/null
 sleep 1
 
+# WATCH_STREAM_BYTES=1: sample every shard stream's size each second during the run and print
+# the largest total and the largest single stream (the broker disk the snapshots bound).
+if [ "${WATCH_STREAM_BYTES:-0}" = 1 ]; then
+  (
+    while sleep 1; do
+      "$bin" shard status 2>/dev/null | grep -o '"stream":{[^}]*}' | grep -o '"bytes":[0-9]*' |
+        cut -d: -f2 | awk '{ t += $1; if ($1 > m) m = $1 } END { print t, m }'
+    done >"$work/stream-bytes.log"
+  ) &
+  pids+=("$!")
+fi
+
 extra=()
 if [ "$instances" -eq 1 ]; then extra=(--service-pid "${pids[1]}" --data-dir "$work/data-0"); fi
 ALARM_DIGEST_STORAGE__PATH="$work/data-0" "$bin" bench "${extra[@]}" "$@"
@@ -71,6 +87,20 @@ if [ "${SHOW_METRICS:-0}" = 1 ]; then
   ) 2>/dev/null || true
 fi
 
+# MEASURE_RESTORE=1: stop instance 0 gracefully (its final snapshots), wipe its data dir (a
+# lost volume), start it again: time until every shard is restored, replayed and ready.
+if [ "${MEASURE_RESTORE:-0}" = 1 ]; then
+  kill -TERM "${pids[1]}"
+  wait "${pids[1]}" || true
+  rm -rf "$work/data-0"
+  started="$(date +%s%N)"
+  start_instance 0
+  pids[1]="$!"
+  until ready; do sleep 0.01; done
+  echo "restore to ready from snapshots $(( ($(date +%s%N) - started) / 1000000 )) ms  (instance 0, wiped data dir, now $(du -sh "$work/data-0" | cut -f1))"
+  "$bin" shard status | grep -o '"snapshot":{[^}]*}' | sort | uniq -c | head -5
+fi
+
 # MEASURE_RESTART=1: stop instance 0 gracefully, start it again on its data, time to ready.
 if [ "${MEASURE_RESTART:-0}" = 1 ]; then
   kill -TERM "${pids[1]}"
@@ -81,3 +111,12 @@ if [ "${MEASURE_RESTART:-0}" = 1 ]; then
   until ready; do sleep 0.01; done
   echo "restart to ready $(( ($(date +%s%N) - started) / 1000000 )) ms  (instance 0, $(du -sh "$work/data-0" | cut -f1) data dir)"
 fi
+
+if [ "${WATCH_STREAM_BYTES:-0}" = 1 ]; then
+  awk '$1 > t { t = $1 } $2 > m { m = $2 }
+    END { printf "shard streams at most %.1f MiB in all, %.1f MiB in one (sampled each second)\n", t / 1048576, m / 1048576 }' \
+    "$work/stream-bytes.log"
+fi
+
+echo "--- instance logs: snapshots and restores"
+grep -hE "snapshot stored|restored the shard|state restored|out of order" "$work"/instance-*.log | sed 's/\x1b\[[0-9;]*m//g' | tail -12 || true

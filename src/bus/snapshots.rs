@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
 use async_nats::jetstream::context::PublishAckFuture;
+use futures::StreamExt;
 
 use super::BusError;
 
@@ -101,15 +102,16 @@ impl Snapshots {
     pub async fn put<E: std::fmt::Display>(
         &self,
         manifest: Manifest,
-        chunks: impl Iterator<Item = Result<Vec<u8>, E>>,
+        chunks: impl futures::Stream<Item = Result<Vec<u8>, E>>,
     ) -> Result<Stored, BusError> {
+        futures::pin_mut!(chunks);
         let shard = manifest.shard;
         let subject = self.chunk_subject(shard);
         let mut hasher = crc32fast::Hasher::new();
         let mut bytes = 0u64;
         let mut sequences = Vec::new();
         let mut in_flight = VecDeque::new();
-        for chunk in chunks {
+        while let Some(chunk) = chunks.next().await {
             let chunk =
                 chunk.map_err(|e| BusError::transient("reading the shard for a snapshot", e))?;
             hasher.update(&chunk);
@@ -202,8 +204,15 @@ impl Snapshots {
         let stream = self.stream().await?;
         let mut hasher = crc32fast::Hasher::new();
         let mut bytes = 0u64;
-        for sequence in &manifest.chunks {
-            match stream.get_raw_message(*sequence).await {
+        // The next few chunks are fetched while one is handed over.
+        let sequences: Vec<u64> = manifest.chunks.clone();
+        let mut fetches = futures::stream::iter(sequences.into_iter().map(move |sequence| {
+            let stream = stream.clone();
+            async move { (sequence, stream.get_raw_message(sequence).await) }
+        }))
+        .buffered(CHUNKS_IN_FLIGHT);
+        while let Some((sequence, fetched)) = fetches.next().await {
+            match fetched {
                 Ok(message) => {
                     hasher.update(&message.payload);
                     bytes += message.payload.len() as u64;

@@ -83,7 +83,17 @@ impl ShardWorker {
             snapshots,
             newest_snapshot: None,
             tail_bytes: 0,
-            snapshot_at: Instant::now(),
+            // Shards started together would all snapshot at once, every period: start each
+            // at a random point of its first period instead.
+            snapshot_at: Instant::now()
+                .checked_sub(
+                    shared
+                        .config
+                        .snapshots
+                        .every()
+                        .mul_f64(rand::random::<f64>()),
+                )
+                .unwrap_or_else(Instant::now),
             draining_legacy: false,
             replay_target: 0,
             shared,

@@ -146,11 +146,11 @@ impl ShardWorker {
             .map_err(|e| BusError::transient("reading the shard's state", e))
     }
 
-    /// Loads a snapshot into the data dir. Its bytes are checked twice over (the manifest's
-    /// length and crc32, then the export's own checksum, shard and count) in a first pass;
-    /// the second writes the entries as they arrive, so a large shard is never whole in
-    /// memory. The applied sequence is written last, once everything is in: a restore cut
-    /// short is never taken for a current state.
+    /// Loads a snapshot into the data dir, writing entries as chunks arrive, so a large shard
+    /// is never whole in memory. Its bytes are checked twice over (the manifest's length and
+    /// crc32, the export's own checksum, shard and count); the applied sequence is written
+    /// last, only once all of it checked out, so a restore cut short or refused at the end is
+    /// never taken for a current state (the next base choice clears the tree again).
     async fn load_snapshot(&mut self, stored: &Stored) -> Result<(), SnapshotError> {
         let damaged = |problem: String| SnapshotError::Damaged {
             shard: stored.manifest.shard,
@@ -158,7 +158,7 @@ impl ShardWorker {
             problem,
         };
         let expected = (self.store.shard(), self.shared.config.shards.count);
-        let check_header = |header: &Header| {
+        let check_header = move |header: &Header| {
             if (header.shard, header.count) == expected {
                 Ok(())
             } else {
@@ -168,15 +168,6 @@ impl ShardWorker {
                 ))
             }
         };
-        let mut checker = StreamDecoder::default();
-        self.snapshots
-            .read(stored, |chunk| {
-                checker.feed(chunk).map(drop).map_err(|e| e.to_string())?;
-                checker.header().map_or(Ok(()), check_header)
-            })
-            .await?;
-        checker.finish().map_err(|e| damaged(e.to_string()))?;
-
         let store_error = |e: StoreError| BusError::transient("writing a restored snapshot", e);
         self.store.clear().map_err(store_error)?;
         let mut decoder = StreamDecoder::default();
@@ -186,6 +177,7 @@ impl ShardWorker {
             .snapshots
             .read(stored, |chunk| {
                 let entries = decoder.feed(chunk).map_err(|e| e.to_string())?;
+                decoder.header().map_or(Ok(()), check_header)?;
                 if let Err(error) = store.restore_entries(&entries) {
                     write_failed = Some(error);
                     return Err("the data dir refused it".into());

@@ -25,7 +25,12 @@ const DASHBOARD: &str = concat!(
 /// An instance that has applied events, answered a digest, dead-lettered a message and read
 /// its consumers' state at least once: every metric family then has a sample.
 async fn busy_instance() -> (TestBed, alarm_digest::service::RunningService) {
-    let bed = TestBed::start_with(|config| config.tuning.consumer_stats_every_secs = 1).await;
+    // Snapshots every second, so the snapshot gauges have a sample too.
+    let bed = TestBed::start_with(|config| {
+        config.tuning.consumer_stats_every_secs = 1;
+        config.snapshots.every_secs = 1;
+    })
+    .await;
     let service = start_service(bed.config.clone()).await;
     bed.client
         .status("u", "a", "CRITICAL", "2021-06-07T20:00:00Z")
@@ -38,6 +43,11 @@ async fn busy_instance() -> (TestBed, alarm_digest::service::RunningService) {
     digests.next_for("u").await;
     bed.client.wait_drained().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while service.metrics.snapshots_taken.get() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no snapshot taken");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     (bed, service)
 }
 
