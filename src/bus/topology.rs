@@ -423,7 +423,20 @@ impl Topology {
             .map_err(|e| {
                 BusError::transient(format!("creating consumer {durable} on {name}"), e)
             })?;
-        Ok(consumer)
+        // Trust, but check: it must deliver `start` next, or the state would skip or repeat.
+        let mut created = consumer;
+        let info = created
+            .info()
+            .await
+            .map_err(|e| BusError::transient(format!("reading consumer {durable} on {name}"), e))?;
+        let next = info.delivered.stream_sequence + 1;
+        if next != start.max(1) {
+            return Err(BusError::transient(
+                format!("creating consumer {durable} on {name}"),
+                format!("it starts at sequence {next}, not {start}"),
+            ));
+        }
+        Ok(created)
     }
 
     /// The previous release's consumer of its WorkQueue shard stream, for the upgrade's drain.
