@@ -24,6 +24,32 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::Message;
 use futures::StreamExt;
 
+/// A stream by name, without asking the server anything yet.
+pub async fn open_stream(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> Result<async_nats::jetstream::stream::Stream<()>, BusError> {
+    js.get_stream_no_info(name)
+        .await
+        .map_err(|e| BusError::transient(format!("opening stream {name}"), e))
+}
+
+/// A stream's current state (first and last sequence, messages, bytes) and creation time.
+pub async fn stream_info(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> Result<async_nats::jetstream::stream::Info, BusError> {
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .map_err(|e| BusError::transient(format!("opening stream {name}"), e))?;
+    stream
+        .info()
+        .await
+        .cloned()
+        .map_err(|e| BusError::transient(format!("reading stream {name}"), e))
+}
+
 /// Pulls up to `max` messages. Whatever is already queued comes back at once; when nothing
 /// is, this waits server-side (up to `expires`) for the first message instead of polling,
 /// then takes whatever else arrived meanwhile. So an idle consumer costs one request per

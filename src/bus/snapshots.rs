@@ -91,10 +91,7 @@ impl Snapshots {
     }
 
     async fn stream(&self) -> Result<Stream<()>, BusError> {
-        self.js
-            .get_stream_no_info(&self.stream_name)
-            .await
-            .map_err(|e| BusError::transient(format!("opening stream {}", self.stream_name), e))
+        super::open_stream(&self.js, &self.stream_name).await
     }
 
     /// Stores one snapshot: its chunks first, pipelined (at most [`CHUNKS_IN_FLIGHT`]

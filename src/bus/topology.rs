@@ -393,10 +393,7 @@ impl Topology {
     ) -> Result<PullConsumer, BusError> {
         let name = self.shard_stream(shard);
         let durable = &self.streams.worker_consumer;
-        let stream = js
-            .get_stream_no_info(&name)
-            .await
-            .map_err(|e| BusError::transient(format!("opening stream {name}"), e))?;
+        let stream = super::open_stream(js, &name).await?;
         if let Err(error) = stream.delete_consumer(durable).await {
             let text = error.to_string();
             if !text.contains("not found") && !text.contains("10014") {

@@ -170,16 +170,7 @@ impl ShardWorker {
 
     async fn legacy_stream_is_empty(&self) -> Result<bool, BusError> {
         let name = self.shared.topology.legacy_shard_stream(self.store.shard());
-        let mut stream = self
-            .shared
-            .js
-            .get_stream(&name)
-            .await
-            .map_err(|e| BusError::transient(format!("opening stream {name}"), e))?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| BusError::transient(format!("reading stream {name}"), e))?;
+        let info = bus::stream_info(&self.shared.js, &name).await?;
         Ok(info.state.messages == 0)
     }
 }

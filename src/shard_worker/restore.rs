@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use super::ShardWorker;
 use crate::bus::snapshots::{SnapshotError, Stored};
-use crate::bus::BusError;
+use crate::bus::{self, BusError};
 use crate::metrics::Phase;
 use crate::retry::Backoff;
 use crate::store::{Header, StoreError, StreamDecoder};
@@ -210,16 +210,7 @@ impl ShardWorker {
 
     async fn shard_stream_extent(&self) -> Result<Extent, BusError> {
         let name = self.shared.topology.shard_stream(self.store.shard());
-        let mut stream = self
-            .shared
-            .js
-            .get_stream(&name)
-            .await
-            .map_err(|e| BusError::transient(format!("opening stream {name}"), e))?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| BusError::transient(format!("reading stream {name}"), e))?;
+        let info = bus::stream_info(&self.shared.js, &name).await?;
         Ok(Extent {
             first: info.state.first_sequence,
             last: info.state.last_sequence,

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use super::ShardWorker;
 use crate::bus::snapshots::{Manifest, Stored, CHUNKS_IN_FLIGHT, MANIFEST_FORMAT};
-use crate::bus::BusError;
+use crate::bus::{self, BusError};
 use crate::failpoint;
 
 impl ShardWorker {
@@ -161,12 +161,7 @@ impl ShardWorker {
             return Ok(());
         }
         let name = self.shared.topology.shard_stream(self.store.shard());
-        let stream = self
-            .shared
-            .js
-            .get_stream_no_info(&name)
-            .await
-            .map_err(|e| BusError::transient(format!("opening stream {name}"), e))?;
+        let stream = bus::open_stream(&self.shared.js, &name).await?;
         let purged = stream
             .purge()
             .sequence(covered + 1)
