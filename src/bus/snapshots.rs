@@ -184,55 +184,67 @@ impl Snapshots {
         Ok(chain)
     }
 
-    /// Hands a snapshot's bytes to `each`, a chunk at a time, and checks them against the
-    /// manifest at the end: a caller must not trust what it did with them before this returns
-    /// `Ok`. `each` may refuse them (as damaged) early.
-    pub async fn read(
+    /// A snapshot's bytes as a stream of chunks (the next few fetched while one is used),
+    /// checked against the manifest at the end: a last `Err` item says the whole did not check
+    /// out, so a caller must not trust what it did with the chunks before the stream ended
+    /// without one.
+    pub fn chunks(
         &self,
         stored: &Stored,
-        mut each: impl FnMut(&[u8]) -> Result<(), String>,
-    ) -> Result<(), SnapshotError> {
-        let manifest = &stored.manifest;
-        let damaged = |problem: String| SnapshotError::Damaged {
-            shard: manifest.shard,
-            sequence: stored.sequence,
-            problem,
-        };
-        let stream = self.stream().await?;
-        let mut hasher = crc32fast::Hasher::new();
-        let mut bytes = 0u64;
-        // The next few chunks are fetched while one is handed over.
-        let sequences: Vec<u64> = manifest.chunks.clone();
-        let mut fetches = futures::stream::iter(sequences.into_iter().map(move |sequence| {
-            let stream = stream.clone();
-            async move { (sequence, stream.get_raw_message(sequence).await) }
-        }))
-        .buffered(CHUNKS_IN_FLIGHT);
-        while let Some((sequence, fetched)) = fetches.next().await {
-            match fetched {
-                Ok(message) => {
-                    hasher.update(&message.payload);
-                    bytes += message.payload.len() as u64;
-                    each(&message.payload).map_err(damaged)?;
-                }
-                Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
-                    return Err(damaged(format!("chunk {sequence} is missing")))
-                }
-                Err(error) => {
-                    return Err(BusError::transient("reading a snapshot chunk", error).into())
-                }
+    ) -> impl futures::Stream<Item = Result<Bytes, SnapshotError>> + Send + 'static {
+        let (js, name) = (self.js.clone(), self.stream_name.clone());
+        let manifest = stored.manifest.clone();
+        let damaged = {
+            let (shard, sequence) = (manifest.shard, stored.sequence);
+            move |problem: String| SnapshotError::Damaged {
+                shard,
+                sequence,
+                problem,
             }
-        }
-        if bytes != manifest.bytes {
-            return Err(damaged(format!(
-                "{bytes} bytes, the manifest says {}",
-                manifest.bytes
-            )));
-        }
-        if hasher.finalize() != manifest.crc32 {
-            return Err(damaged("checksum mismatch".into()));
-        }
-        Ok(())
+        };
+        let fetches = futures::stream::iter(manifest.chunks.clone())
+            .map(move |sequence| {
+                let (js, name) = (js.clone(), name.clone());
+                async move {
+                    let stream = super::open_stream(&js, &name).await?;
+                    match stream.get_raw_message(sequence).await {
+                        Ok(message) => Ok(message.payload),
+                        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                            Err(damaged(format!("chunk {sequence} is missing")))
+                        }
+                        Err(error) => {
+                            Err(BusError::transient("reading a snapshot chunk", error).into())
+                        }
+                    }
+                }
+            })
+            .buffered(CHUNKS_IN_FLIGHT);
+        let start = (Box::pin(fetches), crc32fast::Hasher::new(), 0u64, false);
+        futures::stream::unfold(start, move |(mut fetches, mut hasher, mut bytes, done)| {
+            let manifest = manifest.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                let item = match fetches.next().await {
+                    Some(Ok(chunk)) => {
+                        hasher.update(&chunk);
+                        bytes += chunk.len() as u64;
+                        return Some((Ok(chunk), (fetches, hasher, bytes, false)));
+                    }
+                    Some(Err(error)) => Err(error),
+                    None if bytes != manifest.bytes => Err(damaged(format!(
+                        "{bytes} bytes, the manifest says {}",
+                        manifest.bytes
+                    ))),
+                    None if hasher.clone().finalize() != manifest.crc32 => {
+                        Err(damaged("checksum mismatch".into()))
+                    }
+                    None => return None,
+                };
+                Some((item, (fetches, hasher, bytes, true)))
+            }
+        })
     }
 
     /// Deletes a snapshot: its chunks, then its manifest. Missing pieces are fine (a delete

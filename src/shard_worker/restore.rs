@@ -16,6 +16,7 @@ use crate::bus::{self, BusError};
 use crate::metrics::Phase;
 use crate::retry::Backoff;
 use crate::store::{Header, StoreError, StreamDecoder};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 /// Where the shard stream stands.
@@ -31,6 +32,17 @@ enum NoBase {
     Bus(BusError),
     /// Nothing usable: the reason, for `/readyz` and the log.
     Unusable(String),
+}
+
+/// Waits for one restore write.
+async fn written(
+    writing: tokio::task::JoinHandle<Result<(), StoreError>>,
+) -> Result<(), SnapshotError> {
+    match writing.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(BusError::transient("writing a restored snapshot", error).into()),
+        Err(error) => Err(BusError::transient("writing a restored snapshot", error).into()),
+    }
 }
 
 impl From<BusError> for NoBase {
@@ -171,22 +183,40 @@ impl ShardWorker {
         let store_error = |e: StoreError| BusError::transient("writing a restored snapshot", e);
         self.store.clear().map_err(store_error)?;
         let mut decoder = StreamDecoder::default();
-        let mut write_failed = None;
-        let store = &mut self.store;
-        let read = self
-            .snapshots
-            .read(stored, |chunk| {
-                let entries = decoder.feed(chunk).map_err(|e| e.to_string())?;
-                decoder.header().map_or(Ok(()), check_header)?;
-                if let Err(error) = store.restore_entries(&entries) {
-                    write_failed = Some(error);
-                    return Err("the data dir refused it".into());
+        // sled's writes are synchronous: on a blocking thread, one chunk's entries written
+        // while the next chunks are fetched and decoded.
+        let writer = self.store.restore_writer();
+        let mut writing: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
+        let chunks = self.snapshots.chunks(stored);
+        futures::pin_mut!(chunks);
+        let mut read = Ok(());
+        while let Some(chunk) = chunks.next().await {
+            let entries = match chunk.and_then(|chunk| {
+                let entries = decoder.feed(&chunk).map_err(|e| damaged(e.to_string()))?;
+                if let Some(header) = decoder.header() {
+                    check_header(header).map_err(damaged)?;
                 }
-                Ok(())
-            })
-            .await;
-        if let Some(error) = write_failed {
-            return Err(store_error(error).into());
+                Ok(entries)
+            }) {
+                Ok(entries) => entries,
+                Err(error) => {
+                    read = Err(error);
+                    break;
+                }
+            };
+            if let Some(previous) = writing.take() {
+                if let Err(error) = written(previous).await {
+                    read = Err(error);
+                    break;
+                }
+            }
+            let writer = writer.clone();
+            writing = Some(tokio::task::spawn_blocking(move || writer.write(&entries)));
+        }
+        // Never leave a write running behind a failure: the next base clears the tree.
+        if let Some(last) = writing.take() {
+            let last = written(last).await;
+            read = read.and(last);
         }
         read?;
         decoder.finish().map_err(|e| damaged(e.to_string()))?;

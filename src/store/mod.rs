@@ -240,6 +240,28 @@ pub struct ShardStore {
     applied: u64,
 }
 
+/// Writes a snapshot's entries into a shard tree during a restore (see
+/// [`ShardStore::restore_writer`]); `Send`, so sled's synchronous writes run off the runtime.
+#[derive(Clone)]
+pub struct RestoreWriter {
+    tree: sled::Tree,
+}
+
+impl RestoreWriter {
+    /// Writes restored entries. The applied sequence is left out: it is set by
+    /// [`ShardStore::finish_restore`] only once the whole snapshot checked out, so a restore
+    /// cut short never passes for a current state.
+    pub fn write(&self, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in entries {
+            if key.as_slice() != keys::META_APPLIED {
+                batch.insert(key.as_slice(), value.as_slice());
+            }
+        }
+        Ok(self.tree.apply_batch(batch)?)
+    }
+}
+
 /// The chunks of [`ShardStore::export_chunks`].
 struct ExportChunks {
     entries: sled::Iter,
@@ -414,17 +436,11 @@ impl ShardStore {
         }
     }
 
-    /// Writes restored entries. The applied sequence is left out: it is set by
-    /// [`ShardStore::finish_restore`] only once the whole snapshot checked out, so a restore
-    /// cut short never passes for a current state.
-    pub fn restore_entries(&mut self, entries: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (key, value) in entries {
-            if key.as_slice() != keys::META_APPLIED {
-                batch.insert(key.as_slice(), value.as_slice());
-            }
+    /// What a restore writes entries through, from a blocking thread.
+    pub fn restore_writer(&self) -> RestoreWriter {
+        RestoreWriter {
+            tree: self.tree.clone(),
         }
-        Ok(self.tree.apply_batch(batch)?)
     }
 
     /// Marks a restore complete at `applied`.
