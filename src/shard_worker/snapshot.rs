@@ -13,7 +13,7 @@
 use std::time::Instant;
 
 use super::ShardWorker;
-use crate::bus::snapshots::{Manifest, Stored, CHUNKS_IN_FLIGHT, MANIFEST_FORMAT};
+use crate::bus::snapshots::{Manifest, Stored, MANIFEST_FORMAT};
 use crate::bus::{self, BusError};
 use crate::failpoint;
 
@@ -103,24 +103,15 @@ impl ShardWorker {
         let chunks = self
             .store
             .export_chunks(count, &self.cluster.member().instance, chunk_bytes);
-        // Reading the tree is synchronous CPU work: on a blocking thread, so the runtime's
-        // threads keep serving the other shards meanwhile. This worker waits (the copy must
-        // not see a later batch); a bounded channel keeps only a few chunks in memory.
-        let (sender, receiver) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
-        let producer = tokio::task::spawn_blocking(move || {
-            for chunk in chunks {
-                if sender.blocking_send(chunk).is_err() {
-                    return;
-                }
-            }
+        // Reading the tree is synchronous CPU work: one chunk at a time, yielding to the
+        // runtime between chunks so the other shards keep being served. (On a blocking thread
+        // instead, RSS after a 1M-alarm shard's snapshots measured ~40 MiB higher: what it
+        // freed stayed in its own malloc arena.)
+        let chunks = futures::stream::unfold(chunks, |mut chunks| async move {
+            tokio::task::yield_now().await;
+            chunks.next().map(|chunk| (chunk, chunks))
         });
-        let chunks = futures::stream::unfold(receiver, |mut receiver| async move {
-            receiver.recv().await.map(|chunk| (chunk, receiver))
-        });
-        let stored = self.snapshots.put(manifest, chunks).await;
-        // Dropping the receiver (inside `put`) stops the producer early on a failure.
-        let _ = producer.await;
-        let stored = stored?;
+        let stored = self.snapshots.put(manifest, chunks).await?;
         failpoint::hit("snapshot-stored");
         Ok(stored)
     }
