@@ -64,6 +64,8 @@ pub struct ShardWorker {
     /// Where the shard stream ended when the shard was taken: until the state reaches it,
     /// the worker is replaying.
     replay_target: u64,
+    /// Whether the `consuming` phase has been recorded since the shard was taken.
+    caught_up: bool,
 }
 
 impl ShardWorker {
@@ -96,6 +98,7 @@ impl ShardWorker {
                 .unwrap_or_else(Instant::now),
             draining_legacy: false,
             replay_target: 0,
+            caught_up: false,
             shared,
             cluster,
             store,
@@ -341,20 +344,25 @@ impl ShardWorker {
 
     /// Readiness and the phase gauge: replaying until the state reaches where the shard
     /// stream ended when the shard was taken, consuming after.
-    fn note_phase(&self, store_ok: bool) {
+    fn note_phase(&mut self, store_ok: bool) {
         let shard = self.store.shard();
         let behind = self.replay_target.saturating_sub(self.store.applied());
-        self.shared.metrics.set_replay_behind(shard, behind);
         if behind > 0 {
+            self.shared.metrics.set_replay_behind(shard, behind);
             self.shared.metrics.set_phase(shard, Phase::Replaying);
             self.shared.readiness.block(
                 self.part.clone(),
                 format!("replaying the shard stream: {behind} message(s) behind"),
             );
-        } else {
-            self.shared.metrics.set_phase(shard, Phase::Consuming);
-            self.shared.readiness.set(self.part.clone(), store_ok);
+            return;
         }
+        // Caught up: the gauges change once, not on every batch.
+        if !self.caught_up {
+            self.caught_up = true;
+            self.shared.metrics.set_replay_behind(shard, 0);
+            self.shared.metrics.set_phase(shard, Phase::Consuming);
+        }
+        self.shared.readiness.set(self.part.clone(), store_ok);
     }
 
     async fn prune_answered(&self, consumer: &PullConsumer) {
