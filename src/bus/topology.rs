@@ -245,7 +245,8 @@ impl Topology {
         js: &Context,
         shard: u16,
     ) -> Result<bool, BusError> {
-        match js.get_stream_no_info(self.legacy_shard_stream(shard)).await {
+        // `get_stream_no_info` asks the server nothing: only a lookup tells.
+        match js.get_stream(self.legacy_shard_stream(shard)).await {
             Ok(_) => Ok(true),
             Err(error) => match error.kind() {
                 GetStreamErrorKind::JetStream(ref e)

@@ -491,6 +491,13 @@ async fn the_previous_release_upgrades_in_place_with_its_queued_messages_and_loc
     assert!(waiting.contains(&instance), "{waiting}");
     other.stop().await.expect("clean stop");
 
+    for shard in 0..4 {
+        assert!(topology
+            .legacy_shard_stream_exists(&js, shard)
+            .await
+            .expect("lookup"));
+    }
+
     // The new release starts on the old data dir.
     let client = TestClient::connect(&config).await;
     let mut reader = client.digests().await;
@@ -511,10 +518,10 @@ async fn the_previous_release_upgrades_in_place_with_its_queued_messages_and_loc
 
     // The old streams are gone, the homes forgotten, every shard has a first snapshot.
     for shard in 0..4 {
-        assert!(js
-            .get_stream(topology.legacy_shard_stream(shard))
+        assert!(!topology
+            .legacy_shard_stream_exists(&js, shard)
             .await
-            .is_err());
+            .expect("lookup"));
         assert!(homes
             .get(format!("home.{shard}"))
             .await
@@ -528,7 +535,14 @@ async fn the_previous_release_upgrades_in_place_with_its_queued_messages_and_loc
     }
     service.stop().await.expect("clean stop");
 
-    // The data dir is no longer the only copy: a new disk carries on, sent markers included.
+    // The data dir is no longer the only copy: a new disk carries on, sent markers included,
+    // and a home record left behind (its deletion failed) pins nothing once the old stream
+    // is gone.
+    let gone = Member::here("gone".into(), &config);
+    homes
+        .put("home.3", serde_json::to_vec(&gone).expect("json").into())
+        .await
+        .expect("home");
     wipe(dir.path());
     let service = start_service(config).await;
     client
