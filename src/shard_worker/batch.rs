@@ -81,8 +81,7 @@ impl ShardWorker {
         let mut counts = BatchCounts::default();
         let mut newest_seen = self.sweep.newest_seen;
         let tracked = !self.draining_legacy;
-        let durable = self.store.applied();
-        let mut next = durable + 1;
+        let mut next = self.store.applied() + 1;
         let mut gap_at = None;
         let mut tail_bytes = 0;
         let mut write = self.store.begin();
@@ -184,9 +183,6 @@ impl ShardWorker {
             Err(error) => return Err(self.nak_all(messages, error).await),
         };
         if let Err(error) = self.flusher.flush().await {
-            // Not durable: the log is taken again from where the disk has it, so the batch
-            // comes back and fails again until the store recovers or the worker gives up.
-            self.store.rewind_applied(durable);
             return Err(self.nak_all(messages, error).await);
         }
         self.sweep.newest_seen = newest_seen;

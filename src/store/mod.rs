@@ -356,13 +356,6 @@ impl ShardStore {
         self.applied
     }
 
-    /// Forgets, in memory only, that the tree got past `sequence`: after a batch whose flush
-    /// failed, what the disk holds is the last flushed sequence, and the worker must take the
-    /// log again from there (re-applying is idempotent).
-    pub fn rewind_applied(&mut self, sequence: u64) {
-        self.applied = sequence;
-    }
-
     /// Records that the tree reflects the shard stream up to `sequence` (not flushed: the
     /// caller flushes through the group flusher or at shutdown).
     fn set_applied(&mut self, sequence: u64) -> Result<(), StoreError> {
