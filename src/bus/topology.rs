@@ -213,7 +213,7 @@ impl Topology {
         shard: u16,
     ) -> Result<bool, BusError> {
         let name = self.legacy_shard_stream(shard);
-        let Some(mut stream) = lookup_stream(js, &name).await? else {
+        let Ok(mut stream) = js.get_stream(&name).await else {
             return Ok(false);
         };
         let info = stream
@@ -246,9 +246,20 @@ impl Topology {
         shard: u16,
     ) -> Result<bool, BusError> {
         // `get_stream_no_info` asks the server nothing: only a lookup tells.
-        Ok(lookup_stream(js, &self.legacy_shard_stream(shard))
-            .await?
-            .is_some())
+        match js.get_stream(self.legacy_shard_stream(shard)).await {
+            Ok(_) => Ok(true),
+            Err(error) => match error.kind() {
+                GetStreamErrorKind::JetStream(ref e)
+                    if e.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    Ok(false)
+                }
+                _ => Err(BusError::transient(
+                    "looking up a previous-release stream",
+                    error,
+                )),
+            },
+        }
     }
 
     /// The release before RePublish had the output stream capture `digest_subject` itself.
@@ -442,25 +453,6 @@ impl Topology {
             max_ack_pending,
         )
         .await
-    }
-}
-
-/// The stream if the server has it, `None` if it answers that it has not; anything else (no
-/// answer, no JetStream) is a transient error, never taken for "absent".
-async fn lookup_stream(js: &Context, name: &str) -> Result<Option<stream::Stream>, BusError> {
-    match js.get_stream(name).await {
-        Ok(stream) => Ok(Some(stream)),
-        Err(error) => match error.kind() {
-            GetStreamErrorKind::JetStream(ref e)
-                if e.error_code() == ErrorCode::STREAM_NOT_FOUND =>
-            {
-                Ok(None)
-            }
-            _ => Err(BusError::transient(
-                format!("looking up stream {name}"),
-                error,
-            )),
-        },
     }
 }
 

@@ -12,6 +12,7 @@ use crate::bus::{self, Cluster, Member, Snapshots, Topology};
 use crate::config::Config;
 use crate::retry::until_ok;
 use crate::store::{ShardExport, Store};
+use crate::wire::InputKind;
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum ShardAction {
@@ -262,6 +263,13 @@ async fn requeue(
         };
         let subject = match old.shard_kind(shard, &message.subject) {
             Some(kind) => old.input_subject(kind).to_string(),
+            // An envelope of the router's: its entries each name their input subject.
+            None if message
+                .subject
+                .starts_with(old.input_subject(InputKind::StatusChange)) =>
+            {
+                old.input_subject(InputKind::StatusChange).to_string()
+            }
             None => bail!(
                 "shard stream {name} holds a message on {}, which is not a shard subject",
                 message.subject

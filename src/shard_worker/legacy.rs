@@ -77,11 +77,20 @@ impl ShardWorker {
         // at 1 again, and its requests are recognised by the sequence the state reflects.
         self.store.prune_answered(u64::MAX)?;
         self.flusher.flush().await?;
-        // The old stream goes only once the state it fed is in JetStream.
         let mut backoff = Backoff::default();
-        while !self.take_snapshot().await {
-            if !backoff.wait(cancel).await {
-                return Ok(false);
+        loop {
+            match self.store_snapshot().await {
+                Ok(stored) => {
+                    self.shared.metrics.snapshots_taken.inc();
+                    self.note_snapshot(stored);
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(shard, %error, "the upgrade's first snapshot is not stored yet; retrying");
+                    if !backoff.wait(cancel).await {
+                        return Ok(false);
+                    }
+                }
             }
         }
         let legacy = topology.legacy_shard_stream(shard);

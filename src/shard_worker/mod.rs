@@ -245,8 +245,7 @@ impl ShardWorker {
             self.note_phase(store_failing_since.is_none());
             self.sweep_step();
             if self.snapshot_due() {
-                // A failure is logged; the stream keeps everything until the next one.
-                let _ = self.take_snapshot().await;
+                self.take_snapshot().await;
             }
             let tuning = &self.shared.config.tuning;
             let fetched = tokio::select! {

@@ -43,17 +43,15 @@ impl ShardWorker {
         if current && self.outbox.is_empty() {
             return;
         }
-        // Not stored: the next owner replays from the newest snapshot there is.
-        let _ = self.take_snapshot().await;
+        self.take_snapshot().await;
     }
 
-    /// Takes one snapshot now and says whether it was stored; a failure is logged and the
-    /// next one is tried at the next due time (the shard stream keeps everything until then,
-    /// so nothing is at risk).
-    pub(super) async fn take_snapshot(&mut self) -> bool {
+    /// Takes one snapshot now; a failure is logged and the next one is tried at the next due
+    /// time (the shard stream keeps everything until then, so nothing is at risk).
+    pub(super) async fn take_snapshot(&mut self) {
         let shard = self.store.shard();
         let started = Instant::now();
-        let stored = match self.store_snapshot().await {
+        match self.store_snapshot().await {
             Ok(stored) => {
                 let manifest = &stored.manifest;
                 tracing::info!(
@@ -67,17 +65,14 @@ impl ShardWorker {
                 self.shared.metrics.snapshots_taken.inc();
                 self.note_snapshot(stored);
                 self.forget_behind().await;
-                true
             }
             Err(error) => {
                 tracing::warn!(shard, %error, "shard snapshot not stored; retried later");
-                false
             }
-        };
+        }
         // Whether it worked or not, wait a whole period (or tail) before the next attempt.
         self.tail_bytes = 0;
         self.snapshot_at = Instant::now();
-        stored
     }
 
     pub(super) fn note_snapshot(&mut self, stored: Stored) {
@@ -88,7 +83,7 @@ impl ShardWorker {
         self.newest_snapshot = Some(stored);
     }
 
-    async fn store_snapshot(&mut self) -> Result<Stored, BusError> {
+    pub(super) async fn store_snapshot(&mut self) -> Result<Stored, BusError> {
         let shared = &self.shared;
         let shard = self.store.shard();
         let count = shared.config.shards.count;

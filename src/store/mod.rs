@@ -358,7 +358,7 @@ impl ShardStore {
 
     /// Records that the tree reflects the shard stream up to `sequence` (not flushed: the
     /// caller flushes through the group flusher or at shutdown).
-    fn set_applied(&mut self, sequence: u64) -> Result<(), StoreError> {
+    pub fn set_applied(&mut self, sequence: u64) -> Result<(), StoreError> {
         self.tree
             .insert(keys::META_APPLIED, &sequence.to_be_bytes())?;
         self.applied = sequence;
