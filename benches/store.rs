@@ -1,4 +1,5 @@
-//! The sled store: one shard batch with its flush, and one user's digest among 1M alarms.
+//! The sled store: one shard batch with its flush, a batch of changes alone, and one user's
+//! digest among 1M alarms.
 //! `cargo bench --bench store`
 
 use chrono::DateTime;
@@ -73,6 +74,46 @@ fn batch_with_flush(c: &mut Criterion) {
     });
 }
 
+/// The store's share of ingest: 1,000 status changes of 100k existing alarms (each one a
+/// change), applied and committed, no flush; divide by 1,000 for the cost of one event.
+fn changes_committed(c: &mut Criterion) {
+    let Ok(dir) = tempfile::tempdir() else { return };
+    let Ok(store) = Store::open(dir.path(), 32) else {
+        return;
+    };
+    let Ok(mut shard) = store.shard(0) else {
+        return;
+    };
+    let mut n = 0u64;
+    let mut next = move || {
+        n += 1;
+        change(
+            n % 10_000,
+            n / 10_000 % 10,
+            STATUSES[(n / 100_000 % 3) as usize],
+            n as i64,
+        )
+    };
+    let mut fill = shard.begin();
+    for _ in 0..100_000 {
+        let _ = fill.apply(&next(), MAX_ALARMS);
+    }
+    let _ = fill.commit();
+    c.bench_function("store: 1000 changes of existing alarms, committed", |b| {
+        b.iter_batched(
+            || (0..1000).map(|_| next()).collect::<Vec<_>>(),
+            |changes| {
+                let mut write = shard.begin();
+                for change in &changes {
+                    let _ = write.apply(change, MAX_ALARMS);
+                }
+                let _ = black_box(write.commit());
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
 /// Reading (and selecting) one user's 10 alarms among 100k users × 10 alarms.
 fn digest_among_a_million(c: &mut Criterion) {
     let Ok(dir) = tempfile::tempdir() else { return };
@@ -109,5 +150,10 @@ fn digest_among_a_million(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, batch_with_flush, digest_among_a_million);
+criterion_group!(
+    benches,
+    batch_with_flush,
+    changes_committed,
+    digest_among_a_million
+);
 criterion_main!(benches);

@@ -76,7 +76,7 @@ fi
 
 extra=()
 if [ "$instances" -eq 1 ]; then extra=(--service-pid "${pids[1]}" --data-dir "$work/data-0"); fi
-ALARM_DIGEST_STORAGE__PATH="$work/data-0" "$bin" bench "${extra[@]}" "$@"
+ALARM_DIGEST_STORAGE__PATH="$work/data-0" "$bin" bench --broker-pid "${pids[0]}" "${extra[@]}" "$@"
 
 # SHOW_METRICS=1: print instance 0's /metrics counters after the run.
 if [ "${SHOW_METRICS:-0}" = 1 ]; then

@@ -44,6 +44,9 @@ pub struct BenchArgs {
     /// The service's pid for RSS (default: the one local `alarm-digest run`, if any).
     #[arg(long)]
     pub service_pid: Option<u32>,
+    /// The broker's pid, to report the CPU it spends per event (when it is local).
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
     /// The service's data dir for bytes per alarm (default: storage.path).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -80,19 +83,30 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         config.shards.count,
     );
 
+    let service_pid = args.service_pid.or_else(load::find_service_pid);
+    let meter = CpuMeter::new(args.broker_pid, service_pid);
+
     let ceiling = if args.broker_ceiling && workload.events > 0 {
+        let cpu = meter.start();
         let elapsed = ceiling::measure(&client, &config, &workload, args.rate, timeout).await?;
-        Some(report_rate(
+        let rate = report_rate(
             "broker ceiling  ",
             workload.events,
             elapsed,
             "(input stream → router hop in envelopes → shard streams → ack, no processing)",
-        ))
+        );
+        let cpu = meter.report(
+            &cpu,
+            workload.events,
+            "the bench process: producer, zero-work router and consumers",
+        );
+        Some((rate, cpu))
     } else {
         None
     };
 
     let naive = if args.naive && workload.events > 0 {
+        let cpu = meter.start();
         let elapsed = naive::measure(&client, &config, &workload, args.rate, timeout).await?;
         Some(report_rate(
             "naive single hop",
@@ -100,6 +114,13 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             elapsed,
             "(one consumer: decode, write, flush, ack each event)",
         ))
+        .inspect(|_| {
+            meter.report(
+                &cpu,
+                workload.events,
+                "the bench process: producer, naive consumer",
+            );
+        })
     } else {
         None
     };
@@ -107,6 +128,7 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     if workload.events > 0 {
         let input = &config.streams.input_stream;
         let first = load::last_sequence(&js, input).await?;
+        let cpu = meter.start();
         let started = Instant::now();
         let subject = config.streams.status_subject.clone();
         load::publish_events(&client, &subject, &workload, 0..workload.events, args.rate).await?;
@@ -115,7 +137,7 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         let elapsed = started.elapsed();
         let per_second = workload.events as f64 / elapsed.as_secs_f64();
         let mut ratio = ceiling
-            .map(|c| format!("  = {:.2} of the broker ceiling", per_second / c))
+            .map(|(c, _)| format!("  = {:.2} of the broker ceiling", per_second / c))
             .unwrap_or_default();
         if let Some(naive) = naive {
             ratio += &format!("  = {:.1}x the naive single hop", per_second / naive);
@@ -126,6 +148,13 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             elapsed.as_secs_f64(),
             per_second
         );
+        let cpu = meter.report(&cpu, workload.events, "the bench process: producer");
+        if let Some((_, ceiling_cpu)) = ceiling.filter(|_| cpu > 0.0) {
+            println!(
+                "  cpu per event: the ceiling's is {:.2} of this (the rate ratio when the machine is CPU-bound)",
+                ceiling_cpu / cpu
+            );
+        }
     }
 
     if args.digests > 0 {
@@ -169,11 +198,7 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         );
     }
 
-    match args
-        .service_pid
-        .or_else(load::find_service_pid)
-        .and_then(|pid| load::rss_bytes(pid).map(|rss| (pid, rss)))
-    {
+    match service_pid.and_then(|pid| load::rss_bytes(pid).map(|rss| (pid, rss))) {
         Some((pid, rss)) => println!(
             "service RSS      {:>9.1} MiB (pid {pid})",
             rss as f64 / 1048576.0
@@ -202,4 +227,42 @@ fn report_rate(label: &str, events: u64, elapsed: Duration, what: &str) -> f64 {
         elapsed.as_secs_f64()
     );
     per_second
+}
+
+/// CPU time spent per event by the broker, the service and this process during one phase:
+/// a steadier figure than a rate on a shared machine, and the one that says where an event's
+/// cost goes (README, Performance).
+struct CpuMeter {
+    processes: Vec<(&'static str, u32)>,
+}
+
+impl CpuMeter {
+    fn new(broker: Option<u32>, service: Option<u32>) -> CpuMeter {
+        let mut processes = vec![("bench", std::process::id())];
+        processes.extend(broker.map(|pid| ("broker", pid)));
+        processes.extend(service.map(|pid| ("service", pid)));
+        CpuMeter { processes }
+    }
+
+    fn start(&self) -> Vec<Option<Duration>> {
+        self.processes
+            .iter()
+            .map(|(_, pid)| load::cpu_time(*pid))
+            .collect()
+    }
+
+    /// Prints the phase's CPU per event by process and returns the total, in µs.
+    fn report(&self, started: &[Option<Duration>], events: u64, bench_is: &str) -> f64 {
+        let mut parts = Vec::new();
+        let mut total = 0.0;
+        for ((name, pid), before) in self.processes.iter().zip(started) {
+            if let (Some(before), Some(after)) = (before, load::cpu_time(*pid)) {
+                let micros = after.saturating_sub(*before).as_secs_f64() * 1e6 / events as f64;
+                parts.push(format!("{name} {micros:.1}"));
+                total += micros;
+            }
+        }
+        println!("  cpu µs per event: {}  ({bench_is})", parts.join(", "));
+        total
+    }
 }

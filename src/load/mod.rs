@@ -266,6 +266,21 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// CPU time (user + system) a local process has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    /// `/proc` counts in USER_HZ, which Linux fixes at 100 for user space.
+    const TICKS_PER_SECOND: u64 = 100;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after it are numbers.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis(
+        (user + system) * 1000 / TICKS_PER_SECOND,
+    ))
+}
+
 /// The pid of a local `alarm-digest run`, if exactly one runs.
 pub fn find_service_pid() -> Option<u32> {
     let mut found = Vec::new();
@@ -305,6 +320,22 @@ pub fn dir_bytes(dir: &Path) -> u64 {
 mod tests {
     use super::*;
     use crate::wire::{decode, Input, InputKind};
+
+    #[test]
+    fn cpu_time_reads_this_process_and_grows_with_work() {
+        let before = cpu_time(std::process::id()).unwrap_or_default();
+        let started = Instant::now();
+        let mut spin = 0u64;
+        while started.elapsed() < Duration::from_millis(60) {
+            spin = std::hint::black_box(spin.wrapping_add(1));
+        }
+        let after = cpu_time(std::process::id());
+        assert!(
+            after.is_some_and(|after| after > before),
+            "{before:?} → {after:?}"
+        );
+        assert_eq!(cpu_time(u32::MAX), None);
+    }
 
     #[test]
     fn workload_events_are_valid_and_cover_every_alarm_first() {
