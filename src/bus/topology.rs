@@ -213,7 +213,7 @@ impl Topology {
         shard: u16,
     ) -> Result<bool, BusError> {
         let name = self.legacy_shard_stream(shard);
-        let Ok(mut stream) = js.get_stream(&name).await else {
+        let Some(mut stream) = lookup_stream(js, &name).await? else {
             return Ok(false);
         };
         let info = stream
@@ -245,21 +245,8 @@ impl Topology {
         js: &Context,
         shard: u16,
     ) -> Result<bool, BusError> {
-        // `get_stream_no_info` asks the server nothing: only a lookup tells.
-        match js.get_stream(self.legacy_shard_stream(shard)).await {
-            Ok(_) => Ok(true),
-            Err(error) => match error.kind() {
-                GetStreamErrorKind::JetStream(ref e)
-                    if e.error_code() == ErrorCode::STREAM_NOT_FOUND =>
-                {
-                    Ok(false)
-                }
-                _ => Err(BusError::transient(
-                    "looking up a previous-release stream",
-                    error,
-                )),
-            },
-        }
+        let name = self.legacy_shard_stream(shard);
+        Ok(lookup_stream(js, &name).await?.is_some())
     }
 
     /// The release before RePublish had the output stream capture `digest_subject` itself.
@@ -276,8 +263,8 @@ impl Topology {
     ) -> Result<(), BusError> {
         let name = &wanted.name;
         let previous = vec![self.streams.digest_subject.clone()];
-        let Ok(mut stream) = js.get_stream(name).await else {
-            return Ok(()); // Missing: ensure_stream creates it, or reports why it cannot.
+        let Some(mut stream) = lookup_stream(js, name).await? else {
+            return Ok(()); // Missing: ensure_stream creates it.
         };
         let info = stream
             .info()
@@ -458,52 +445,40 @@ impl Topology {
 
 async fn ensure_stream(js: &Context, wanted: stream::Config) -> Result<(), BusError> {
     let name = wanted.name.clone();
-    match js.get_stream(&name).await {
-        Ok(mut existing) => {
-            let info = existing
-                .info()
-                .await
-                .map_err(|e| BusError::transient(format!("reading stream {name}"), e))?;
-            let update =
-                reconcile(&info.config, &wanted).map_err(|problem| BusError::StreamMismatch {
-                    stream: name.clone(),
-                    problem,
-                })?;
-            let Some(update) = update else {
-                return Ok(());
-            };
-            match js.update_stream(&update).await {
-                Ok(_) => {
-                    tracing::info!(
-                        stream = %name,
-                        subjects = ?update.subjects,
-                        republish = ?update.republish.as_ref().map(|r| &r.destination),
-                        duplicate_window_secs = update.duplicate_window.as_secs(),
-                        "updated stream in place"
-                    );
-                    Ok(())
-                }
-                Err(error) => Err(jetstream_error(format!("updating stream {name}"), error)),
+    let Some(mut existing) = lookup_stream(js, &name).await? else {
+        return match js.create_stream(wanted).await {
+            Ok(_) => {
+                tracing::info!(stream = %name, "created stream");
+                Ok(())
             }
-        }
-        Err(error) => {
-            let not_found = matches!(
-                error.kind(),
-                GetStreamErrorKind::JetStream(ref e) if e.error_code() == ErrorCode::STREAM_NOT_FOUND
+            // Another instance may have created it meanwhile; the next start checks it.
+            Err(error) if error.to_string().contains("already in use") => Ok(()),
+            Err(error) => Err(jetstream_error(format!("creating stream {name}"), error)),
+        };
+    };
+    let info = existing
+        .info()
+        .await
+        .map_err(|e| BusError::transient(format!("reading stream {name}"), e))?;
+    let update = reconcile(&info.config, &wanted).map_err(|problem| BusError::StreamMismatch {
+        stream: name.clone(),
+        problem,
+    })?;
+    let Some(update) = update else {
+        return Ok(());
+    };
+    match js.update_stream(&update).await {
+        Ok(_) => {
+            tracing::info!(
+                stream = %name,
+                subjects = ?update.subjects,
+                republish = ?update.republish.as_ref().map(|r| &r.destination),
+                duplicate_window_secs = update.duplicate_window.as_secs(),
+                "updated stream in place"
             );
-            if !not_found {
-                return Err(jetstream_error(format!("looking up stream {name}"), error));
-            }
-            match js.create_stream(wanted).await {
-                Ok(_) => {
-                    tracing::info!(stream = %name, "created stream");
-                    Ok(())
-                }
-                // Another instance may have created it meanwhile; the next start checks it.
-                Err(error) if error.to_string().contains("already in use") => Ok(()),
-                Err(error) => Err(jetstream_error(format!("creating stream {name}"), error)),
-            }
+            Ok(())
         }
+        Err(error) => Err(jetstream_error(format!("updating stream {name}"), error)),
     }
 }
 
@@ -514,6 +489,24 @@ async fn durables_names(stream: &stream::Stream) -> Vec<String> {
         names.push(name);
     }
     names
+}
+
+/// The named stream, or `None` when the server says it has none. Any other failure is an
+/// error, transient unless JetStream is off: an outage must never be taken for an absent
+/// stream, which would skip a migration or an upgrade step.
+async fn lookup_stream(js: &Context, name: &str) -> Result<Option<stream::Stream>, BusError> {
+    // `get_stream_no_info` asks the server nothing: only a lookup tells.
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(Some(stream)),
+        Err(error) => match error.kind() {
+            GetStreamErrorKind::JetStream(ref e)
+                if e.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(jetstream_error(format!("looking up stream {name}"), error)),
+        },
+    }
 }
 
 /// Compares an existing stream with what this release needs. `Ok(None)`: nothing to do;

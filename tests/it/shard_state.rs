@@ -1,7 +1,8 @@
 //! Shard state lives in JetStream: a shard's snapshots and its stream's tail rebuild it on any
 //! instance. A wiped data dir loses no alarm, shards follow ordinal ownership by themselves,
 //! two racers never both apply, a damaged snapshot falls back to the one before, the stream
-//! is purged only behind a stored snapshot, and the previous release upgrades in place.
+//! is purged only behind a stored snapshot, and the previous release upgrades in place (an
+//! outage during its checks is retried, never taken for "nothing to upgrade").
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -386,6 +387,40 @@ fn change(user: &str, alarm: &str, at: i64) -> StatusChange {
             status: Status::Critical,
             changed_at: chrono::DateTime::from_timestamp(at, 0).expect("a time"),
         },
+    }
+}
+
+#[tokio::test]
+async fn a_broker_outage_is_never_taken_for_an_upgrade_already_done() {
+    let mut nats = NatsServer::start();
+    let topology = Topology::new(Default::default(), 4);
+    let raw = async_nats::connect(nats.url()).await.expect("connect");
+    let mut js = async_nats::jetstream::new(raw);
+    js.set_timeout(Duration::from_secs(1));
+    assert!(!topology
+        .legacy_shard_stream_exists(&js, 0)
+        .await
+        .expect("lookup"));
+
+    nats.stop();
+    // Had a previous-release stream existed, "absent" would skip its drain: the answer must
+    // be an error the caller retries, never "no such stream".
+    let retired = topology.retire_legacy_shard_stream(&js, 0).await;
+    assert!(retired.as_ref().is_err_and(|e| !e.is_fatal()), "{retired:?}");
+    let exists = topology.legacy_shard_stream_exists(&js, 0).await;
+    assert!(exists.as_ref().is_err_and(|e| !e.is_fatal()), "{exists:?}");
+
+    nats.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match topology.retire_legacy_shard_stream(&js, 0).await {
+            Ok(found) => break assert!(!found),
+            Err(error) if Instant::now() < deadline => {
+                assert!(!error.is_fatal(), "{error}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => panic!("the broker is back but the lookup still fails: {error}"),
+        }
     }
 }
 
