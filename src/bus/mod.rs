@@ -21,7 +21,10 @@ pub use topology::Topology;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::Message;
+use async_nats::jetstream::context::GetStreamErrorKind;
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use async_nats::jetstream::{Context, ErrorCode, Message};
 use futures::StreamExt;
 
 /// A stream by name, without asking the server anything yet.
@@ -32,6 +35,44 @@ pub async fn open_stream(
     js.get_stream_no_info(name)
         .await
         .map_err(|e| BusError::transient(format!("opening stream {name}"), e))
+}
+
+/// The named stream, or `None` when the server says it has none. Any other failure is an
+/// error, transient unless JetStream is off: an outage must never be taken for an absent
+/// stream, which would skip a migration or an upgrade step.
+pub async fn lookup_stream(js: &Context, name: &str) -> Result<Option<Stream>, BusError> {
+    // `get_stream_no_info` asks the server nothing: only a lookup tells.
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(Some(stream)),
+        Err(error) => match error.kind() {
+            GetStreamErrorKind::JetStream(ref e)
+                if e.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(topology::jetstream_error(
+                format!("looking up stream {name}"),
+                error,
+            )),
+        },
+    }
+}
+
+/// The message stored at `sequence`, or `None` where the stream holds none (deleted or
+/// purged: a gap, not a failure). Any other failure is an error: a timeout must never be
+/// taken for a gap by a tool that deletes what it has read.
+pub async fn message_at<I>(
+    stream: &Stream<I>,
+    sequence: u64,
+) -> Result<Option<StreamMessage>, BusError> {
+    match stream.get_raw_message(sequence).await {
+        Ok(message) => Ok(Some(message)),
+        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(error) => Err(BusError::transient(
+            format!("reading stream message {sequence}"),
+            error,
+        )),
+    }
 }
 
 /// A stream's current state (first and last sequence, messages, bytes) and creation time.

@@ -172,13 +172,9 @@ impl Snapshots {
                 break;
             }
             if let Some(sequence) = previous {
-                next = match stream.get_raw_message(sequence).await {
-                    Ok(message) => decode_manifest(message.sequence, &message.payload),
-                    Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => None,
-                    Err(error) => {
-                        return Err(BusError::transient("reading a snapshot manifest", error))
-                    }
-                };
+                next = super::message_at(&stream, sequence)
+                    .await?
+                    .and_then(|message| decode_manifest(message.sequence, &message.payload));
             }
         }
         Ok(chain)
@@ -207,14 +203,9 @@ impl Snapshots {
                 let (js, name) = (js.clone(), name.clone());
                 async move {
                     let stream = super::open_stream(&js, &name).await?;
-                    match stream.get_raw_message(sequence).await {
-                        Ok(message) => Ok(message.payload),
-                        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
-                            Err(damaged(format!("chunk {sequence} is missing")))
-                        }
-                        Err(error) => {
-                            Err(BusError::transient("reading a snapshot chunk", error).into())
-                        }
+                    match super::message_at(&stream, sequence).await? {
+                        Some(message) => Ok(message.payload),
+                        None => Err(damaged(format!("chunk {sequence} is missing"))),
                     }
                 }
             })

@@ -2,10 +2,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
-use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::stream::{self, DiscardPolicy, Republish, RetentionPolicy, StorageType};
 use async_nats::jetstream::Context;
-use async_nats::jetstream::ErrorCode;
 use async_nats::Subject;
 use futures::StreamExt;
 
@@ -213,7 +211,7 @@ impl Topology {
         shard: u16,
     ) -> Result<bool, BusError> {
         let name = self.legacy_shard_stream(shard);
-        let Some(mut stream) = lookup_stream(js, &name).await? else {
+        let Some(mut stream) = super::lookup_stream(js, &name).await? else {
             return Ok(false);
         };
         let info = stream
@@ -246,7 +244,7 @@ impl Topology {
         shard: u16,
     ) -> Result<bool, BusError> {
         let name = self.legacy_shard_stream(shard);
-        Ok(lookup_stream(js, &name).await?.is_some())
+        Ok(super::lookup_stream(js, &name).await?.is_some())
     }
 
     /// The release before RePublish had the output stream capture `digest_subject` itself.
@@ -263,7 +261,7 @@ impl Topology {
     ) -> Result<(), BusError> {
         let name = &wanted.name;
         let previous = vec![self.streams.digest_subject.clone()];
-        let Some(mut stream) = lookup_stream(js, name).await? else {
+        let Some(mut stream) = super::lookup_stream(js, name).await? else {
             return Ok(()); // Missing: ensure_stream creates it.
         };
         let info = stream
@@ -445,7 +443,7 @@ impl Topology {
 
 async fn ensure_stream(js: &Context, wanted: stream::Config) -> Result<(), BusError> {
     let name = wanted.name.clone();
-    let Some(mut existing) = lookup_stream(js, &name).await? else {
+    let Some(mut existing) = super::lookup_stream(js, &name).await? else {
         return match js.create_stream(wanted).await {
             Ok(_) => {
                 tracing::info!(stream = %name, "created stream");
@@ -489,24 +487,6 @@ async fn durables_names(stream: &stream::Stream) -> Vec<String> {
         names.push(name);
     }
     names
-}
-
-/// The named stream, or `None` when the server says it has none. Any other failure is an
-/// error, transient unless JetStream is off: an outage must never be taken for an absent
-/// stream, which would skip a migration or an upgrade step.
-async fn lookup_stream(js: &Context, name: &str) -> Result<Option<stream::Stream>, BusError> {
-    // `get_stream_no_info` asks the server nothing: only a lookup tells.
-    match js.get_stream(name).await {
-        Ok(stream) => Ok(Some(stream)),
-        Err(error) => match error.kind() {
-            GetStreamErrorKind::JetStream(ref e)
-                if e.error_code() == ErrorCode::STREAM_NOT_FOUND =>
-            {
-                Ok(None)
-            }
-            _ => Err(jetstream_error(format!("looking up stream {name}"), error)),
-        },
-    }
 }
 
 /// Compares an existing stream with what this release needs. `Ok(None)`: nothing to do;
@@ -556,7 +536,7 @@ fn reconcile(
 }
 
 /// Maps "JetStream not enabled" to the fatal error, everything else to a transient one.
-fn jetstream_error(context: String, error: impl std::fmt::Display) -> BusError {
+pub(super) fn jetstream_error(context: String, error: impl std::fmt::Display) -> BusError {
     let text = error.to_string();
     if text.contains("jetstream not enabled") || text.contains("10076") {
         BusError::JetStreamDisabled(text)

@@ -103,7 +103,7 @@ async fn read_records(stream: &mut Stream) -> anyhow::Result<Vec<Record>> {
     }
     for seq in state.first_sequence..=state.last_sequence {
         // Deleted records leave gaps.
-        let Ok(message) = stream.get_raw_message(seq).await else {
+        let Some(message) = bus::message_at(stream, seq).await? else {
             continue;
         };
         let header = |name: &str| {

@@ -12,7 +12,6 @@ use crate::bus::{self, Cluster, Member, Snapshots, Topology};
 use crate::config::Config;
 use crate::retry::until_ok;
 use crate::store::{ShardExport, Store};
-use crate::wire::InputKind;
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum ShardAction {
@@ -249,7 +248,7 @@ async fn requeue(
     name: &str,
     after: u64,
 ) -> anyhow::Result<u64> {
-    let Ok(mut stream) = js.get_stream(name).await else {
+    let Some(mut stream) = crate::bus::lookup_stream(js, name).await? else {
         return Ok(0);
     };
     let state = stream.info().await?.state.clone();
@@ -258,18 +257,13 @@ async fn requeue(
     }
     let mut requeued = 0;
     for seq in state.first_sequence.max(after + 1)..=state.last_sequence {
-        let Ok(message) = stream.get_raw_message(seq).await else {
+        // A failed read stops the command before anything is deleted.
+        let Some(message) = crate::bus::message_at(&stream, seq).await? else {
             continue; // already deleted: a gap
         };
+        // An envelope is on the status shard subject; its entries name their input subject.
         let subject = match old.shard_kind(shard, &message.subject) {
             Some(kind) => old.input_subject(kind).to_string(),
-            // An envelope of the router's: its entries each name their input subject.
-            None if message
-                .subject
-                .starts_with(old.input_subject(InputKind::StatusChange)) =>
-            {
-                old.input_subject(InputKind::StatusChange).to_string()
-            }
             None => bail!(
                 "shard stream {name} holds a message on {}, which is not a shard subject",
                 message.subject

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use alarm_digest::bus::{Cluster, Member, Snapshots, Topology};
+use alarm_digest::bus::{self, Cluster, Member, Snapshots, Topology};
 use alarm_digest::config::{Config, OwnedShards};
 use alarm_digest::domain::{Observation, Status, StatusChange};
 use alarm_digest::store::{DigestOptions, Store};
@@ -391,7 +391,7 @@ fn change(user: &str, alarm: &str, at: i64) -> StatusChange {
 }
 
 #[tokio::test]
-async fn a_broker_outage_is_never_taken_for_an_upgrade_already_done() {
+async fn a_broker_outage_is_never_taken_for_an_absent_stream_or_message() {
     let mut nats = NatsServer::start();
     let topology = Topology::new(Default::default(), 4);
     let raw = async_nats::connect(nats.url()).await.expect("connect");
@@ -401,12 +401,38 @@ async fn a_broker_outage_is_never_taken_for_an_upgrade_already_done() {
         .legacy_shard_stream_exists(&js, 0)
         .await
         .expect("lookup"));
+    // A deleted message is a gap; a stored one is read.
+    let stream = js
+        .create_stream(stream::Config {
+            name: "GAPS".into(),
+            subjects: vec!["gaps".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+    for payload in ["first", "second"] {
+        js.publish("gaps", payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    stream.delete_message(1).await.expect("delete");
+    assert!(bus::message_at(&stream, 1).await.expect("read").is_none());
+    let second = bus::message_at(&stream, 2).await.expect("read");
+    assert_eq!(second.map(|m| m.payload), Some("second".into()));
 
     nats.stop();
+    // `shard recount` deletes the streams it has read: a read that failed is not a gap.
+    let read = bus::message_at(&stream, 2).await;
+    assert!(read.as_ref().is_err_and(|e| !e.is_fatal()), "{read:?}");
     // Had a previous-release stream existed, "absent" would skip its drain: the answer must
     // be an error the caller retries, never "no such stream".
     let retired = topology.retire_legacy_shard_stream(&js, 0).await;
-    assert!(retired.as_ref().is_err_and(|e| !e.is_fatal()), "{retired:?}");
+    assert!(
+        retired.as_ref().is_err_and(|e| !e.is_fatal()),
+        "{retired:?}"
+    );
     let exists = topology.legacy_shard_stream_exists(&js, 0).await;
     assert!(exists.as_ref().is_err_and(|e| !e.is_fatal()), "{exists:?}");
 
