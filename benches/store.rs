@@ -6,7 +6,7 @@ use chrono::DateTime;
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
 
 use alarm_digest::domain::{Observation, Status, StatusChange};
-use alarm_digest::store::{DigestOptions, Store};
+use alarm_digest::store::{DigestOptions, ShardStore, Store};
 
 fn change(user: u64, alarm: u64, status: Status, nanos: i64) -> StatusChange {
     StatusChange {
@@ -33,13 +33,24 @@ fn digest_options() -> DigestOptions {
     }
 }
 
+/// A store in a fresh temporary dir and its shard 0; `None` (said on stderr) if the disk
+/// refuses, so the other benchmarks still run.
+fn open_shard() -> Option<(tempfile::TempDir, Store, ShardStore)> {
+    let opened = tempfile::tempdir()
+        .map_err(|e| e.to_string())
+        .and_then(|dir| {
+            let store = Store::open(dir.path(), 32).map_err(|e| e.to_string())?;
+            let shard = store.shard(0).map_err(|e| e.to_string())?;
+            Ok((dir, store, shard))
+        });
+    opened
+        .inspect_err(|error| eprintln!("store benchmark skipped: {error}"))
+        .ok()
+}
+
 /// 450 status changes and 50 digest requests over 10k users, applied, committed and flushed.
 fn batch_with_flush(c: &mut Criterion) {
-    let Ok(dir) = tempfile::tempdir() else { return };
-    let Ok(store) = Store::open(dir.path(), 32) else {
-        return;
-    };
-    let Ok(mut shard) = store.shard(0) else {
+    let Some((_dir, store, mut shard)) = open_shard() else {
         return;
     };
     let mut round = 0u64;
@@ -77,11 +88,7 @@ fn batch_with_flush(c: &mut Criterion) {
 /// The store's share of ingest: 1,000 status changes of 100k existing alarms (each one a
 /// change), applied and committed, no flush; divide by 1,000 for the cost of one event.
 fn changes_committed(c: &mut Criterion) {
-    let Ok(dir) = tempfile::tempdir() else { return };
-    let Ok(store) = Store::open(dir.path(), 32) else {
-        return;
-    };
-    let Ok(mut shard) = store.shard(0) else {
+    let Some((_dir, _store, mut shard)) = open_shard() else {
         return;
     };
     let mut n = 0u64;
@@ -116,11 +123,7 @@ fn changes_committed(c: &mut Criterion) {
 
 /// Reading (and selecting) one user's 10 alarms among 100k users × 10 alarms.
 fn digest_among_a_million(c: &mut Criterion) {
-    let Ok(dir) = tempfile::tempdir() else { return };
-    let Ok(store) = Store::open(dir.path(), 32) else {
-        return;
-    };
-    let Ok(mut shard) = store.shard(0) else {
+    let Some((_dir, store, mut shard)) = open_shard() else {
         return;
     };
     for chunk in 0..100u64 {
