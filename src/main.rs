@@ -62,6 +62,8 @@ fn main() -> ExitCode {
             Command::Shard { action } => cmd::shard::run(config, action).await,
         }
     });
+    // Blocking threads still inside a store call (a failed disk) must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(3));
     match result {
         Ok(code) => code,
         Err(error) => {

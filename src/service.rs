@@ -143,6 +143,9 @@ struct Parts {
     nats: Arc<OnceLock<async_nats::Client>>,
 }
 
+/// How long the last flush of a stopping instance may take.
+const FINAL_FLUSH_WITHIN: Duration = Duration::from_secs(5);
+
 async fn supervise(
     parts: Parts,
     shutdown: CancellationToken,
@@ -151,11 +154,21 @@ async fn supervise(
     let result = run_parts(&parts, &shutdown).await;
     shutdown.cancel();
     let store = parts.store.clone();
-    let flushed = tokio::task::spawn_blocking(move || store.flush()).await;
+    // Bounded: on a failed disk sled's flush may never return (the `run` watchdog bounds
+    // the whole stop as well).
+    let flushed = tokio::time::timeout(
+        FINAL_FLUSH_WITHIN,
+        tokio::task::spawn_blocking(move || store.flush()),
+    )
+    .await;
     match flushed {
-        Ok(Ok(_)) => tracing::info!("data dir flushed"),
-        Ok(Err(error)) => tracing::error!(%error, "final flush failed"),
-        Err(error) => tracing::error!(%error, "final flush task failed"),
+        Ok(Ok(Ok(_))) => tracing::info!("data dir flushed"),
+        Ok(Ok(Err(error))) => tracing::error!(%error, "final flush failed"),
+        Ok(Err(error)) => tracing::error!(%error, "final flush task failed"),
+        Err(_) => tracing::error!(
+            "final flush did not finish within {}s",
+            FINAL_FLUSH_WITHIN.as_secs()
+        ),
     }
     let _ = http_task.await;
     tracing::info!(ok = result.is_ok(), "alarm-digest stopped");

@@ -50,6 +50,12 @@ impl ShardWorker {
     /// time (the shard stream keeps everything until then, so nothing is at risk).
     pub(super) async fn take_snapshot(&mut self) {
         let shard = self.store.shard();
+        if self.store.data_dir_failing() {
+            // The shard stream keeps everything the last stored snapshot does not cover.
+            tracing::warn!(shard, "shard snapshot skipped: the data dir is failing");
+            self.snapshot_at = Instant::now();
+            return;
+        }
         let started = Instant::now();
         match self.store_snapshot().await {
             Ok(stored) => {

@@ -57,6 +57,24 @@ impl StoreError {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    failing: DataDirHealth,
+}
+
+/// Whether the data dir's last write or flush failed (a full or broken disk), shared by the
+/// instance's [`Store`] and its [`ShardStore`]s. sled 0.34 splits nodes lazily, during reads
+/// too, and on a full disk such a read retries its split for ever: whoever would only read
+/// the whole tree (a snapshot) asks this first.
+#[derive(Clone, Default)]
+struct DataDirHealth(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl DataDirHealth {
+    fn set(&self, failing: bool) {
+        self.0.store(failing, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn failing(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Store {
@@ -72,7 +90,12 @@ impl Store {
                 .cache_capacity(cache_capacity_mb.saturating_mul(1024 * 1024))
                 .open();
             match opened {
-                Ok(db) => return Ok(Store { db }),
+                Ok(db) => {
+                    return Ok(Store {
+                        db,
+                        failing: DataDirHealth::default(),
+                    })
+                }
                 Err(source)
                     if source.to_string().contains("could not acquire lock")
                         && std::time::Instant::now() < deadline =>
@@ -155,6 +178,7 @@ impl Store {
         let mut store = ShardStore {
             shard,
             tree,
+            failing: self.failing.clone(),
             epoch: 0,
             next_outbox: 0,
             applied: 0,
@@ -165,7 +189,9 @@ impl Store {
 
     /// Makes every applied batch durable. Called by the [`GroupFlusher`] and at shutdown.
     pub fn flush(&self) -> Result<usize, StoreError> {
-        Ok(self.db.flush()?)
+        let flushed = self.db.flush();
+        self.failing.set(flushed.is_err());
+        Ok(flushed?)
     }
 
     /// Everything stored about one user, for `alarm-digest inspect`.
@@ -234,6 +260,7 @@ impl AlarmReport {
 pub struct ShardStore {
     shard: u16,
     tree: sled::Tree,
+    failing: DataDirHealth,
     epoch: u64,
     next_outbox: u64,
     /// The shard stream sequence the tree reflects ([`keys::META_APPLIED`]).
@@ -331,6 +358,12 @@ pub enum DigestOutcome {
 impl ShardStore {
     pub fn shard(&self) -> u16 {
         self.shard
+    }
+
+    /// Whether the data dir's last write or flush failed and no flush has succeeded since:
+    /// reading the whole tree then may never return (see `DataDirHealth`).
+    pub fn data_dir_failing(&self) -> bool {
+        self.failing.failing()
     }
 
     /// Reads the metadata the store caches, creating the digest epoch on first use.
@@ -786,7 +819,10 @@ impl ShardWrite<'_> {
         if let Some(applied) = self.applied {
             batch.insert(keys::META_APPLIED, &applied.to_be_bytes());
         }
-        self.store.tree.apply_batch(batch)?;
+        if let Err(error) = self.store.tree.apply_batch(batch) {
+            self.store.failing.set(true);
+            return Err(error.into());
+        }
         self.store.next_outbox = next_outbox;
         if let Some(applied) = self.applied {
             self.store.applied = applied;
