@@ -50,11 +50,18 @@ pub async fn lookup_stream(js: &Context, name: &str) -> Result<Option<Stream>, B
             {
                 Ok(None)
             }
-            _ => Err(topology::jetstream_error(
-                format!("looking up stream {name}"),
-                error,
-            )),
+            _ => Err(jetstream_error(format!("looking up stream {name}"), error)),
         },
+    }
+}
+
+/// Maps "JetStream not enabled" to the fatal error, everything else to a transient one.
+fn jetstream_error(context: String, error: impl std::fmt::Display) -> BusError {
+    let text = error.to_string();
+    if text.contains("jetstream not enabled") || text.contains("10076") {
+        BusError::JetStreamDisabled(text)
+    } else {
+        BusError::transient(context, text)
     }
 }
 

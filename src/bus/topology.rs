@@ -228,7 +228,7 @@ impl Topology {
         };
         js.update_stream(&update)
             .await
-            .map_err(|e| jetstream_error(format!("retiring stream {name}"), e))?;
+            .map_err(|e| super::jetstream_error(format!("retiring stream {name}"), e))?;
         tracing::warn!(
             stream = %name,
             "the previous release's shard stream no longer captures the shard subjects; its \
@@ -304,16 +304,21 @@ impl Topology {
         if current.created != info.created || current.config.republish.is_some() {
             return Ok(());
         }
-        js.delete_stream(name)
-            .await
-            .map_err(|e| jetstream_error(format!("deleting stream {name} to recreate it"), e))?;
+        js.delete_stream(name).await.map_err(|e| {
+            super::jetstream_error(format!("deleting stream {name} to recreate it"), e)
+        })?;
         let created = match js.create_stream(wanted.clone()).await {
             Ok(created) => created,
             Err(error) if error.to_string().contains("already in use") => js
                 .get_stream(name)
                 .await
                 .map_err(|e| BusError::transient(format!("opening stream {name}"), e))?,
-            Err(error) => return Err(jetstream_error(format!("creating stream {name}"), error)),
+            Err(error) => {
+                return Err(super::jetstream_error(
+                    format!("creating stream {name}"),
+                    error,
+                ))
+            }
         };
         for mut consumer in durables {
             if consumer.filter_subject == self.streams.digest_subject {
@@ -451,7 +456,10 @@ async fn ensure_stream(js: &Context, wanted: stream::Config) -> Result<(), BusEr
             }
             // Another instance may have created it meanwhile; the next start checks it.
             Err(error) if error.to_string().contains("already in use") => Ok(()),
-            Err(error) => Err(jetstream_error(format!("creating stream {name}"), error)),
+            Err(error) => Err(super::jetstream_error(
+                format!("creating stream {name}"),
+                error,
+            )),
         };
     };
     let info = existing
@@ -476,7 +484,10 @@ async fn ensure_stream(js: &Context, wanted: stream::Config) -> Result<(), BusEr
             );
             Ok(())
         }
-        Err(error) => Err(jetstream_error(format!("updating stream {name}"), error)),
+        Err(error) => Err(super::jetstream_error(
+            format!("updating stream {name}"),
+            error,
+        )),
     }
 }
 
@@ -533,16 +544,6 @@ fn reconcile(
         duplicate_window: wanted.duplicate_window,
         ..have.clone()
     }))
-}
-
-/// Maps "JetStream not enabled" to the fatal error, everything else to a transient one.
-pub(super) fn jetstream_error(context: String, error: impl std::fmt::Display) -> BusError {
-    let text = error.to_string();
-    if text.contains("jetstream not enabled") || text.contains("10076") {
-        BusError::JetStreamDisabled(text)
-    } else {
-        BusError::transient(context, text)
-    }
 }
 
 async fn durable_consumer(

@@ -50,12 +50,6 @@ impl ShardWorker {
     /// time (the shard stream keeps everything until then, so nothing is at risk).
     pub(super) async fn take_snapshot(&mut self) {
         let shard = self.store.shard();
-        if self.store.data_dir_failing() {
-            // The shard stream keeps everything the last stored snapshot does not cover.
-            tracing::warn!(shard, "shard snapshot skipped: the data dir is failing");
-            self.snapshot_at = Instant::now();
-            return;
-        }
         let started = Instant::now();
         match self.store_snapshot().await {
             Ok(stored) => {
@@ -90,6 +84,14 @@ impl ShardWorker {
     }
 
     pub(super) async fn store_snapshot(&mut self) -> Result<Stored, BusError> {
+        // Reading the whole tree on a failing disk may never return (`data_dir_failing`);
+        // the shard stream keeps everything the last stored snapshot does not cover.
+        if self.store.data_dir_failing() {
+            return Err(BusError::transient(
+                "taking a snapshot",
+                "the data dir is failing; not read until a flush succeeds",
+            ));
+        }
         let shared = &self.shared;
         let shard = self.store.shard();
         let count = shared.config.shards.count;
