@@ -228,7 +228,8 @@ pub struct ShardsConfig {
     /// `-` of the hostname (`alarm-digest-3` → 3), as a StatefulSet names its pods.
     pub ordinal: Option<u16>,
     /// The lease period, used when the leases bucket is created (its max age). A holder
-    /// renews every third of it and stops applying once two thirds passed without renewal.
+    /// renews every third of it and stops applying once two thirds passed without renewal;
+    /// after a crash, another owner takes the shard within the period plus a third of it.
     pub lease_secs: u64,
 }
 
@@ -239,7 +240,7 @@ impl Default for ShardsConfig {
             owned: OwnedShards::All,
             replicas: 1,
             ordinal: None,
-            lease_secs: 15,
+            lease_secs: 3,
         }
     }
 }

@@ -259,6 +259,10 @@ pub enum BusError {
     Refused { context: String, message: String },
     #[error("{context}: {message}")]
     Transient { context: String, message: String },
+    /// A write refused by the broker because a newer owner of the shard exists (its
+    /// expected-sequence check failed): this process is no longer the shard's owner.
+    #[error("{context}: refused, a newer owner of the shard exists")]
+    Fenced { context: String },
 }
 
 impl BusError {
@@ -273,7 +277,12 @@ impl BusError {
         matches!(self, BusError::Refused { .. })
     }
 
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, BusError::Fenced { .. })
+    }
+
+    /// Fatal errors stop the instance. A fenced write is not one: it ends one shard's tenure.
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, BusError::Transient { .. })
+        !matches!(self, BusError::Transient { .. } | BusError::Fenced { .. })
     }
 }

@@ -12,7 +12,9 @@
 //! (snapshots and the shard stream), not from a particular data dir. A lease is created if absent, renewed (compare-and-set on its
 //! revision) every third of the bucket's max age, and trusted by its holder only for two
 //! thirds of it, so a holder that missed renewals stops applying before the server lets
-//! anyone else create the key. Homes and leases live in two buckets because a bucket's max
+//! anyone else create the key. A renewal that finds the key gone or taken never creates it
+//! again: the lease is lost for good, and the worker takes the shard again, if at all,
+//! through [`Cluster::acquire`], restoring first like any new owner. Homes and leases live in two buckets because a bucket's max
 //! age applies to every key in it (nats-server 2.9 has no per-key TTL).
 
 use std::sync::{Arc, Mutex};
@@ -119,6 +121,17 @@ impl Cluster {
         )
         .await?;
         let lease_period = bucket_max_age(&mut leases).await?;
+        let configured = Duration::from_secs(config.shards.lease_secs);
+        if lease_period != configured {
+            tracing::warn!(
+                bucket = %streams.leases_bucket,
+                period_secs = lease_period.as_secs(),
+                configured_secs = configured.as_secs(),
+                "the leases bucket keeps the lease period it was created with, not \
+                 shards.lease_secs; to change it, stop every instance and delete the bucket's \
+                 stream (README, 'Upgrading')"
+            );
+        }
         if lease_period.is_zero() {
             return Err(BusError::StreamMismatch {
                 stream: format!("KV_{}", streams.leases_bucket),
@@ -272,6 +285,7 @@ impl Cluster {
                 Ok(Acquired::Held(Box::new(ShardLease {
                     cluster: self.clone(),
                     shard,
+                    epoch: revision,
                     state,
                     stop,
                     renewer: Some(renewer),
@@ -305,7 +319,8 @@ impl Cluster {
 }
 
 struct LeaseState {
-    /// The revision of our last write; `None` once the lease is lost.
+    /// The revision of our last write; `None` once the lease is lost (for good: it is never
+    /// recreated by a renewal).
     revision: Option<u64>,
     trusted_until: Option<Instant>,
 }
@@ -314,6 +329,7 @@ struct LeaseState {
 pub struct ShardLease {
     cluster: Cluster,
     shard: u16,
+    epoch: u64,
     state: Arc<Mutex<LeaseState>>,
     stop: CancellationToken,
     renewer: Option<tokio::task::JoinHandle<()>>,
@@ -327,6 +343,21 @@ impl ShardLease {
             .ok()
             .and_then(|state| state.trusted_until)
             .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Whether a renewal found the lease gone or taken: this process must stop applying the
+    /// shard and take it again, if at all, as a new owner.
+    pub fn is_lost(&self) -> bool {
+        self.state
+            .lock()
+            .map(|state| state.revision.is_none())
+            .unwrap_or(true)
+    }
+
+    /// The lease's revision when this process took it: the owner's epoch, which grows with
+    /// every new holder (the bucket's stream sequence).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Stops renewing and deletes the lease, so the next holder (this instance restarted,
@@ -371,21 +402,18 @@ async fn renew(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(cluster.renew_every()) => {}
         }
-        let revision = state.lock().ok().and_then(|state| state.revision);
-        let sent = Instant::now();
-        let result = match revision {
-            Some(revision) => cluster
-                .leases
-                .update(&key, value.clone(), revision)
-                .await
-                .map_err(|e| e.kind() == UpdateErrorKind::WrongLastRevision),
-            // Lost earlier: take it again only if nobody else has.
-            None => cluster
-                .leases
-                .create(&key, value.clone())
-                .await
-                .map_err(|e| e.kind() == CreateErrorKind::AlreadyExists),
+        // Lost: never taken again here. Whoever takes the shard next, this process included,
+        // does it through `acquire` and restores the state first (ARCHITECTURE.md, "Who may
+        // apply a shard").
+        let Some(revision) = state.lock().ok().and_then(|state| state.revision) else {
+            return;
         };
+        let sent = Instant::now();
+        let result = cluster
+            .leases
+            .update(&key, value.clone(), revision)
+            .await
+            .map_err(|e| e.kind() == UpdateErrorKind::WrongLastRevision);
         // A write whose reply was lost still happened: if the record is ours, keep it.
         let result = match result {
             Err(true) => match cluster.own_lease_revision(&key).await {
@@ -397,22 +425,19 @@ async fn renew(
         let Ok(mut state) = state.lock() else { return };
         match result {
             Ok(new_revision) => {
-                if state.revision.is_none() {
-                    tracing::info!(shard, "shard lease taken again");
-                }
                 state.revision = Some(new_revision);
                 state.trusted_until = Some(sent + cluster.trusted_for());
             }
             Err(true) => {
-                if state.revision.is_some() {
-                    tracing::error!(
-                        shard,
-                        "shard lease lost: this process missed its renewals (paused or cut off) \
-                         and another one holds the shard now; not applying it"
-                    );
-                }
+                tracing::error!(
+                    shard,
+                    "shard lease lost: this process missed its renewals (paused or cut off) \
+                     and another one may hold the shard now; this process stops applying it \
+                     and takes it again only as a new owner does, restoring first"
+                );
                 state.revision = None;
                 state.trusted_until = None;
+                return;
             }
             Err(false) => {
                 // Transient: keep the lease until trust runs out; the next renewal retries.

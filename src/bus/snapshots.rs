@@ -11,9 +11,19 @@
 //! complete snapshot; a damaged one is detected by the checksums and the reader falls back
 //! along `previous`. Chunks are read with the stream's message-get API (no consumer, so no
 //! consumer state to go wrong mid-restore), and forgotten by deleting them one by one.
+//!
+//! **Fencing.** Every manifest is published with `Nats-Expected-Last-Subject-Sequence`: the
+//! sequence of the newest message on the shard's manifest subject as its writer knows it.
+//! A new owner first [`Snapshots::fence`]s: it publishes a copy of the newest manifest (or,
+//! with none yet, an empty marker) under that check, so the subject's last sequence moves
+//! and a former owner's later manifest is refused by the broker, whatever its clock says.
+//! Its chunks are then deleted: nothing points to them.
 
+use async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE;
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use async_nats::jetstream::Context;
+use async_nats::HeaderMap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +53,29 @@ pub struct Manifest {
     pub taken_at_ms: i64,
     /// The manifest of the snapshot before this one, while it is kept.
     pub previous: Option<u64>,
+}
+
+impl Manifest {
+    /// The fence a new owner writes when the shard has no snapshot yet: no chunks, covering
+    /// nothing. Readers take it for "no snapshot" (the previous release's too: a base covering
+    /// 0 never beats its own data dir).
+    pub fn marker(shard: u16, shard_count: u16) -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT,
+            shard,
+            shard_count,
+            covers: 0,
+            bytes: 0,
+            crc32: 0,
+            chunks: Vec::new(),
+            taken_at_ms: 0,
+            previous: None,
+        }
+    }
+
+    pub fn is_marker(&self) -> bool {
+        self.covers == 0 && self.chunks.is_empty()
+    }
 }
 
 /// A manifest as stored: with its own sequence in the snapshot stream.
@@ -96,10 +129,15 @@ impl Snapshots {
 
     /// Stores one snapshot: its chunks first, pipelined (at most [`CHUNKS_IN_FLIGHT`]
     /// awaiting their PubAck, so a large shard is never whole in memory), the manifest last.
+    ///
+    /// `fence` is the last sequence of the shard's manifest subject as this owner knows it
+    /// (from [`Snapshots::fence`] or its previous `put`): the broker refuses the manifest if
+    /// anyone wrote one since, and the chunks are then deleted again ([`BusError::Fenced`]).
     pub async fn put<E: std::fmt::Display>(
         &self,
         manifest: Manifest,
         chunks: impl futures::Stream<Item = Result<Vec<u8>, E>>,
+        fence: u64,
     ) -> Result<Stored, BusError> {
         futures::pin_mut!(chunks);
         let shard = manifest.shard;
@@ -136,15 +174,86 @@ impl Snapshots {
         };
         let payload = serde_json::to_vec(&manifest)
             .map_err(|e| BusError::transient("encoding a snapshot manifest", e))?;
+        match self.publish_fenced(shard, payload.into(), fence).await {
+            Ok(sequence) => Ok(Stored { sequence, manifest }),
+            Err(error) => {
+                if error.is_fenced() {
+                    // Nothing will ever point at them.
+                    if let Err(error) = self.delete_messages(&manifest.chunks).await {
+                        tracing::debug!(%error, "a refused snapshot's chunks stay");
+                    }
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Publishes on the shard's manifest subject only if its last message is still
+    /// `expected` (0: none): the broker's compare-and-set.
+    async fn publish_fenced(
+        &self,
+        shard: u16,
+        payload: Bytes,
+        expected: u64,
+    ) -> Result<u64, BusError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            expected.to_string().as_str(),
+        );
+        let context = "storing a snapshot manifest";
         let ack = self
             .js
-            .publish(self.manifest_subject(shard), payload.into())
+            .publish_with_headers(self.manifest_subject(shard), headers, payload)
             .await
-            .map_err(|e| BusError::transient("storing a snapshot manifest", e))?;
-        Ok(Stored {
-            sequence: pub_ack(ack).await?,
-            manifest,
-        })
+            .map_err(|e| BusError::transient(context, e))?;
+        match ack.await {
+            Ok(ack) => Ok(ack.sequence),
+            Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(BusError::Fenced {
+                    context: context.into(),
+                })
+            }
+            Err(error) => Err(BusError::transient(context, error)),
+        }
+    }
+
+    /// Takes the shard's manifest subject for a new owner: republishes its newest manifest
+    /// (or a marker, when there is none) on condition that it is still the newest, and
+    /// deletes the original. Returns the new last sequence, which the owner's manifests then
+    /// expect. Losing the race to another writer just reads again.
+    pub async fn fence(&self, shard: u16, shard_count: u16) -> Result<u64, BusError> {
+        let stream = self.stream().await?;
+        let subject = self.manifest_subject(shard);
+        for _ in 0..FENCE_ATTEMPTS {
+            let (expected, payload) = match stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(newest) => (newest.sequence, newest.payload),
+                Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                    let marker = serde_json::to_vec(&Manifest::marker(shard, shard_count))
+                        .map_err(|e| BusError::transient("encoding a snapshot marker", e))?;
+                    (0, Bytes::from(marker))
+                }
+                Err(error) => {
+                    return Err(BusError::transient("reading a snapshot manifest", error))
+                }
+            };
+            match self.publish_fenced(shard, payload, expected).await {
+                Ok(sequence) => {
+                    if expected > 0 {
+                        if let Err(error) = stream.delete_message(expected).await {
+                            tracing::debug!(%error, "the fenced manifest's original stays");
+                        }
+                    }
+                    return Ok(sequence);
+                }
+                Err(error) if error.is_fenced() => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        Err(BusError::transient(
+            "fencing the shard's snapshots",
+            "another process kept writing manifests",
+        ))
     }
 
     /// The newest snapshot's manifest of the shard, and those before it that are still kept
@@ -164,7 +273,8 @@ impl Snapshots {
             Err(error) => return Err(BusError::transient("reading a snapshot manifest", error)),
         };
         let mut chain = Vec::new();
-        let mut next = decode_manifest(newest.sequence, &newest.payload);
+        let mut next = decode_manifest(newest.sequence, &newest.payload)
+            .filter(|stored| !stored.manifest.is_marker());
         while let Some(stored) = next.take() {
             let previous = stored.manifest.previous;
             chain.push(stored);
@@ -241,13 +351,14 @@ impl Snapshots {
     /// Deletes a snapshot: its chunks, then its manifest. Missing pieces are fine (a delete
     /// repeated after a crash).
     pub async fn forget(&self, stored: &Stored) -> Result<(), BusError> {
+        self.delete_messages(&stored.manifest.chunks).await?;
+        self.delete_messages(&[stored.sequence]).await
+    }
+
+    /// Deletes messages of the snapshot stream; missing ones are fine.
+    async fn delete_messages(&self, sequences: &[u64]) -> Result<(), BusError> {
         let stream = self.stream().await?;
-        for sequence in stored
-            .manifest
-            .chunks
-            .iter()
-            .chain(std::iter::once(&stored.sequence))
-        {
+        for sequence in sequences {
             if let Err(error) = stream.delete_message(*sequence).await {
                 let text = error.to_string();
                 if !text.contains("no message found") && !text.contains("10037") {
@@ -258,6 +369,9 @@ impl Snapshots {
         Ok(())
     }
 }
+
+/// Tries at taking the manifest subject while other writers race for it.
+const FENCE_ATTEMPTS: usize = 10;
 
 /// Snapshot chunks awaiting their PubAck at once.
 pub const CHUNKS_IN_FLIGHT: usize = 8;

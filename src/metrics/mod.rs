@@ -55,17 +55,22 @@ pub enum Phase {
     Restoring,
     /// Applying the shard stream's tail up to where it ended when the shard was taken.
     Replaying,
-    /// Caught up: applying new messages as they come.
+    /// Caught up: applying new messages as they come. The only phase in which the shard is
+    /// ready.
     Consuming,
+    /// Holding the shard but making no progress: queued work not delivered, a failing fetch,
+    /// data dir or outbox (`/readyz` says which).
+    Stalled,
 }
 
 impl Phase {
-    const ALL: [Phase; 5] = [
+    const ALL: [Phase; 6] = [
         Phase::Waiting,
         Phase::Upgrading,
         Phase::Restoring,
         Phase::Replaying,
         Phase::Consuming,
+        Phase::Stalled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +80,7 @@ impl Phase {
             Phase::Restoring => "restoring",
             Phase::Replaying => "replaying",
             Phase::Consuming => "consuming",
+            Phase::Stalled => "stalled",
         }
     }
 }
@@ -99,6 +105,10 @@ pub struct Metrics {
     pub tombstones_swept: Counter,
     pub sweep_passes: Counter,
     pub lease_stale_batches: Counter,
+    /// Times a shard held queued work it could not apply (`shard_worker/health.rs`).
+    pub shard_stalls: Counter,
+    /// Writes the broker refused because a newer owner of the shard exists (fencing).
+    pub fenced_writes: Counter,
     /// Digests written in more than one part (larger than the server's `max_payload`).
     pub digests_split: Counter,
     /// Digest parts the broker refused for good; their alarms went back to unsent.
@@ -161,6 +171,8 @@ impl Metrics {
             tombstones_swept: Counter::default(),
             sweep_passes: Counter::default(),
             lease_stale_batches: Counter::default(),
+            shard_stalls: Counter::default(),
+            fenced_writes: Counter::default(),
             digests_split: Counter::default(),
             digest_parts_refused: Counter::default(),
             redeliveries_covered: Counter::default(),
@@ -194,7 +206,7 @@ impl Metrics {
         let mut root = Registry::default();
         root.register_collector(Box::new(process::ProcessCollector));
         let ours = root.sub_registry_with_prefix("alarm_digest");
-        let counters: [(&str, &str, &Counter); 18] = [
+        let counters: [(&str, &str, &Counter); 20] = [
             ("events_applied", "Status changes that changed stored state.", &self.events_applied),
             ("events_unchanged", "Status changes that were stale or duplicates.", &self.events_unchanged),
             ("digest_requests", "Digest requests answered.", &self.digest_requests),
@@ -215,6 +227,16 @@ impl Metrics {
                 "lease_stale_batches",
                 "Fetched batches handed back unapplied: the shard lease was not renewed in time.",
                 &self.lease_stale_batches,
+            ),
+            (
+                "shard_stalls",
+                "Times a shard held queued work and applied none of it for 5 s (its consumer is created again).",
+                &self.shard_stalls,
+            ),
+            (
+                "fenced_writes",
+                "Writes of a former shard owner the broker refused because a newer owner exists.",
+                &self.fenced_writes,
             ),
             (
                 "digests_split",

@@ -58,9 +58,8 @@ impl ShardWorker {
         if !exists {
             return Ok(true);
         }
-        shared.metrics.set_phase(shard, Phase::Upgrading);
-        shared.readiness.block(
-            self.part.clone(),
+        self.report(
+            Phase::Upgrading,
             "upgrading: draining the previous release's shard stream",
         );
         tracing::warn!(
@@ -84,6 +83,10 @@ impl ShardWorker {
                     self.shared.metrics.snapshots_taken.inc();
                     self.note_snapshot(stored);
                     break;
+                }
+                Err(error) if error.is_fenced() => {
+                    self.note_fenced(&error);
+                    return Ok(false);
                 }
                 Err(error) => {
                     tracing::warn!(shard, %error, "the upgrade's first snapshot is not stored yet; retrying");

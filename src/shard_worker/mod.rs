@@ -10,9 +10,18 @@
 //!   letters. Envelopes are unpacked here.
 //! - `snapshot.rs`: when to snapshot, storing it, purging the shard stream behind it.
 //! - `outbox.rs`: publishing digest parts (Msg-Id from the outbox sequence), PubAcks, refusals.
+//! - `health.rs`: the phase and readiness, reported together; noticing a stalled shard.
 //! - `waiting.rs`: why a worker is not consuming yet. `sweep.rs`: the retention sweep.
+//!
+//! A worker's life is a loop of tenures: admit (take the lease) → serve → let go. A tenure
+//! ends when the worker is cancelled (graceful stop: outbox, final snapshot, lease released)
+//! or when a renewal finds the lease lost (a pause or a cut-off outlived it): then nothing
+//! more is applied or published, what was fetched is handed back, and the worker waits for
+//! the lease again like any owner, restoring from the newest snapshot if that is newer than
+//! its own data dir.
 
 mod batch;
+mod health;
 mod legacy;
 mod outbox;
 mod restore;
@@ -32,6 +41,7 @@ use crate::bus::{self, BusError, Cluster, Snapshots};
 use crate::retry::{until_ok, Backoff};
 use crate::shared::Shared;
 use crate::store::{GroupFlusher, OutboxEntry, ShardStore};
+use health::{Idle, Progress};
 use sweep::Sweep;
 use waiting::Waiting;
 
@@ -64,8 +74,22 @@ pub struct ShardWorker {
     /// Where the shard stream ended when the shard was taken: until the state reaches it,
     /// the worker is replaying.
     replay_target: u64,
-    /// Whether the `consuming` phase has been recorded since the shard was taken.
-    caught_up: bool,
+    /// The phase last reported (`health.rs`).
+    phase: Option<Phase>,
+    /// The last sequence of the shard's manifest subject as this owner wrote it: its next
+    /// manifest expects it, so the broker refuses it once a newer owner fenced
+    /// (`bus/snapshots.rs`).
+    fence: u64,
+    /// A write of this tenure was refused for a newer owner: the tenure ends.
+    fenced: bool,
+}
+
+/// How a tenure under one lease ended.
+enum Tenure {
+    /// Cancelled: the instance is stopping.
+    Stopped,
+    /// A renewal found the lease gone or taken: this process lets the shard go.
+    LeaseLost,
 }
 
 impl ShardWorker {
@@ -98,7 +122,9 @@ impl ShardWorker {
                 .unwrap_or_else(Instant::now),
             draining_legacy: false,
             replay_target: 0,
-            caught_up: false,
+            phase: None,
+            fence: 0,
+            fenced: false,
             shared,
             cluster,
             store,
@@ -118,16 +144,37 @@ impl ShardWorker {
     }
 
     pub async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
-        self.shared.readiness.set(self.part.clone(), false);
-        let Some(lease) = self.admit(&cancel).await else {
-            return Ok(());
-        };
-        let metrics = self.shared.metrics.clone();
-        metrics.shards_consuming.inc();
-        let result = self.serve(&lease, &cancel).await;
-        metrics.shards_consuming.dec();
-        lease.release().await;
-        result
+        let shard = self.store.shard();
+        self.report(Phase::Waiting, "taking the shard's lease");
+        loop {
+            let Some(lease) = self.admit(&cancel).await else {
+                return Ok(());
+            };
+            let metrics = self.shared.metrics.clone();
+            metrics.shards_consuming.inc();
+            let result = self.serve(&lease, &cancel).await;
+            metrics.shards_consuming.dec();
+            match result {
+                Ok(Tenure::Stopped) => {
+                    lease.release().await;
+                    return Ok(());
+                }
+                Ok(Tenure::LeaseLost) => {
+                    tracing::warn!(
+                        shard,
+                        "shard {shard} let go after losing its lease; waiting to take it again \
+                         as a new owner"
+                    );
+                    drop(lease);
+                    self.forget_tenure();
+                    self.report(Phase::Waiting, "shard lease lost; taking it again");
+                }
+                Err(error) => {
+                    lease.release().await;
+                    return Err(error);
+                }
+            }
+        }
     }
 
     /// Everything done under the lease: the upgrade's drain, the restore, consuming, and the
@@ -136,26 +183,43 @@ impl ShardWorker {
         &mut self,
         lease: &ShardLease,
         cancel: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Tenure> {
+        // Before anything else: from here on, a former owner's manifests are refused.
+        if !self.take_manifests(cancel).await? {
+            return Ok(Tenure::Stopped);
+        }
         self.load_outbox();
-        if !self.drain_previous_release(lease, cancel).await? {
-            return Ok(());
+        let drained = self.drain_previous_release(lease, cancel).await?;
+        if self.fenced || lease.is_lost() {
+            return Ok(Tenure::LeaseLost);
         }
-        if !self.restore(cancel).await? {
-            return Ok(());
+        if !drained || !self.restore(cancel).await? {
+            return Ok(Tenure::Stopped);
         }
-        self.consume(lease, cancel).await?;
-        if lease.is_fresh() {
+        let tenure = self.consume(lease, cancel).await?;
+        if matches!(tenure, Tenure::Stopped) && lease.is_fresh() {
             self.final_snapshot().await;
         }
-        Ok(())
+        Ok(tenure)
+    }
+
+    /// Forgets what a tenure held in memory: the next one starts from the store and the
+    /// broker. Fetched requests not acked are handed back by JetStream after `ack_wait` (or
+    /// at once to the next holder, whose consumer starts at its state's sequence).
+    fn forget_tenure(&mut self) {
+        self.fenced = false;
+        self.held.clear();
+        self.outbox.clear();
+        self.newest_snapshot = None;
+        self.replay_target = 0;
+        self.tail_bytes = 0;
     }
 
     /// Waits until this process holds the shard's lease. A shard still in the previous
     /// release's WorkQueue stream is taken only by its home there (the data dir holding its
     /// state), which drains it and writes its first snapshot; after that, any instance that
     /// owns the shard by config may take it.
-    async fn admit(&self, cancel: &CancellationToken) -> Option<ShardLease> {
+    async fn admit(&mut self, cancel: &CancellationToken) -> Option<ShardLease> {
         let shard = self.store.shard();
         let mut last: Option<Waiting> = None;
         loop {
@@ -174,10 +238,7 @@ impl ShardWorker {
             if last.as_ref() != Some(&waiting) {
                 waiting.log(shard, self.cluster.lease_period());
             }
-            self.shared.metrics.set_phase(shard, Phase::Waiting);
-            self.shared
-                .readiness
-                .block(self.part.clone(), waiting.reason());
+            self.report(Phase::Waiting, waiting.reason());
             last = Some(waiting);
             tokio::select! {
                 _ = cancel.cancelled() => return None,
@@ -204,28 +265,50 @@ impl ShardWorker {
         }
     }
 
+    /// Applies the shard log until cancelled or the lease is lost. Only the lease holder
+    /// creates (or deletes) the shard's consumer, and only while its lease is fresh.
     async fn consume(
         &mut self,
         lease: &ShardLease,
         cancel: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Tenure> {
         let shard = self.store.shard();
         let Some(mut consumer) = self.bind(cancel).await? else {
-            return Ok(());
+            return Ok(Tenure::Stopped);
         };
         self.read_stream_limit().await;
         let mut backoff = Backoff::default();
         let mut last_prune = Instant::now();
+        let mut progress = Progress::new(self.store.applied());
         // Set on a failed batch, cleared by the next one that is applied and flushed.
         let mut store_failing_since: Option<Instant> = None;
+        // Set when the consumer must be created again before the next fetch.
+        let mut rebind = false;
         let give_up = Duration::from_secs(self.shared.config.storage.give_up_after_secs);
         loop {
+            // The lease first: a process woken from a pause publishes, applies and binds
+            // nothing for a shard it may have lost.
+            if lease.is_lost() || self.fenced {
+                return Ok(Tenure::LeaseLost);
+            }
+            if !lease.is_fresh() {
+                self.report(Phase::Waiting, "shard lease not renewed; not applying");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(self.cluster.renew_every() / 4) => continue,
+                }
+            }
+            if rebind {
+                let Some(rebound) = self.bind(cancel).await? else {
+                    break;
+                };
+                consumer = rebound;
+                rebind = false;
+            }
             if !self.outbox.is_empty() {
                 if let Err(error) = self.publish_outbox().await {
                     let waiting = self.outbox_wait_reason(&error);
-                    self.shared
-                        .readiness
-                        .block(self.part.clone(), waiting.clone());
+                    self.report(Phase::Stalled, waiting.clone());
                     tracing::warn!(shard, %error, "{waiting}; holding new work");
                     if !backoff.wait(cancel).await {
                         break;
@@ -233,16 +316,14 @@ impl ShardWorker {
                     continue;
                 }
             }
-            if !lease.is_fresh() {
-                self.shared
-                    .readiness
-                    .block(self.part.clone(), "shard lease not renewed; not applying");
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep(self.cluster.renew_every() / 4) => continue,
-                }
+            match (store_failing_since, &progress.stalled) {
+                (Some(_), _) => self.report(
+                    Phase::Stalled,
+                    "the data dir failed the last batch; retrying",
+                ),
+                (None, Some(reason)) => self.report(Phase::Stalled, reason.clone()),
+                (None, None) => self.note_phase(),
             }
-            self.note_phase(store_failing_since.is_none());
             self.sweep_step();
             if self.snapshot_due() {
                 self.take_snapshot().await;
@@ -254,6 +335,17 @@ impl ShardWorker {
             };
             match fetched {
                 Ok(messages) if messages.is_empty() => {
+                    if let Idle::Stalled(reason) = self.look_for_stall(&mut progress).await {
+                        self.shared.metrics.shard_stalls.inc();
+                        tracing::warn!(shard, "{reason}");
+                        self.report(Phase::Stalled, reason.clone());
+                        progress.stalled = Some(reason);
+                        rebind = true;
+                        if !backoff.wait(cancel).await {
+                            break;
+                        }
+                        continue;
+                    }
                     if last_prune.elapsed() >= PRUNE_EVERY {
                         last_prune = Instant::now();
                         self.prune_answered(&consumer).await;
@@ -275,13 +367,11 @@ impl ShardWorker {
                             // A message came before one it follows (a redelivery after a
                             // failure): take the log again from the first one not applied.
                             store_failing_since = None;
-                            if let Some(rebound) = self.bind(cancel).await? {
-                                consumer = rebound;
-                            }
+                            rebind = true;
                         }
                         Err(error) => {
                             self.shared.metrics.store_failures.inc();
-                            self.shared.readiness.set(self.part.clone(), false);
+                            self.report(Phase::Stalled, format!("batch not applied: {error}"));
                             tracing::error!(shard, %error, "batch not applied; it will be redelivered");
                             let since = *store_failing_since.get_or_insert_with(Instant::now);
                             if since.elapsed() >= give_up {
@@ -295,31 +385,47 @@ impl ShardWorker {
                             if !backoff.wait(cancel).await {
                                 break;
                             }
-                            if let Some(rebound) = self.bind(cancel).await? {
-                                consumer = rebound;
-                            }
+                            rebind = true;
                         }
                     }
+                    self.note_progress(&mut progress);
                 }
                 Err(error) => {
-                    self.shared.readiness.set(self.part.clone(), false);
+                    self.report(Phase::Stalled, format!("shard fetch failed: {error}"));
                     tracing::warn!(shard, %error, "shard fetch failed; retrying");
                     if !backoff.wait(cancel).await {
                         break;
                     }
-                    if let Some(rebound) = self.bind(cancel).await? {
-                        consumer = rebound;
-                    }
+                    rebind = true;
                 }
             }
         }
-        // Finish what this worker owes before stopping: digests of acked work.
-        if !self.outbox.is_empty() {
+        // Finish what this worker owes before stopping: digests of acked work, while the
+        // shard is still this process's.
+        if !self.outbox.is_empty() && lease.is_fresh() {
             if let Err(error) = self.publish_outbox().await {
                 tracing::warn!(shard, %error, "digests left in the outbox; sent on next start");
             }
         }
-        Ok(())
+        Ok(Tenure::Stopped)
+    }
+
+    /// Fences the shard's snapshot manifests for this tenure; `Ok(false)` if cancelled.
+    async fn take_manifests(&mut self, cancel: &CancellationToken) -> Result<bool, BusError> {
+        let shard = self.store.shard();
+        let count = self.shared.config.shards.count;
+        let snapshots = self.snapshots.clone();
+        let fenced = until_ok("fencing the shard's snapshots", cancel, || {
+            snapshots.fence(shard, count)
+        })
+        .await?;
+        match fenced {
+            Some(sequence) => {
+                self.fence = sequence;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     fn fetch_limit(&self) -> bus::Limit {
@@ -342,27 +448,20 @@ impl ShardWorker {
         .await
     }
 
-    /// Readiness and the phase gauge: replaying until the state reaches where the shard
-    /// stream ended when the shard was taken, consuming after.
-    fn note_phase(&mut self, store_ok: bool) {
+    /// Replaying until the state reaches where the shard stream ended when the shard was
+    /// taken, consuming after.
+    fn note_phase(&mut self) {
         let shard = self.store.shard();
         let behind = self.replay_target.saturating_sub(self.store.applied());
+        self.shared.metrics.set_replay_behind(shard, behind);
         if behind > 0 {
-            self.shared.metrics.set_replay_behind(shard, behind);
-            self.shared.metrics.set_phase(shard, Phase::Replaying);
-            self.shared.readiness.block(
-                self.part.clone(),
+            self.report(
+                Phase::Replaying,
                 format!("replaying the shard stream: {behind} message(s) behind"),
             );
-            return;
+        } else {
+            self.report(Phase::Consuming, "");
         }
-        // Caught up: the gauges change once, not on every batch.
-        if !self.caught_up {
-            self.caught_up = true;
-            self.shared.metrics.set_replay_behind(shard, 0);
-            self.shared.metrics.set_phase(shard, Phase::Consuming);
-        }
-        self.shared.readiness.set(self.part.clone(), store_ok);
     }
 
     async fn prune_answered(&self, consumer: &PullConsumer) {

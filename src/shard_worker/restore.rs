@@ -55,10 +55,7 @@ impl ShardWorker {
     /// Restores the base; `Ok(false)` if cancelled meanwhile.
     pub(super) async fn restore(&mut self, cancel: &CancellationToken) -> anyhow::Result<bool> {
         let shard = self.store.shard();
-        self.shared.metrics.set_phase(shard, Phase::Restoring);
-        self.shared
-            .readiness
-            .block(self.part.clone(), "restoring the shard's state");
+        self.report(Phase::Restoring, "restoring the shard's state");
         let mut backoff = Backoff::default();
         loop {
             let started = Instant::now();
@@ -76,15 +73,11 @@ impl ShardWorker {
                 }
                 Err(NoBase::Bus(error)) => {
                     tracing::warn!(shard, %error, "cannot restore the shard yet; retrying");
-                    self.shared
-                        .readiness
-                        .block(self.part.clone(), format!("restoring: {error}"));
+                    self.report(Phase::Restoring, format!("restoring: {error}"));
                 }
                 Err(NoBase::Unusable(reason)) => {
                     tracing::error!(shard, "cannot restore the shard: {reason}");
-                    self.shared
-                        .readiness
-                        .block(self.part.clone(), format!("cannot restore: {reason}"));
+                    self.report(Phase::Restoring, format!("cannot restore: {reason}"));
                 }
             }
             if !backoff.wait(cancel).await {

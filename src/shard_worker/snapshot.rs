@@ -66,6 +66,7 @@ impl ShardWorker {
                 self.note_snapshot(stored);
                 self.forget_behind().await;
             }
+            Err(error) if error.is_fenced() => self.note_fenced(&error),
             Err(error) => {
                 tracing::warn!(shard, %error, "shard snapshot not stored; retried later");
             }
@@ -73,6 +74,20 @@ impl ShardWorker {
         // Whether it worked or not, wait a whole period (or tail) before the next attempt.
         self.tail_bytes = 0;
         self.snapshot_at = Instant::now();
+    }
+
+    /// A write refused because a newer owner exists: counted, said once (the tenure ends).
+    pub(super) fn note_fenced(&mut self, error: &BusError) {
+        self.shared.metrics.fenced_writes.inc();
+        if !self.fenced {
+            tracing::error!(
+                shard = self.store.shard(),
+                %error,
+                "a newer owner took the shard while this process was paused or cut off; it \
+                 lets the shard go"
+            );
+        }
+        self.fenced = true;
     }
 
     pub(super) fn note_snapshot(&mut self, stored: Stored) {
@@ -119,7 +134,8 @@ impl ShardWorker {
             tokio::task::yield_now().await;
             chunks.next().map(|chunk| (chunk, chunks))
         });
-        let stored = self.snapshots.put(manifest, chunks).await?;
+        let stored = self.snapshots.put(manifest, chunks, self.fence).await?;
+        self.fence = stored.sequence;
         failpoint::hit("snapshot-stored");
         Ok(stored)
     }

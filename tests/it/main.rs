@@ -11,6 +11,7 @@ mod delivery;
 mod drills;
 mod durability;
 mod envelopes;
+mod failover;
 mod operations;
 mod security;
 mod semantics;

@@ -1,0 +1,292 @@
+//! Failover and fencing: a process that lost a shard's lease (paused, cut off) takes it again
+//! only as a new owner does, restoring first; only the holder touches the shard's consumer; a
+//! shard that holds work it does not apply says so and recovers; and the broker refuses a
+//! former owner's snapshot manifest.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use alarm_digest::bus::snapshots::Manifest;
+use alarm_digest::bus::{Snapshots, Topology};
+use alarm_digest::wire::InputKind;
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use tempfile::tempdir;
+
+use crate::cluster::{collect, per_user};
+use crate::support::*;
+
+fn users_on_every_shard(count: u16, per_shard: usize) -> Vec<String> {
+    let topology = Topology::new(Default::default(), count);
+    let mut by_shard: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    for i in 0.. {
+        let user = format!("user-{i}");
+        let shard = topology.shard_of(&user);
+        let mine = by_shard.entry(shard).or_default();
+        if mine.len() < per_shard {
+            mine.push(user);
+        }
+        if by_shard.len() == usize::from(count) && by_shard.values().all(|u| u.len() == per_shard) {
+            break;
+        }
+    }
+    by_shard.into_values().flatten().collect()
+}
+
+/// Publishes one new CRITICAL alarm per user, named after `round`; records it as due.
+async fn round(
+    client: &TestClient,
+    users: &[String],
+    round: u32,
+    due: &mut BTreeMap<String, Vec<(String, String, String)>>,
+) {
+    for user in users {
+        let (alarm, at) = (
+            format!("r{round}"),
+            format!("2026-03-01T00:{:02}:{:02}Z", round / 60, round % 60),
+        );
+        client.status(user, &alarm, "CRITICAL", &at).await;
+        due.entry(user.clone())
+            .or_default()
+            .push((alarm, "CRITICAL".into(), at));
+    }
+}
+
+async fn metric(http: &str, name: &str) -> u64 {
+    let (_, metrics) = http_get(http, "/metrics").await.expect("metrics");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} in:\n{metrics}"))
+}
+
+/// The steps that stalled shards for good: holder A paused, B takes over and snapshots so
+/// the log is purged behind B, A woken, then B paused past its lease. A must restore B's
+/// newer state before applying, and every request must be answered once, with exactly what
+/// is due.
+#[tokio::test]
+async fn a_former_holder_takes_a_shard_again_only_after_restoring_the_newer_owners_state() {
+    let nats = NatsServer::start();
+    let (a_dir, b_dir) = (tempdir().unwrap(), tempdir().unwrap());
+    let env = [("ALARM_DIGEST_SNAPSHOTS__EVERY_SECS", "1")];
+    let a = ServiceProcess::spawn(&nats, a_dir.path(), &env);
+    wait_ready(&a.http).await;
+    let b = ServiceProcess::spawn(&nats, b_dir.path(), &env);
+    wait_shard_blocked_by(&b.http, "lease held by").await;
+
+    let client = TestClient::connect(&test_config(&nats, a_dir.path())).await;
+    let mut reader = client.digests().await;
+    let users = users_on_every_shard(4, 3);
+    let mut due = BTreeMap::new();
+    round(&client, &users, 0, &mut due).await;
+    client.wait_drained().await;
+
+    // A paused past its lease: B takes every shard, and its snapshots (every second, two
+    // kept) let it purge the shard logs behind them while new alarms keep coming.
+    a.signal("STOP");
+    wait_ready(&b.http).await;
+    let purged_from = Instant::now();
+    let mut n = 1;
+    while purged_from.elapsed() < Duration::from_secs(5) {
+        round(&client, &users, n, &mut due).await;
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    client.wait_drained().await;
+    let topology = Topology::new(client.config.streams.clone(), 4);
+    for shard in 0..4 {
+        let mut stream = client
+            .js
+            .get_stream(topology.shard_stream(shard))
+            .await
+            .expect("shard stream");
+        let first = stream.info().await.expect("info").state.first_sequence;
+        assert!(
+            first > 1,
+            "shard {shard}'s log was purged behind B's snapshots"
+        );
+    }
+
+    // A wakes and finds its leases gone; then B is paused past its lease, so A takes the
+    // shards again, from B's newer snapshots, and applies what comes meanwhile.
+    a.signal("CONT");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    b.signal("STOP");
+    wait_ready(&a.http).await;
+    round(&client, &users, n, &mut due).await;
+    client.wait_drained().await;
+    b.signal("CONT");
+
+    for user in &users {
+        client.request_digest(user).await;
+    }
+    let digests = collect(&mut reader, users.len()).await;
+    assert_eq!(digests.len(), users.len(), "one digest per request");
+    assert!(per_user(&digests).values().all(|n| *n == 1));
+    for digest in &digests {
+        // Round 0 was never asked for: every alarm since the start is due, oldest first.
+        assert_eq!(
+            entries(digest),
+            due[&digest.user_id],
+            "digest of {}",
+            digest.user_id
+        );
+    }
+}
+
+/// A consumer that delivers nothing while the shard log holds work (here replaced by hand,
+/// as a wedged or foreign consumer would be): the shard is reported stalled, in `/readyz`
+/// and in its phase, its holder creates the consumer again, and the request is answered.
+#[tokio::test]
+async fn a_shard_whose_consumer_delivers_nothing_is_stalled_and_recovers_by_itself() {
+    let TestBed {
+        nats,
+        data,
+        config,
+        client,
+    } = TestBed::start().await;
+    let mut reader = client.digests().await;
+    // A long lease: the instance is paused for a moment below.
+    let env = [("ALARM_DIGEST_SHARDS__LEASE_SECS", "30")];
+    let service = ServiceProcess::spawn(&nats, data.path(), &env);
+    let http = service.http.clone();
+    wait_ready(&http).await;
+    let user = users_on_every_shard(4, 1)[0].clone();
+    let topology = Topology::new(config.streams.clone(), 4);
+    let shard = topology.shard_of(&user);
+    let stream = client
+        .js
+        .get_stream(topology.shard_stream(shard))
+        .await
+        .expect("shard stream");
+    // Swapped while no pull of the worker is waiting on it (paused past the pull's expiry),
+    // so nothing tells the worker: its pulls now go to a consumer that starts after what
+    // the shard log holds, so it never delivers the status change and the request, which
+    // are routed (as the router does) meanwhile.
+    service.signal("STOP");
+    tokio::time::sleep(config.tuning.fetch_expires() + Duration::from_millis(500)).await;
+    let durable = config.streams.worker_consumer.clone();
+    stream.delete_consumer(&durable).await.expect("deleted");
+    client
+        .publish(
+            topology
+                .shard_subject(InputKind::StatusChange, shard)
+                .as_str(),
+            status_payload(&user, "a", "CRITICAL", "2026-01-01T00:00:01Z"),
+        )
+        .await;
+    client
+        .publish(
+            topology
+                .shard_subject(InputKind::DigestRequest, shard)
+                .as_str(),
+            format!(r#"{{"UserID":"{user}"}}"#),
+        )
+        .await;
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(durable.clone()),
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .expect("a consumer that delivers nothing");
+    service.signal("CONT");
+
+    let stalled = wait_shard_blocked_by(&http, &format!("shard {shard} (stalled")).await;
+    assert!(
+        stalled.contains("the shard log holds up to sequence"),
+        "{stalled}"
+    );
+    let (_, metrics) = http_get(&http, "/metrics").await.expect("metrics");
+    let phase =
+        |name: &str| format!("alarm_digest_shard_phase{{shard=\"{shard}\",phase=\"{name}\"}} 1");
+    assert!(
+        metrics.contains(&phase("stalled")) || !metrics.contains(&phase("consuming")),
+        "the phase agrees with /readyz:\n{metrics}"
+    );
+
+    let digest = reader.next_for(&user).await;
+    assert_eq!(
+        entries(&digest),
+        vec![(
+            "a".to_string(),
+            "CRITICAL".to_string(),
+            "2026-01-01T00:00:01Z".to_string()
+        )]
+    );
+    assert!(metric(&http, "alarm_digest_shard_stalls_total").await >= 1);
+    wait_ready(&http).await;
+    let (_, metrics) = http_get(&http, "/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains(&phase("consuming")),
+        "consuming again:\n{metrics}"
+    );
+}
+
+/// The broker refuses a former owner's manifest once a new owner fenced the shard, and a
+/// shard without snapshots reads as one without, fence or not.
+#[tokio::test]
+async fn a_former_owners_snapshot_manifest_is_refused_by_the_broker() {
+    let TestBed {
+        nats: _nats,
+        data: _data,
+        config,
+        client,
+    } = TestBed::start().await;
+    let streams = &config.streams;
+    let snapshots = || {
+        Snapshots::new(
+            client.js.clone(),
+            streams.snapshot_stream.clone(),
+            streams.snapshot_subject.clone(),
+        )
+    };
+    let (a, b) = (snapshots(), snapshots());
+    let manifest = |covers: u64| Manifest {
+        covers,
+        taken_at_ms: 1,
+        ..Manifest::marker(1, 4)
+    };
+    let chunk = |bytes: &'static [u8]| {
+        futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes.to_vec())])
+    };
+
+    // A owns shard 1: a marker first (no snapshot yet), then its snapshot.
+    let fence_a = a.fence(1, 4).await.expect("A fences");
+    assert!(
+        a.chain(1, 5).await.expect("chain").is_empty(),
+        "a marker is no snapshot"
+    );
+    let stored_a = a
+        .put(manifest(10), chunk(b"state at 10"), fence_a)
+        .await
+        .expect("A's snapshot");
+
+    // B takes over; A, paused through it, wakes and stores another snapshot.
+    let fence_b = b.fence(1, 4).await.expect("B fences");
+    let refused = a
+        .put(manifest(12), chunk(b"state at 12"), stored_a.sequence)
+        .await
+        .expect_err("A is fenced");
+    assert!(refused.is_fenced(), "{refused}");
+    let chain = b.chain(1, 5).await.expect("chain");
+    assert_eq!(
+        chain[0].manifest.covers, 10,
+        "B's copy of A's snapshot is newest"
+    );
+    assert_eq!(chain[0].sequence, fence_b);
+
+    // B's own snapshot is accepted and points back to the fenced copy.
+    let stored_b = b
+        .put(manifest(20), chunk(b"state at 20"), fence_b)
+        .await
+        .expect("B's snapshot");
+    let chain = b.chain(1, 5).await.expect("chain");
+    assert_eq!(chain[0], stored_b);
+    assert_eq!(
+        chain.iter().map(|s| s.manifest.covers).collect::<Vec<_>>(),
+        vec![20]
+    );
+}
