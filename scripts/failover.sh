@@ -65,13 +65,12 @@ print(" ".join(found[s] for s in range(n)))
 EOF
 )"
 
-"$bin" watch >"$work/digests.raw" 2>/dev/null &
-pids+=("$!")
-# Timestamp each digest as it arrives.
-(tail -F "$work/digests.raw" 2>/dev/null | while IFS= read -r line; do
+# A plain subscriber; each digest timestamped as it arrives.
+("$bin" watch 2>/dev/null & echo "$!" >"$work/watch.pid"; wait) | while IFS= read -r line; do
   printf '%s %s\n' "$(date +%s%N)" "$line"
-done >"$work/digests.log") &
-pids+=("$!")
+done >"$work/digests.log" &
+until [ -s "$work/watch.pid" ]; do sleep 0.05; done
+pids+=("$(cat "$work/watch.pid")")
 
 for ((k = 0; k < events; k++)); do
   for user in "${users[@]}"; do
