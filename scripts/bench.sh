@@ -12,8 +12,8 @@ cd "$(dirname "$0")/.."
 instances="${INSTANCES:-1}"
 shards="${ALARM_DIGEST_SHARDS__COUNT:-16}"
 
-nats_bin="$(command -v nats-server || echo /usr/sbin/nats-server)"
-[ -x "$nats_bin" ] || { echo "bench: nats-server missing: apt-get install nats-server" >&2; exit 1; }
+# shellcheck source=scripts/broker.sh
+. scripts/broker.sh
 # BENCH_BIN runs another build (A/B comparisons); by default the release build.
 if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --locked --quiet; fi
 bin="${BENCH_BIN:-$PWD/target/release/alarm-digest}"
@@ -30,11 +30,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mkdir -p "$work/ports"
-"$nats_bin" -a 127.0.0.1 -p -1 --ports_file_dir "$work/ports" -js -sd "$work/nats" >"$work/nats.log" 2>&1 &
-pids+=("$!")
-for _ in $(seq 100); do ls "$work/ports"/*.ports >/dev/null 2>&1 && break; sleep 0.1; done
-url="$(grep -o 'nats://[0-9.:]*' "$work/ports"/*.ports | head -1)"
+start_broker
 export ALARM_DIGEST_NATS__URL="$url" ALARM_DIGEST_SHARDS__COUNT="$shards"
 
 http0="127.0.0.1:$((20000 + RANDOM % 20000))"
@@ -46,14 +42,6 @@ start_instance() {
     ALARM_DIGEST_SHARDS__OWNED=ordinal ALARM_DIGEST_SHARDS__REPLICAS="$instances" \
     ALARM_DIGEST_SHARDS__ORDINAL="$i" RUST_LOG="warn,alarm_digest::shard_worker=info" \
     "$bin" run 2>>"$work/instance-$i.log" &
-}
-ready() {
-  # In a subshell: the redirections must not outlive the probe.
-  (
-    exec 3<>"/dev/tcp/${http0%:*}/${http0##*:}" || exit 1
-    printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3
-    head -c 12 <&3 | grep -q 200
-  ) 2>/dev/null
 }
 for ((i = 0; i < instances; i++)); do
   start_instance "$i"
@@ -96,7 +84,7 @@ if [ "${MEASURE_RESTORE:-0}" = 1 ]; then
   started="$(date +%s%N)"
   start_instance 0
   pids[1]="$!"
-  until ready; do sleep 0.01; done
+  until ready "$http0"; do sleep 0.01; done
   echo "restore to ready from snapshots $(( ($(date +%s%N) - started) / 1000000 )) ms  (instance 0, wiped data dir, now $(du -sh "$work/data-0" | cut -f1))"
   "$bin" shard status | grep -o '"snapshot":{[^}]*}' | sort | uniq -c | head -5
 fi
@@ -108,7 +96,7 @@ if [ "${MEASURE_RESTART:-0}" = 1 ]; then
   started="$(date +%s%N)"
   start_instance 0
   pids[1]="$!"
-  until ready; do sleep 0.01; done
+  until ready "$http0"; do sleep 0.01; done
   echo "restart to ready $(( ($(date +%s%N) - started) / 1000000 )) ms  (instance 0, $(du -sh "$work/data-0" | cut -f1) data dir)"
 fi
 

@@ -12,8 +12,8 @@ cd "$(dirname "$0")/.."
 shards="${ALARM_DIGEST_SHARDS__COUNT:-16}"
 events="${EVENTS_PER_SHARD:-20}"
 
-nats_bin="$(command -v nats-server || echo /usr/sbin/nats-server)"
-[ -x "$nats_bin" ] || { echo "failover: nats-server missing: apt-get install nats-server" >&2; exit 1; }
+# shellcheck source=scripts/broker.sh
+. scripts/broker.sh
 if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --locked --quiet; fi
 bin="${BENCH_BIN:-$PWD/target/release/alarm-digest}"
 
@@ -28,20 +28,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mkdir -p "$work/ports"
-"$nats_bin" -a 127.0.0.1 -p -1 --ports_file_dir "$work/ports" -js -sd "$work/nats" >"$work/nats.log" 2>&1 &
-pids+=("$!")
-for _ in $(seq 100); do ls "$work/ports"/*.ports >/dev/null 2>&1 && break; sleep 0.1; done
-url="$(grep -o 'nats://[0-9.:]*' "$work/ports"/*.ports | head -1)"
+start_broker
 export ALARM_DIGEST_NATS__URL="$url" ALARM_DIGEST_SHARDS__COUNT="$shards"
 
-ready() {
-  (
-    exec 3<>"/dev/tcp/${1%:*}/${1##*:}" || exit 1
-    printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3
-    head -c 12 <&3 | grep -q 200
-  ) 2>/dev/null
-}
 start_instance() {
   ALARM_DIGEST_STORAGE__PATH="$work/data-$1" ALARM_DIGEST_HTTP__LISTEN="$2" RUST_LOG=warn \
     "$bin" run 2>>"$work/instance-$1.log" &

@@ -79,7 +79,7 @@ async fn new_round(
 
 /// Every user asked once; each digest must hold exactly what is due, and nothing more may
 /// arrive (no digest answered twice, nothing re-sent).
-async fn ask_everyone_and_check(
+pub(crate) async fn ask_everyone_and_check(
     client: &TestClient,
     reader: &mut DigestReader,
     due: &BTreeMap<String, Vec<(String, String, String)>>,

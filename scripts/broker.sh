@@ -1,0 +1,24 @@
+# Sourced by bench.sh and failover.sh: the nats-server binary, a fresh broker of their own
+# (random port, JetStream store under $work), and the /readyz probe.
+# Needs: $work (a temp dir) and the array pids; sets $url and appends the broker's pid.
+
+nats_bin="$(command -v nats-server || echo /usr/sbin/nats-server)"
+[ -x "$nats_bin" ] || { echo "$0: nats-server missing: apt-get install nats-server" >&2; exit 1; }
+
+start_broker() {
+  mkdir -p "$work/ports"
+  "$nats_bin" -a 127.0.0.1 -p -1 --ports_file_dir "$work/ports" -js -sd "$work/nats" >"$work/nats.log" 2>&1 &
+  pids+=("$!")
+  for _ in $(seq 100); do ls "$work/ports"/*.ports >/dev/null 2>&1 && break; sleep 0.1; done
+  url="$(grep -o 'nats://[0-9.:]*' "$work/ports"/*.ports | head -1)"
+}
+
+# ready HOST:PORT: whether that instance's /readyz answers 200.
+ready() {
+  # In a subshell: the redirections must not outlive the probe.
+  (
+    exec 3<>"/dev/tcp/${1%:*}/${1##*:}" || exit 1
+    printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3
+    head -c 12 <&3 | grep -q 200
+  ) 2>/dev/null
+}
