@@ -453,13 +453,17 @@ impl ShardWorker {
     fn note_phase(&mut self) {
         let shard = self.store.shard();
         let behind = self.replay_target.saturating_sub(self.store.applied());
-        self.shared.metrics.set_replay_behind(shard, behind);
         if behind > 0 {
+            self.shared.metrics.set_replay_behind(shard, behind);
             self.report(
                 Phase::Replaying,
                 format!("replaying the shard stream: {behind} message(s) behind"),
             );
         } else {
+            // Caught up: the gauge changes once, not on every batch.
+            if self.phase != Some(Phase::Consuming) {
+                self.shared.metrics.set_replay_behind(shard, 0);
+            }
             self.report(Phase::Consuming, "");
         }
     }
