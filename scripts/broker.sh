@@ -2,12 +2,19 @@
 # (random port, JetStream store under $work), and the /readyz probe.
 # Needs: $work (a temp dir) and the array pids; sets $url and appends the broker's pid.
 
-nats_bin="$(command -v nats-server || echo /usr/sbin/nats-server)"
-[ -x "$nats_bin" ] || { echo "$0: nats-server missing: apt-get install nats-server" >&2; exit 1; }
+# NATS_SERVER_BIN runs another server; by default the newest pinned release (installed when
+# missing).
+# shellcheck source=scripts/nats-server.sh
+. "$(dirname "${BASH_SOURCE[0]}")/nats-server.sh"
+nats_bin="${NATS_SERVER_BIN:-$(ensure_nats_server "$NATS_SERVER_NEWEST")}"
+[ -x "$nats_bin" ] || { echo "$0: no nats-server at $nats_bin" >&2; exit 1; }
+echo "broker: $("$nats_bin" --version)" >&2
 
 start_broker() {
   mkdir -p "$work/ports"
-  "$nats_bin" -a 127.0.0.1 -p -1 --ports_file_dir "$work/ports" -js -sd "$work/nats" >"$work/nats.log" 2>&1 &
+  # NATS_CONFIG: a server config file to start it with (sync_interval, for example).
+  "$nats_bin" -a 127.0.0.1 -p -1 --ports_file_dir "$work/ports" -js -sd "$work/nats" \
+    ${NATS_CONFIG:+-c "$NATS_CONFIG"} >"$work/nats.log" 2>&1 &
   pids+=("$!")
   for _ in $(seq 100); do ls "$work/ports"/*.ports >/dev/null 2>&1 && break; sleep 0.1; done
   url="$(grep -o 'nats://[0-9.:]*' "$work/ports"/*.ports | head -1)"

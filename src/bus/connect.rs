@@ -63,9 +63,44 @@ pub async fn connect(
         if !client.server_info().jetstream {
             return Err(BusError::JetStreamDisabled(config.url.clone()));
         }
-        tracing::info!(url = %config.url, "connected to NATS");
+        let version = &client.server_info().version;
+        tracing::info!(url = %config.url, server = %version, "connected to NATS");
+        if !is_supported_server(version) {
+            tracing::warn!(
+                server = %version,
+                oldest_supported = OLDEST_SUPPORTED_SERVER,
+                "this nats-server is older than the oldest release alarm-digest supports: \
+                 acknowledged events are not fsynced on a configurable interval before 2.10 \
+                 and the compare-and-set writes that fence a former shard owner were hardened \
+                 in 2.11; upgrade the server (README, Supported servers)"
+            );
+        }
     }
     Ok(client)
+}
+
+/// The oldest nats-server release the service supports and CI tests (README, Supported
+/// servers); `scripts/nats-server.sh` pins the patch release the suite runs on.
+pub const OLDEST_SUPPORTED_SERVER: &str = "2.11.0";
+
+/// Whether a server's reported version (`2.15.1`, `2.12.0-RC.1`, `v2.11.4`) is at least
+/// [`OLDEST_SUPPORTED_SERVER`]. A version that cannot be read is given the benefit of the
+/// doubt: the warning is advice, and a custom build's string says nothing about its age.
+pub fn is_supported_server(version: &str) -> bool {
+    let numbers = |v: &str| -> Option<(u64, u64, u64)> {
+        let core = v.trim().trim_start_matches('v');
+        let core = core.split(['-', '+']).next()?;
+        let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
+        Some((
+            parts.next()??,
+            parts.next()??,
+            parts.next().flatten().unwrap_or(0),
+        ))
+    };
+    match (numbers(version), numbers(OLDEST_SUPPORTED_SERVER)) {
+        (Some(have), Some(oldest)) => have >= oldest,
+        _ => true,
+    }
 }
 
 /// The JetStream context every part publishes through. `max_in_flight` bounds un-awaited
@@ -76,4 +111,27 @@ pub fn jetstream(client: Client, max_in_flight: usize) -> Context {
         .max_ack_inflight(max_in_flight)
         .backpressure_on_inflight(true)
         .build(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_supported_server;
+
+    #[test]
+    fn servers_from_2_11_on_are_supported() {
+        for version in [
+            "2.11.0",
+            "2.11.11",
+            "2.15.1",
+            "v2.12.0",
+            "2.14.0-RC.2",
+            "3.0.0",
+        ] {
+            assert!(is_supported_server(version), "{version}");
+        }
+        for version in ["2.9.10", "2.10.26", "v2.10.0-beta.1", "1.4.1"] {
+            assert!(!is_supported_server(version), "{version}");
+        }
+        assert!(is_supported_server("custom-build"));
+    }
 }

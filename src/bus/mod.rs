@@ -9,7 +9,7 @@ mod publish;
 pub mod snapshots;
 mod topology;
 
-pub use connect::{connect, jetstream};
+pub use connect::{connect, is_supported_server, jetstream, OLDEST_SUPPORTED_SERVER};
 pub use dead_letter::{DeadLetter, DeadLetterHeaders};
 pub use ownership::{Cluster, Member};
 pub use publish::{

