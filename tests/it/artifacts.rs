@@ -305,8 +305,17 @@ fn the_kubernetes_statefulset_env_and_configmap_load_into_a_partition_of_the_sha
 fn docker_compose_runs_three_instances_over_six_shards() {
     let compose = yaml_documents("docker-compose.yml").remove(0);
     let services = compose["services"].as_mapping().unwrap();
-    let nats_command = format!("{:?}", services[&Value::from("nats")]["command"]);
-    assert!(nats_command.contains("-js"), "JetStream enabled");
+    let nats = &services[&Value::from("nats")];
+    let nats_command = format!("{:?}", nats["command"]);
+    assert!(
+        nats_command.contains("/etc/nats/nats-server.conf"),
+        "{nats_command}"
+    );
+    assert!(
+        format!("{:?}", nats["volumes"])
+            .contains("./packaging/nats/nats-server.conf:/etc/nats/nats-server.conf"),
+        "the shipped server config is mounted"
+    );
     let mut owners = BTreeMap::new();
     let mut volumes = Vec::new();
     let mut count = 0;
@@ -352,4 +361,67 @@ fn the_container_image_runs_as_a_non_root_user() {
         "{user}"
     );
     assert!(dockerfile.contains("ALARM_DIGEST_STORAGE__PATH=/var/lib/alarm-digest"));
+}
+
+/// The image tag every shipped deployment runs: the newest release, the one the suite runs on.
+fn pinned_image() -> String {
+    format!("nats:{}-alpine", crate::support::nats::pinned_newest())
+}
+
+#[test]
+fn docker_compose_and_kubernetes_run_the_release_the_suite_tests() {
+    let compose = yaml_documents("docker-compose.yml").remove(0);
+    assert_eq!(
+        compose["services"]["nats"]["image"].as_str(),
+        Some(pinned_image().as_str())
+    );
+    let images: Vec<String> = yaml_documents("packaging/nats/kubernetes.yaml")
+        .iter()
+        .filter(|document| document["kind"] == "StatefulSet")
+        .flat_map(|set| {
+            set["spec"]["template"]["spec"]["containers"]
+                .as_sequence()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|container| container["image"].as_str().map(String::from))
+        .collect();
+    assert_eq!(images, vec![pinned_image()]);
+}
+
+/// `nats-server -t` parses a config and exits: 0 only for one the server would run with.
+fn assert_the_server_accepts(config_text: &str, env: &[(&str, &str)]) {
+    let dir = tempdir().unwrap();
+    let path = dir.path().join("nats.conf");
+    std::fs::write(&path, config_text).unwrap();
+    let output = Command::new(crate::support::nats::binary())
+        .arg("-c")
+        .arg(&path)
+        .arg("-t")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run nats-server -t");
+    let text = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}\n{config_text}");
+    assert!(text.contains("is valid"), "{text}");
+}
+
+#[test]
+fn the_shipped_nats_configs_are_valid_and_fsync_before_the_puback() {
+    let single = read("packaging/nats/nats-server.conf");
+    assert_the_server_accepts(&single, &[]);
+    let cluster = yaml_documents("packaging/nats/kubernetes.yaml")
+        .into_iter()
+        .find(|document| document["kind"] == "ConfigMap")
+        .and_then(|map| map["data"]["nats.conf"].as_str().map(String::from))
+        .expect("the cluster's nats.conf");
+    assert_the_server_accepts(&cluster, &[("POD_NAME", "nats-0")]);
+    // The production setting the Guarantees describe, in every shipped config.
+    for text in [&single, &cluster] {
+        assert!(text.contains("sync_interval: always"), "{text}");
+    }
+    // The Kubernetes service is where alarm-digest's configmap points.
+    let configmap = read("packaging/kubernetes/configmap.yaml");
+    assert!(configmap.contains("nats://nats.nats.svc.cluster.local:4222"));
 }

@@ -327,9 +327,11 @@ fn a_non_loopback_inspect_listener_is_a_config_error() {
 
 #[test]
 fn the_kubernetes_manifests_are_valid_for_kubernetes_1_37() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/kubernetes");
-    let mut manifests: Vec<String> = std::fs::read_dir(dir)
-        .expect("manifests")
+    let dirs = ["packaging/kubernetes", "packaging/nats"]
+        .map(|dir| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir));
+    let mut manifests: Vec<String> = dirs
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).expect("manifests"))
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
         // kustomization.yaml is kustomize's, not a Kubernetes resource: it has no schema.
@@ -337,7 +339,7 @@ fn the_kubernetes_manifests_are_valid_for_kubernetes_1_37() {
         .map(|path| path.to_string_lossy().into_owned())
         .collect();
     manifests.sort();
-    assert!(manifests.len() >= 4, "{manifests:?}");
+    assert!(manifests.len() >= 5, "{manifests:?}");
     let mut args = vec!["--strict", "--kubernetes-version", "1.37"];
     args.extend(manifests.iter().map(String::as_str));
     let output = tools::run(&tools::kubernetes_validate(), &args, None);
