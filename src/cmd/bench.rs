@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{self, Topology};
 use crate::config::Config;
+use crate::load::producer::{Producer, ProducerOptions, ProducerStats};
 use crate::load::{self, ceiling, naive, Workload};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -50,9 +51,16 @@ pub struct BenchArgs {
     /// The service's data dir for bytes per alarm (default: storage.path).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Give up waiting after this long.
+    /// Give up waiting after this long in all.
     #[arg(long, default_value_t = 900)]
     pub timeout_secs: u64,
+    /// Fail when the deployment makes no progress for this long: nothing acknowledged by
+    /// the broker, nothing more drained, no digest arriving.
+    #[arg(long, default_value_t = 30)]
+    pub give_up_secs: u64,
+    /// Publishes waiting for their PubAck at once.
+    #[arg(long, default_value_t = 2048)]
+    pub window: usize,
 }
 
 pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
@@ -64,6 +72,16 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         .ensure_streams(&js)
         .await?;
     let timeout = Duration::from_secs(args.timeout_secs);
+    let give_up = Duration::from_secs(args.give_up_secs.max(1));
+    let producer = Producer::new(
+        &client,
+        ProducerOptions {
+            window: args.window.max(1),
+            give_up_after: give_up,
+            ..ProducerOptions::default()
+        },
+        std::sync::Arc::new(ProducerStats::default()),
+    );
     let workload = Workload {
         events: args.events,
         users: args.users.max(1),
@@ -88,7 +106,8 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
 
     let ceiling = if args.broker_ceiling && workload.events > 0 {
         let cpu = meter.start();
-        let elapsed = ceiling::measure(&client, &config, &workload, args.rate, timeout).await?;
+        let elapsed =
+            ceiling::measure(&producer, &config, &workload, args.rate, (timeout, give_up)).await?;
         let rate = report_rate(
             "broker ceiling  ",
             workload.events,
@@ -107,7 +126,8 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
 
     let naive = if args.naive && workload.events > 0 {
         let cpu = meter.start();
-        let elapsed = naive::measure(&client, &config, &workload, args.rate, timeout).await?;
+        let elapsed =
+            naive::measure(&producer, &config, &workload, args.rate, (timeout, give_up)).await?;
         Some(report_rate(
             "naive single hop",
             workload.events,
@@ -131,9 +151,25 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         let cpu = meter.start();
         let started = Instant::now();
         let subject = config.streams.status_subject.clone();
-        load::publish_events(&client, &subject, &workload, 0..workload.events, args.rate).await?;
+        let progress = load::report_progress(&producer, workload.events);
+        let published = load::publish_events(
+            &producer,
+            &subject,
+            &workload,
+            0..workload.events,
+            args.rate,
+        )
+        .await;
+        progress.abort();
+        published?;
         let consumers = load::service_consumers(&config);
-        load::wait_drained(&js, (input, first + workload.events), &consumers, timeout).await?;
+        load::wait_drained(
+            &js,
+            (input, first + workload.events),
+            &consumers,
+            (timeout, give_up),
+        )
+        .await?;
         let elapsed = started.elapsed();
         let per_second = workload.events as f64 / elapsed.as_secs_f64();
         let mut ratio = ceiling
@@ -161,20 +197,20 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         let background = (args.background_rate > 0).then(|| {
             let seconds = args.digests / args.digest_rate.max(1) + 3;
             let range = workload.events..workload.events + args.background_rate * seconds;
-            let client = client.clone();
+            let producer = producer.clone();
             let subject = config.streams.status_subject.clone();
             let rate = args.background_rate;
             tokio::spawn(async move {
-                load::publish_events(&client, &subject, &workload, range, rate).await
+                load::publish_events(&producer, &subject, &workload, range, rate).await
             })
         });
         let latencies = load::digest_latencies(
             &client,
+            &producer,
             &config,
             &workload,
-            args.digests,
-            args.digest_rate,
-            timeout,
+            (args.digests, args.digest_rate),
+            give_up,
         )
         .await?;
         if let Some(background) = background {
@@ -198,6 +234,11 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         );
     }
 
+    println!(
+        "producer         {:>9} messages acknowledged by the broker, {} publishes retried",
+        producer.stats().acked(),
+        producer.stats().retries()
+    );
     match service_pid.and_then(|pid| load::rss_bytes(pid).map(|rss| (pid, rss))) {
         Some((pid, rss)) => println!(
             "service RSS      {:>9.1} MiB (pid {pid})",

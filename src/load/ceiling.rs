@@ -9,6 +9,7 @@ use async_nats::HeaderMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::producer::Producer;
 use super::{publish_events, wait_drained, Workload};
 use crate::bus::envelope::{self, Packer};
 use crate::bus::{self, Topology};
@@ -50,11 +51,11 @@ async fn delete_streams(js: &Context, topology: &Topology) {
 /// Returns how long the broker alone took to move `workload` through the topology, with the
 /// events published meanwhile by `producer` at `rate`.
 pub async fn measure(
-    producer: &async_nats::Client,
+    producer: &Producer,
     config: &Config,
     workload: &Workload,
     rate: u64,
-    timeout: Duration,
+    limits: (Duration, Duration),
 ) -> anyhow::Result<Duration> {
     // Same connection layout as the service: consumers on one connection, the router's
     // republishes on another, both apart from the producer's.
@@ -103,7 +104,7 @@ pub async fn measure(
         shards: config.shards.clone(),
         ..Config::default()
     });
-    wait_drained(&js, (&input, first + workload.events), &consumers, timeout).await?;
+    wait_drained(&js, (&input, first + workload.events), &consumers, limits).await?;
     let elapsed = started.elapsed();
 
     cancel.cancel();

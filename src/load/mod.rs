@@ -4,6 +4,7 @@
 
 pub mod ceiling;
 pub mod naive;
+pub mod producer;
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -18,6 +19,10 @@ use futures::StreamExt;
 use crate::bus::Topology;
 use crate::config::Config;
 use crate::wire::AlarmDigest;
+use producer::Producer;
+
+/// How often a long phase says how far it got.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// `events` status changes spread over `users` × `alarms`: the first users×alarms events
 /// create every alarm once, later ones change them again.
@@ -84,46 +89,80 @@ impl Pacer {
     }
 }
 
-/// Publishes events `from..to` as plain NATS messages, paced to `rate` per second.
+/// Publishes events `from..to`, paced to `rate` per second, each acknowledged by the broker.
 pub async fn publish_events(
-    client: &Client,
+    producer: &Producer,
     subject: &str,
     workload: &Workload,
     range: std::ops::Range<u64>,
     rate: u64,
 ) -> anyhow::Result<()> {
-    let pacer = Pacer::new(rate);
-    for (sent, event) in range.enumerate() {
-        client
-            .publish(subject.to_string(), workload.payload(event).into())
-            .await?;
-        pacer.pace(sent as u64).await;
-    }
-    client.flush().await?;
-    Ok(())
+    producer
+        .publish(
+            subject,
+            range,
+            rate,
+            |event| workload.payload(event),
+            |_| {},
+        )
+        .await
+}
+
+/// Prints, every few seconds until dropped, how many of `total` messages the broker has
+/// acknowledged, the retries and the rate so far.
+pub fn report_progress(producer: &Producer, total: u64) -> tokio::task::JoinHandle<()> {
+    let producer = producer.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let first = producer.stats().acked();
+        loop {
+            tokio::time::sleep(PROGRESS_EVERY).await;
+            let acked = producer.stats().acked() - first;
+            eprintln!(
+                "bench: {acked} of {total} acknowledged by the broker, {} retried, {:.0}/s so far",
+                producer.stats().retries(),
+                acked as f64 / started.elapsed().as_secs_f64()
+            );
+        }
+    })
 }
 
 /// Waits until `stream` holds at least `last_sequence`, and every named consumer has
-/// nothing pending or unacknowledged.
+/// nothing pending or unacknowledged. Says what it waits for every few seconds; fails when
+/// that has not changed for `give_up_after` (the deployment stopped making progress), or
+/// after `timeout` in all.
 pub async fn wait_drained(
     js: &Context,
     input: (&str, u64),
     consumers: &[(String, String)],
-    timeout: Duration,
+    (timeout, give_up_after): (Duration, Duration),
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
     let (input_stream, last_sequence) = input;
     // A broker answering slowly (a loaded machine, a leader election) is no answer yet: keep
     // asking until the deadline, and say what was last seen.
     let mut last_problem = String::from("nothing read yet");
+    let mut changed = Instant::now();
+    let mut reported = Instant::now();
     loop {
-        if Instant::now() > deadline {
+        if started.elapsed() > timeout {
             bail!("not drained within {timeout:?}: {last_problem}");
         }
-        match drained(js, input_stream, last_sequence, consumers).await {
+        if changed.elapsed() > give_up_after {
+            bail!("no progress for {give_up_after:?}, the deployment is stuck: {last_problem}");
+        }
+        let problem = match drained(js, input_stream, last_sequence, consumers).await {
             Ok(None) => return Ok(()),
-            Ok(Some(waiting)) => last_problem = waiting,
-            Err(error) => last_problem = format!("{error:#}"),
+            Ok(Some(waiting)) => waiting,
+            Err(error) => format!("{error:#}"),
+        };
+        if problem != last_problem {
+            last_problem = problem;
+            changed = Instant::now();
+        }
+        if reported.elapsed() >= PROGRESS_EVERY {
+            eprintln!("bench: draining: {last_problem}");
+            reported = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -182,14 +221,15 @@ pub async fn last_sequence(js: &Context, stream: &str) -> anyhow::Result<u64> {
 }
 
 /// Sends `count` digest requests at `rate` per second for users spread over the workload and
-/// returns each request-to-digest latency.
+/// returns each request-to-digest latency. Fails when no digest has arrived for
+/// `give_up_after`.
 pub async fn digest_latencies(
     client: &Client,
+    producer: &Producer,
     config: &Config,
     workload: &Workload,
-    count: u64,
-    rate: u64,
-    timeout: Duration,
+    (count, rate): (u64, u64),
+    give_up_after: Duration,
 ) -> anyhow::Result<Vec<Duration>> {
     let sent: Arc<Mutex<HashMap<String, VecDeque<Instant>>>> = Arc::default();
     let mut digests = client
@@ -202,7 +242,8 @@ pub async fn digest_latencies(
     let receiver = tokio::spawn(async move {
         let mut latencies = Vec::with_capacity(count as usize);
         while (latencies.len() as u64) < count {
-            let Ok(Some(message)) = tokio::time::timeout(timeout, digests.next()).await else {
+            let Ok(Some(message)) = tokio::time::timeout(give_up_after, digests.next()).await
+            else {
                 break;
             };
             let Ok(digest) = serde_json::from_slice::<AlarmDigest>(&message.payload) else {
@@ -218,27 +259,28 @@ pub async fn digest_latencies(
         }
         latencies
     });
-    let pacer = Pacer::new(rate);
-    for request in 0..count {
-        let user = Workload::user_id((request * 7_919) % workload.users);
-        let payload = format!(r#"{{"UserID":"{user}"}}"#);
-        if let Ok(mut sent) = sent.lock() {
-            sent.entry(user).or_default().push_back(Instant::now());
-        }
-        client
-            .publish(
-                config.streams.digest_request_subject.clone(),
-                payload.into(),
-            )
-            .await?;
-        if rate > 0 {
-            pacer.pace(request).await;
-        }
-    }
-    client.flush().await?;
+    let user = |request: u64| Workload::user_id((request * 7_919) % workload.users);
+    producer
+        .publish(
+            &config.streams.digest_request_subject,
+            0..count,
+            rate,
+            |request| format!(r#"{{"UserID":"{}"}}"#, user(request)),
+            |request| {
+                if let Ok(mut sent) = sent.lock() {
+                    sent.entry(user(request))
+                        .or_default()
+                        .push_back(Instant::now());
+                }
+            },
+        )
+        .await?;
     let latencies = receiver.await?;
     if (latencies.len() as u64) < count {
-        bail!("only {} of {count} digests arrived", latencies.len());
+        bail!(
+            "only {} of {count} digests arrived (none for {give_up_after:?})",
+            latencies.len()
+        );
     }
     Ok(latencies)
 }

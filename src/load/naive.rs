@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::{pull, AckPolicy};
 use async_nats::jetstream::stream;
 
+use super::producer::Producer;
 use super::{publish_events, Workload};
 use crate::bus;
 use crate::config::Config;
@@ -19,11 +20,11 @@ const SUBJECT: &str = "BenchNaive.AlarmStatusChanged";
 
 /// How long the naive design takes to make `workload` durable, published at `rate`.
 pub async fn measure(
-    producer: &async_nats::Client,
+    producer: &Producer,
     config: &Config,
     workload: &Workload,
     rate: u64,
-    timeout: Duration,
+    (timeout, give_up_after): (Duration, Duration),
 ) -> anyhow::Result<Duration> {
     let client = async_nats::connect(config.nats.servers().map_err(anyhow::Error::msg)?).await?;
     let js = async_nats::jetstream::new(client);
@@ -56,11 +57,22 @@ pub async fn measure(
         })
     };
     let mut applied = 0;
+    let mut last_applied = Instant::now();
     while applied < workload.events {
         if started.elapsed() > timeout {
             anyhow::bail!("the naive design did not finish within {timeout:?}");
         }
+        if last_applied.elapsed() > give_up_after {
+            publisher.abort();
+            anyhow::bail!(
+                "the naive design applied nothing for {give_up_after:?}: {applied} of {} events",
+                workload.events
+            );
+        }
         let batch = bus::fetch(&consumer, 100, Duration::from_secs(1)).await?;
+        if !batch.is_empty() {
+            last_applied = Instant::now();
+        }
         for message in batch {
             if let Ok(Input::StatusChange(change)) = wire::decode(
                 InputKind::StatusChange,

@@ -12,6 +12,7 @@ mod drills;
 mod durability;
 mod envelopes;
 mod failover;
+mod load_tool;
 mod operations;
 mod security;
 mod semantics;

@@ -243,8 +243,9 @@ impl TestClient {
             .await
             .expect("input stream");
         let consumers = load::service_consumers(&self.config);
+        let limit = Duration::from_secs(90);
         if let Err(error) =
-            load::wait_drained(&self.js, (input, last), &consumers, Duration::from_secs(90)).await
+            load::wait_drained(&self.js, (input, last), &consumers, (limit, limit)).await
         {
             let mut state = String::new();
             for (stream, consumer) in &consumers {
