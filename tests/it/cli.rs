@@ -116,6 +116,24 @@ async fn setup_creates_every_stream_and_is_idempotent() {
     }
 }
 
+#[test]
+fn publish_waits_for_the_stream_to_store_the_message_and_fails_when_none_does() {
+    let nats = NatsServer::start();
+    let (code, _, stderr) = cli_against(&nats, &["setup"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, _, stderr) =
+        cli_against(&nats, &["publish", "SendAlarmDigest", r#"{"UserID":"u1"}"#]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("stored in ALARM_DIGEST_INPUT at sequence 1"),
+        "{stderr}"
+    );
+    // No stream captures it: a plain publish would vanish without a word.
+    let (code, _, stderr) = cli_against(&nats, &["publish", "Nobody.Listens", "{}"]);
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("Nobody.Listens: not stored"), "{stderr}");
+}
+
 #[tokio::test]
 async fn inspect_reads_a_running_instance_over_http_and_a_stopped_one_from_disk() {
     let bed = TestBed::start().await;

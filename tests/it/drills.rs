@@ -35,6 +35,7 @@ impl Traffic {
             let mut rng = StdRng::seed_from_u64(seed);
             let mut state: HashMap<(String, String), (i64, usize)> = HashMap::new();
             let mut clock = 0i64;
+            let mut sent = 0u64;
             while !stop_flag.load(Ordering::Relaxed) {
                 let user = format!("drill-user-{}", rng.gen_range(0..users));
                 let (subject, payload) = if rng.gen_ratio(1, 20) {
@@ -65,8 +66,15 @@ impl Traffic {
                     );
                     (config.streams.status_subject.clone(), payload)
                 };
+                // As a careful producer publishes: until the PubAck, retrying under one
+                // Nats-Msg-Id, so a publish stored before its ack was lost is not stored twice.
+                sent += 1;
+                let id = format!("drill-{seed}-{sent}");
                 loop {
-                    match js.publish(subject.clone(), payload.clone().into()).await {
+                    let message = async_nats::jetstream::message::PublishMessage::build()
+                        .payload(payload.clone().into())
+                        .message_id(&id);
+                    match js.send_publish(subject.clone(), message).await {
                         Ok(ack) => match ack.await {
                             Ok(_) => break,
                             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
