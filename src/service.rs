@@ -181,6 +181,7 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
         return Ok(());
     };
     let _ = parts.nats.set(client.clone());
+    bus::warn_if_single_replica_in_a_cluster(&client.server_info(), config.streams.replicas);
     // Every holder of PubAck futures is bounded: each shard worker by one publish window at
     // a time, the router (on its own connection) by its queued batches. Each context's
     // in-flight limit is the sum of its holders' bounds, so no holder ever waits for a

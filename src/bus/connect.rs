@@ -79,6 +79,21 @@ pub async fn connect(
     Ok(client)
 }
 
+/// A clustered server with single-replica streams keeps every stream on one node: that
+/// node's disk or power loss loses acknowledged messages the cluster could have kept (README,
+/// Guarantees). Said once at start, since the operator chose it.
+pub fn warn_if_single_replica_in_a_cluster(server: &async_nats::ServerInfo, replicas: usize) {
+    if let Some(cluster) = server.cluster.as_deref().filter(|_| replicas < 3) {
+        tracing::warn!(
+            cluster,
+            streams.replicas = replicas,
+            "the NATS server is part of a cluster but streams.replicas is below 3: each \
+             stream lives on {replicas} node(s), so losing that node's disk loses acknowledged \
+             events and digests; production runs streams.replicas = 3"
+        );
+    }
+}
+
 /// The oldest nats-server release the service supports and CI tests (README, Supported
 /// servers); `scripts/nats-server.sh` pins the patch release the suite runs on.
 pub const OLDEST_SUPPORTED_SERVER: &str = "2.11.0";

@@ -9,7 +9,10 @@ mod publish;
 pub mod snapshots;
 mod topology;
 
-pub use connect::{connect, is_supported_server, jetstream, OLDEST_SUPPORTED_SERVER};
+pub use connect::{
+    connect, is_supported_server, jetstream, warn_if_single_replica_in_a_cluster,
+    OLDEST_SUPPORTED_SERVER,
+};
 pub use dead_letter::{DeadLetter, DeadLetterHeaders};
 pub use ownership::{Cluster, Member};
 pub use publish::{
