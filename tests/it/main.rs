@@ -8,6 +8,7 @@ mod cli;
 mod cluster;
 mod dead_letter;
 mod delivery;
+mod docs;
 mod drills;
 mod durability;
 mod envelopes;
