@@ -5,7 +5,12 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::BusError;
+/// An error `until_ok` can retry: it says whether trying again could help. Each adapter
+/// implements it for its own error type; this module knows none of them.
+pub trait Retryable: std::fmt::Display {
+    /// A fatal error is returned at once; any other is logged and retried.
+    fn is_fatal(&self) -> bool;
+}
 
 const FIRST: Duration = Duration::from_millis(100);
 const CAP: Duration = Duration::from_secs(5);
@@ -43,14 +48,15 @@ impl Backoff {
 
 /// Runs `attempt` until it succeeds (`Ok(Some)`), fails fatally (`Err`), or shutdown is
 /// requested (`Ok(None)`). Every transient failure is logged with what was being done.
-pub async fn until_ok<T, F, Fut>(
+pub async fn until_ok<T, E, F, Fut>(
     what: &str,
     cancel: &CancellationToken,
     mut attempt: F,
-) -> Result<Option<T>, BusError>
+) -> Result<Option<T>, E>
 where
+    E: Retryable,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, BusError>>,
+    Fut: Future<Output = Result<T, E>>,
 {
     let mut backoff = Backoff::default();
     loop {

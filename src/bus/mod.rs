@@ -289,3 +289,9 @@ impl BusError {
         !matches!(self, BusError::Transient { .. } | BusError::Fenced { .. })
     }
 }
+
+impl crate::retry::Retryable for BusError {
+    fn is_fatal(&self) -> bool {
+        BusError::is_fatal(self)
+    }
+}
