@@ -117,7 +117,8 @@ pub struct Producer {
     js: Context,
     options: ProducerOptions,
     stats: Arc<ProducerStats>,
-    /// Ids are `<run>-<index>`, unique to this process, so a rerun is not taken for duplicates.
+    /// Ids are `<run>-<subject>-<index>`, unique to this process, so a rerun is not taken for
+    /// duplicates.
     run: String,
 }
 
@@ -207,7 +208,9 @@ impl Producer {
     /// One message until its PubAck: `Ok(index)`; `Err(index)` once the broker has been
     /// silent past `give_up_after`.
     async fn publish_one(&self, subject: &str, index: u64, payload: String) -> Result<u64, u64> {
-        let id = format!("{}-{index}", self.run);
+        // The subject is part of the id: events and requests of one run share the input
+        // stream, and equal ids would be dropped there as duplicates.
+        let id = format!("{}-{subject}-{index}", self.run);
         let payload = bytes::Bytes::from(payload);
         let mut backoff = Duration::from_millis(20);
         loop {

@@ -123,3 +123,36 @@ async fn bench_against_a_broker_stopped_mid_run_fails_within_its_give_up_time() 
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn bench_against_a_running_instance_measures_ingest_and_digest_latency() {
+    let nats = NatsServer::start();
+    let data = tempfile::tempdir().expect("data dir");
+    let service = ServiceProcess::spawn(&nats, data.path(), &[]);
+    wait_ready(&service.http).await;
+    // Events and digest requests share the input stream: their Msg-Ids must not collide.
+    let (code, text) = bench(
+        &nats,
+        &[
+            "--events",
+            "200",
+            "--users",
+            "20",
+            "--alarms",
+            "2",
+            "--digests",
+            "10",
+            "--digest-rate",
+            "100",
+            "--give-up-secs",
+            "10",
+        ],
+        Duration::from_secs(90),
+    );
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("digest latency          10 reqs"), "{text}");
+    assert!(
+        text.contains("210 messages acknowledged by the broker"),
+        "{text}"
+    );
+}
