@@ -19,7 +19,7 @@ pub fn hostname() -> String {
 }
 
 /// The ordinal a StatefulSet gives its pod, as the hostname's suffix: `alarm-digest-3` → 3.
-pub(crate) fn ordinal_from_hostname() -> Result<u16, ConfigError> {
+pub(super) fn ordinal_from_hostname() -> Result<u16, ConfigError> {
     let hostname = hostname();
     let hostname = hostname.as_str();
     hostname
@@ -99,7 +99,7 @@ impl Config {
     }
 }
 
-pub(crate) fn describe_figment_error(error: figment::Error) -> String {
+pub(super) fn describe_figment_error(error: figment::Error) -> String {
     error
         .into_iter()
         .map(|e| {

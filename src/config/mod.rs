@@ -22,7 +22,7 @@ pub use shards::{OwnedShards, ShardsConfig};
 
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "ALARM_DIGEST_CONFIG";
-pub(crate) const ENV_PREFIX: &str = "ALARM_DIGEST_";
+const ENV_PREFIX: &str = "ALARM_DIGEST_";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -34,7 +34,7 @@ pub enum ConfigError {
     Invalid { key: &'static str, problem: String },
 }
 
-pub(crate) fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         problem: problem.into(),

@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// A string that never shows up in logs, `Debug` output or `inspect`.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
-pub struct Secret(pub(crate) String);
+pub struct Secret(pub(super) String);
 
 impl Secret {
     pub fn expose(&self) -> &str {
@@ -89,7 +89,7 @@ impl NatsConfig {
 
 /// `nats.url` as a string (comma-separated) or an array of strings; kept as one string so
 /// logs and every layer of the config see the same text.
-pub(crate) fn server_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+pub(super) fn server_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Repr {

@@ -61,7 +61,7 @@ pub enum OwnedShards {
 }
 
 impl OwnedShards {
-    pub(crate) fn parse(text: &str) -> Result<OwnedShards, String> {
+    pub(super) fn parse(text: &str) -> Result<OwnedShards, String> {
         let text = text.trim();
         if text.eq_ignore_ascii_case("all") {
             return Ok(OwnedShards::All);

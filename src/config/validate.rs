@@ -266,13 +266,13 @@ impl Config {
     }
 }
 
-pub(crate) fn is_literal_subject(subject: &str) -> bool {
+pub(super) fn is_literal_subject(subject: &str) -> bool {
     !subject.is_empty()
         && subject
             .split('.')
             .all(|token| !token.is_empty() && !token.contains(['*', '>', ' ', '\t', '\r', '\n']))
 }
 
-pub(crate) fn is_valid_name(name: &str) -> bool {
+pub(super) fn is_valid_name(name: &str) -> bool {
     !name.is_empty() && !name.contains(['.', '*', '>', '/', '\\', ' ', '\t', '\r', '\n'])
 }

@@ -24,7 +24,7 @@ pub struct AlarmReport {
 }
 
 impl AlarmReport {
-    pub(crate) fn new(alarm_id: String, record: &AlarmRecord) -> AlarmReport {
+    pub(super) fn new(alarm_id: String, record: &AlarmRecord) -> AlarmReport {
         AlarmReport {
             alarm_id,
             status: record.current.status.as_str().into(),

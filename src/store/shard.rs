@@ -116,7 +116,7 @@ impl ShardStore {
     }
 
     /// Reads the metadata the store caches, creating the digest epoch on first use.
-    pub(crate) fn load_meta(&mut self) -> Result<(), StoreError> {
+    pub(super) fn load_meta(&mut self) -> Result<(), StoreError> {
         self.epoch = match self.tree.get(keys::META_EPOCH)? {
             Some(bytes) => read_u64(&bytes),
             None => {
@@ -376,7 +376,7 @@ impl ShardStore {
         Ok((removed, next))
     }
 
-    pub(crate) fn message_id(&self, sequence: u64) -> String {
+    pub(super) fn message_id(&self, sequence: u64) -> String {
         format!(
             "alarm-digest:{}:{:016x}:{}",
             self.shard, self.epoch, sequence

@@ -26,7 +26,7 @@ impl ShardWrite<'_> {
         self.applied = Some(sequence);
     }
 
-    pub(crate) fn record(&self, key: &[u8]) -> Result<Option<AlarmRecord>, StoreError> {
+    pub(super) fn record(&self, key: &[u8]) -> Result<Option<AlarmRecord>, StoreError> {
         if let Some(record) = self.alarms.get(key) {
             return Ok(Some(*record));
         }
@@ -75,7 +75,7 @@ impl ShardWrite<'_> {
 
     /// The user's alarms, stored or created earlier in this batch, counted up to `cap`: only
     /// called when an event would create an alarm, and never scanning more than `cap` keys.
-    pub(crate) fn user_alarm_count(&self, user_id: &str, cap: usize) -> Result<usize, StoreError> {
+    pub(super) fn user_alarm_count(&self, user_id: &str, cap: usize) -> Result<usize, StoreError> {
         let prefix = keys::user_prefix(user_id);
         let mut count = 0;
         for item in self.store.tree.scan_prefix(&prefix).take(cap) {
@@ -203,7 +203,7 @@ impl ShardWrite<'_> {
 
 #[cfg(test)]
 impl ShardWrite<'_> {
-    pub(crate) fn apply_unlimited(&mut self, change: &StatusChange) -> Result<Applied, StoreError> {
+    pub(super) fn apply_unlimited(&mut self, change: &StatusChange) -> Result<Applied, StoreError> {
         self.apply(change, usize::MAX)
     }
 }
