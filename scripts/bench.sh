@@ -14,21 +14,7 @@ shards="${ALARM_DIGEST_SHARDS__COUNT:-16}"
 
 # shellcheck source=scripts/broker.sh
 . scripts/broker.sh
-# BENCH_BIN runs another build (A/B comparisons); by default the release build.
-if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --locked --quiet; fi
-bin="${BENCH_BIN:-$PWD/target/release/alarm-digest}"
-
-work="$(mktemp -d /tmp/alarm-digest-bench.XXXXXX)"
-pids=()
-cleanup() {
-  # Instances first (they drain and exit), the broker last.
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    kill "${pids[$i]}" 2>/dev/null || true
-    wait "${pids[$i]}" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+setup_work bench TERM
 
 start_broker
 export ALARM_DIGEST_NATS__URL="$url" ALARM_DIGEST_SHARDS__COUNT="$shards"

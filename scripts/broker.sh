@@ -1,6 +1,6 @@
-# Sourced by bench.sh and failover.sh: the nats-server binary, a fresh broker of their own
+# Sourced by bench.sh and failover.sh: the alarm-digest build and the nats-server binary they
+# run, a work dir removed on exit with everything they started, a fresh broker of their own
 # (random port, JetStream store under $work), and the /readyz probe.
-# Needs: $work (a temp dir) and the array pids; sets $url and appends the broker's pid.
 
 # NATS_SERVER_BIN runs another server; by default the newest pinned release (installed when
 # missing).
@@ -10,6 +10,28 @@ nats_bin="${NATS_SERVER_BIN:-$(ensure_nats_server "$NATS_SERVER_NEWEST")}"
 [ -x "$nats_bin" ] || { echo "$0: no nats-server at $nats_bin" >&2; exit 1; }
 echo "broker: $("$nats_bin" --version)" >&2
 
+# BENCH_BIN runs another build (A/B comparisons); by default the release build.
+if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --locked --quiet; fi
+bin="${BENCH_BIN:-$PWD/target/release/alarm-digest}"
+
+# setup_work NAME SIGNAL: a fresh $work (/tmp/alarm-digest-NAME.*) and the array pids; on exit
+# every pid gets SIGNAL, newest first (instances before the broker they drain into), and
+# $work is removed.
+setup_work() {
+  work="$(mktemp -d "/tmp/alarm-digest-$1.XXXXXX")"
+  pids=()
+  stop_signal="$2"
+  trap cleanup EXIT
+}
+cleanup() {
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill "-$stop_signal" "${pids[$i]}" 2>/dev/null || true
+    wait "${pids[$i]}" 2>/dev/null || true
+  done
+  rm -rf "$work"
+}
+
+# start_broker: sets $url and appends the broker's pid.
 start_broker() {
   mkdir -p "$work/ports"
   # NATS_CONFIG: a server config file to start it with (sync_interval, for example).

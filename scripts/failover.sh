@@ -14,19 +14,7 @@ events="${EVENTS_PER_SHARD:-20}"
 
 # shellcheck source=scripts/broker.sh
 . scripts/broker.sh
-if [ -z "${BENCH_BIN:-}" ]; then cargo build --release --locked --quiet; fi
-bin="${BENCH_BIN:-$PWD/target/release/alarm-digest}"
-
-work="$(mktemp -d /tmp/alarm-digest-failover.XXXXXX)"
-pids=()
-cleanup() {
-  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
-    kill -9 "${pids[$i]}" 2>/dev/null || true
-    wait "${pids[$i]}" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+setup_work failover KILL
 
 start_broker
 export ALARM_DIGEST_NATS__URL="$url" ALARM_DIGEST_SHARDS__COUNT="$shards"
