@@ -1,6 +1,7 @@
 //! The readiness latch behind `/readyz`: every part registers itself as not ready and flips
 //! to ready once it is bound; the instance is ready only when all of them are and the NATS
-//! connection is up.
+//! connection is up. A shard this instance is a standby for counts as ready while it follows
+//! its holder, with a note `/readyz` prints (which holder, how far behind).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -9,20 +10,48 @@ use std::sync::{Arc, Mutex};
 pub struct Readiness {
     /// Part → `None` when ready, else why not (empty: no reason worth printing).
     parts: Arc<Mutex<BTreeMap<String, Option<String>>>>,
+    /// Ready parts with something to say: standbys.
+    notes: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 impl Readiness {
     pub fn set(&self, part: impl Into<String>, ready: bool) {
-        if let Ok(mut parts) = self.parts.lock() {
-            parts.insert(part.into(), (!ready).then(String::new));
-        }
+        self.put(part.into(), (!ready).then(String::new), None);
     }
 
     /// Not ready, with a reason `/readyz` prints next to the part.
     pub fn block(&self, part: impl Into<String>, reason: impl Into<String>) {
-        if let Ok(mut parts) = self.parts.lock() {
-            parts.insert(part.into(), Some(reason.into()));
+        self.put(part.into(), Some(reason.into()), None);
+    }
+
+    /// Ready, as a standby: the note says for whom and how far behind.
+    pub fn standby(&self, part: impl Into<String>, note: impl Into<String>) {
+        self.put(part.into(), None, Some(note.into()));
+    }
+
+    fn put(&self, part: String, reason: Option<String>, note: Option<String>) {
+        if let Ok(mut notes) = self.notes.lock() {
+            match note {
+                Some(note) => notes.insert(part.clone(), note),
+                None => notes.remove(&part),
+            };
         }
+        if let Ok(mut parts) = self.parts.lock() {
+            parts.insert(part, reason);
+        }
+    }
+
+    /// The standbys, each with its note.
+    pub fn standbys(&self) -> Vec<String> {
+        self.notes
+            .lock()
+            .map(|notes| {
+                notes
+                    .iter()
+                    .map(|(part, note)| format!("{part} ({note})"))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The parts that are not ready; empty means ready (once at least one part registered).
@@ -62,5 +91,22 @@ mod tests {
         );
         readiness.set("shard 0", true);
         assert_eq!(readiness.not_ready(), Some(vec![]));
+    }
+
+    #[test]
+    fn a_standby_is_ready_with_a_note_until_it_is_anything_else() {
+        let readiness = Readiness::default();
+        readiness.standby("shard 1", "holder p, 3 behind");
+        assert_eq!(readiness.not_ready(), Some(vec![]));
+        assert_eq!(readiness.standbys(), vec!["shard 1 (holder p, 3 behind)"]);
+        readiness.block("shard 1", "cannot follow");
+        assert_eq!(
+            readiness.not_ready(),
+            Some(vec!["shard 1 (cannot follow)".to_string()])
+        );
+        assert!(readiness.standbys().is_empty());
+        readiness.standby("shard 1", "again");
+        readiness.set("shard 1", true);
+        assert!(readiness.standbys().is_empty());
     }
 }

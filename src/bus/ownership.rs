@@ -77,9 +77,29 @@ pub struct LeaseRecord {
     pub process: String,
 }
 
+/// What a holder tells the shard's standbys with every renewal: its digest epoch and the
+/// outbox sequence below which the output stream acknowledged every digest part. A standby,
+/// whose copy of the shard queues the same parts under the same sequences, drops those.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    pub epoch: u64,
+    pub below: u64,
+}
+
+/// The lease key's value: the record, and what the holder published. The previous release
+/// reads the record alone (unknown fields are ignored) and writes no `published`.
+#[derive(Serialize, Deserialize)]
+struct LeaseValue {
+    #[serde(flatten)]
+    record: LeaseRecord,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    published: Option<Published>,
+}
+
 pub enum Acquired {
     Held(Box<ShardLease>),
-    HeldBy(LeaseRecord),
+    /// Another process holds it, and has published this much so far.
+    HeldBy(LeaseRecord, Option<Published>),
 }
 
 /// The cluster's shared records, as seen by one process.
@@ -223,6 +243,13 @@ impl Cluster {
     }
 
     pub async fn read_lease(&self, shard: u16) -> Result<Option<LeaseRecord>, BusError> {
+        Ok(self
+            .read_lease_value(shard)
+            .await?
+            .map(|value| value.record))
+    }
+
+    async fn read_lease_value(&self, shard: u16) -> Result<Option<LeaseValue>, BusError> {
         read_json(&self.leases, &lease_key(shard), "reading a shard lease").await
     }
 
@@ -274,11 +301,12 @@ impl Cluster {
     pub async fn acquire(&self, shard: u16) -> Result<Acquired, BusError> {
         let key = lease_key(shard);
         let sent = Instant::now();
-        match self.leases.create(&key, to_json(&self.me)).await {
+        match self.leases.create(&key, self.lease_value(None)).await {
             Ok(revision) => {
                 let state = Arc::new(Mutex::new(LeaseState {
                     revision: Some(revision),
                     trusted_until: Some(sent + self.trusted_for()),
+                    published: None,
                 }));
                 let stop = CancellationToken::new();
                 let renewer = tokio::spawn(renew(self.clone(), shard, state.clone(), stop.clone()));
@@ -292,8 +320,8 @@ impl Cluster {
                 })))
             }
             Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
-                match self.read_lease(shard).await? {
-                    Some(holder) => Ok(Acquired::HeldBy(holder)),
+                match self.read_lease_value(shard).await? {
+                    Some(value) => Ok(Acquired::HeldBy(value.record, value.published)),
                     None => Err(BusError::transient(
                         "taking a shard lease",
                         "it just expired",
@@ -307,8 +335,15 @@ impl Cluster {
     /// The lease's revision if the record under `key` is this process's own.
     async fn own_lease_revision(&self, key: &str) -> Option<u64> {
         let entry = self.leases.entry(key).await.ok()??;
-        let record: LeaseRecord = serde_json::from_slice(&entry.value).ok()?;
-        (entry.operation == kv::Operation::Put && record == self.me).then_some(entry.revision)
+        let value: LeaseValue = serde_json::from_slice(&entry.value).ok()?;
+        (entry.operation == kv::Operation::Put && value.record == self.me).then_some(entry.revision)
+    }
+
+    fn lease_value(&self, published: Option<Published>) -> Bytes {
+        to_json(&LeaseValue {
+            record: self.me.clone(),
+            published,
+        })
     }
 
     /// A holder trusts a renewal this long after sending it; the server keeps the key for the
@@ -323,6 +358,8 @@ struct LeaseState {
     /// recreated by a renewal).
     revision: Option<u64>,
     trusted_until: Option<Instant>,
+    /// What the holder published so far, written with the next renewal.
+    published: Option<Published>,
 }
 
 /// A held lease on one shard. Check [`ShardLease::is_fresh`] before applying each batch.
@@ -358,6 +395,13 @@ impl ShardLease {
     /// every new holder (the bucket's stream sequence).
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Records what this holder published; the next renewal tells the standbys.
+    pub fn note_published(&self, published: Published) {
+        if let Ok(mut state) = self.state.lock() {
+            state.published = Some(published);
+        }
     }
 
     /// Stops renewing and deletes the lease, so the next holder (this instance restarted,
@@ -396,7 +440,6 @@ async fn renew(
     stop: CancellationToken,
 ) {
     let key = lease_key(shard);
-    let value = to_json(&cluster.me);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -405,13 +448,17 @@ async fn renew(
         // Lost: never taken again here. Whoever takes the shard next, this process included,
         // does it through `acquire` and restores the state first (ARCHITECTURE.md, "Who may
         // apply a shard").
-        let Some(revision) = state.lock().ok().and_then(|state| state.revision) else {
+        let Some((revision, published)) = state
+            .lock()
+            .ok()
+            .and_then(|state| Some((state.revision?, state.published)))
+        else {
             return;
         };
         let sent = Instant::now();
         let result = cluster
             .leases
-            .update(&key, value.clone(), revision)
+            .update(&key, cluster.lease_value(published), revision)
             .await
             .map_err(|e| e.kind() == UpdateErrorKind::WrongLastRevision);
         // A write whose reply was lost still happened: if the record is ours, keep it.
@@ -507,4 +554,44 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
     serde_json::from_slice(&bytes)
         .map(Some)
         .map_err(|e| BusError::transient(context, format!("unreadable record under {key}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> LeaseRecord {
+        LeaseRecord {
+            holder: Member {
+                instance: "i".into(),
+                host: "h".into(),
+                data_dir: "/d".into(),
+            },
+            process: "p".into(),
+        }
+    }
+
+    #[test]
+    fn the_previous_release_and_this_one_read_each_others_lease_values() {
+        // Written by the previous release: no `published`.
+        let old = serde_json::to_vec(&record()).expect("json");
+        let value: LeaseValue = serde_json::from_slice(&old).expect("read by this release");
+        assert_eq!(value.record, record());
+        assert_eq!(value.published, None);
+
+        // Written by this release: the previous one reads its record.
+        let published = Published {
+            epoch: u64::MAX - 1,
+            below: 42,
+        };
+        let new = serde_json::to_vec(&LeaseValue {
+            record: record(),
+            published: Some(published),
+        })
+        .expect("json");
+        let as_before: LeaseRecord = serde_json::from_slice(&new).expect("read as before");
+        assert_eq!(as_before, record());
+        let value: LeaseValue = serde_json::from_slice(&new).expect("read back");
+        assert_eq!(value.published, Some(published));
+    }
 }

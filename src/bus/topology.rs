@@ -371,6 +371,33 @@ impl Topology {
         .await
     }
 
+    /// A standby's reader of the shard log from `start`: ephemeral (the broker deletes it a
+    /// minute after its standby stops asking), in memory, one replica, no acks, so it costs
+    /// the broker one delivery per message and never touches the holder's consumer.
+    pub async fn standby_consumer_from(
+        &self,
+        js: &Context,
+        shard: u16,
+        start: u64,
+    ) -> Result<PullConsumer, BusError> {
+        let name = self.shard_stream(shard);
+        let stream = super::open_stream(js, &name).await?;
+        stream
+            .create_consumer(pull::Config {
+                ack_policy: AckPolicy::None,
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: start.max(1),
+                },
+                inactive_threshold: Duration::from_secs(60),
+                memory_storage: true,
+                num_replicas: 1,
+                description: Some(format!("alarm-digest standby of shard {shard}")),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BusError::transient(format!("creating a standby reader on {name}"), e))
+    }
+
     /// The shard's consumer, positioned at `start` (the first sequence the shard's state does
     /// not reflect). An existing durable would keep its old position whatever this asks
     /// (async-nats `get_or_create_consumer`), so it is deleted and created again: only the

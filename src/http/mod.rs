@@ -88,10 +88,16 @@ fn not_ready(state: &HttpState) -> Vec<String> {
 
 async fn readyz(State(state): State<HttpState>) -> Response {
     let waiting = not_ready(&state);
-    if waiting.is_empty() {
-        (StatusCode::OK, "ready\n").into_response()
+    let standbys = state.readiness.standbys();
+    let standbys = if standbys.is_empty() {
+        String::new()
     } else {
-        let body = format!("not ready: {}\n", waiting.join(", "));
+        format!("standby for: {}\n", standbys.join(", "))
+    };
+    if waiting.is_empty() {
+        (StatusCode::OK, format!("ready\n{standbys}")).into_response()
+    } else {
+        let body = format!("not ready: {}\n{standbys}", waiting.join(", "));
         (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
     }
 }

@@ -58,18 +58,23 @@ pub enum Phase {
     /// Caught up: applying new messages as they come. The only phase in which the shard is
     /// ready.
     Consuming,
+    /// Another process holds the lease; this one follows the shard log into its own copy,
+    /// answering nothing, so a takeover replays only the last messages. Counts as ready
+    /// while it follows.
+    Standby,
     /// Holding the shard but making no progress: queued work not delivered, a failing fetch,
     /// data dir or outbox (`/readyz` says which).
     Stalled,
 }
 
 impl Phase {
-    const ALL: [Phase; 6] = [
+    const ALL: [Phase; 7] = [
         Phase::Waiting,
         Phase::Upgrading,
         Phase::Restoring,
         Phase::Replaying,
         Phase::Consuming,
+        Phase::Standby,
         Phase::Stalled,
     ];
 
@@ -80,6 +85,7 @@ impl Phase {
             Phase::Restoring => "restoring",
             Phase::Replaying => "replaying",
             Phase::Consuming => "consuming",
+            Phase::Standby => "standby",
             Phase::Stalled => "stalled",
         }
     }
@@ -125,6 +131,10 @@ pub struct Metrics {
     pub shard_stream_bytes: Family<Shard, Gauge>,
     /// Per shard: messages still to replay before the shard is caught up.
     replay_behind: Family<Shard, Gauge>,
+    /// Per shard this instance is a standby for: shard log messages its copy lacks.
+    standby_behind: Family<Shard, Gauge>,
+    /// Shard log messages a standby applied to its copy.
+    pub standby_applied: Counter,
     phase: Family<ShardPhase, Gauge>,
     /// 1 when `/readyz` would answer 200, else 0 (set when scraped).
     pub ready: Gauge,
@@ -182,6 +192,8 @@ impl Metrics {
             snapshot_timestamp: Family::default(),
             shard_stream_bytes: Family::default(),
             replay_behind: Family::default(),
+            standby_behind: Family::default(),
+            standby_applied: Counter::default(),
             phase: Family::default(),
             ready: Gauge::default(),
             shards_owned: Gauge::default(),
@@ -319,8 +331,18 @@ impl Metrics {
             self.replay_behind.clone(),
         );
         ours.register(
+            "standby_behind_messages",
+            "Shard log messages a standby's copy lacks, per shard this instance is a standby for.",
+            self.standby_behind.clone(),
+        );
+        ours.register(
+            "standby_applied",
+            "Shard log messages standbys applied to their copies of shards held elsewhere.",
+            self.standby_applied.clone(),
+        );
+        ours.register(
             "shard_phase",
-            "1 for the phase each owned shard is in (waiting, upgrading, restoring, replaying, consuming).",
+            "1 for the phase each owned shard is in (waiting, upgrading, restoring, replaying, consuming, standby, stalled).",
             self.phase.clone(),
         );
         ours.register(
@@ -381,6 +403,12 @@ impl Metrics {
 
     pub fn set_replay_behind(&self, shard: u16, behind: u64) {
         self.replay_behind
+            .get_or_create(&Shard::new(shard))
+            .set(i64::try_from(behind).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_standby_behind(&self, shard: u16, behind: u64) {
+        self.standby_behind
             .get_or_create(&Shard::new(shard))
             .set(i64::try_from(behind).unwrap_or(i64::MAX));
     }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use super::{ack, Continuity, ShardWorker};
 use crate::bus::envelope::{self, ENVELOPE_V1, FRAME_HEADER};
 use crate::bus::{self, DeadLetter};
-use crate::store::{Applied, DigestOptions, DigestOutcome, ShardWrite, StoreError};
+use crate::store::{Applied, DigestOptions, DigestOutcome, OutboxEntry, ShardWrite, StoreError};
 use crate::wire::{self, Input, InputKind, Rejection};
 
 /// Redelivery delay for a batch the store could not take.
@@ -70,6 +70,105 @@ impl ShardWorker {
         let started = Instant::now();
         let shared = self.shared.clone();
         let shard = self.store.shard();
+        let staged = match self.stage(&messages, |message| shared.note_delivery(message)) {
+            Ok(staged) => staged,
+            Err(error) => return Err(self.nak_all(messages, error).await),
+        };
+        if let Some(gap) = staged.gap_at {
+            // Neither applied nor acked: the consumer is created again at the first message
+            // not applied.
+            messages.truncate(gap);
+        }
+        if let Err(error) = self.flusher.flush().await {
+            return Err(self.nak_all(messages, error).await);
+        }
+        self.sweep.newest_seen = staged.newest_seen;
+        self.tail_bytes += staged.tail_bytes;
+        staged.counts.record(&shared.metrics);
+        self.outbox.extend(staged.queued);
+        self.note_outbox();
+        let gap_at = staged.gap_at;
+        let dispositions = staged.dispositions;
+
+        // Every record with the index of the message it belongs to.
+        let mut records = Vec::new();
+        let mut waiting: Vec<(Message, usize)> = Vec::new();
+        for (message, disposition) in messages.into_iter().zip(dispositions) {
+            match disposition {
+                Disposition::Ack => ack(&message).await,
+                Disposition::AfterDigest => self.held.push(message),
+                Disposition::DeadLetters(rejected) => {
+                    let index = waiting.len();
+                    for one in &rejected {
+                        shared.metrics.rejected(one.code);
+                        tracing::warn!(
+                            message = "rejected shard input; dead-lettering it",
+                            shard,
+                            reason = one.code,
+                            error = %one.error,
+                            subject = %one.subject,
+                            stream = %one.stream,
+                            stream_sequence = one.sequence,
+                        );
+                        let record = DeadLetter {
+                            reason: one.code,
+                            error: &one.error,
+                            original_subject: &one.subject,
+                            stream: &one.stream,
+                            stream_sequence: one.sequence,
+                        };
+                        let outgoing = record.outgoing(
+                            &shared.config.streams.dead_letter_subject,
+                            one.payload.clone(),
+                        );
+                        records.push((outgoing, index));
+                    }
+                    waiting.push((message, rejected.len()));
+                }
+            }
+        }
+        if let Err(error) = self.publish_outbox().await {
+            // The digests are durable in the outbox; the loop retries before taking more.
+            tracing::warn!(shard, %error, "digest publish failed; will retry");
+        }
+        let (outgoing, owners): (Vec<_>, Vec<_>) = records.into_iter().unzip();
+        let outcomes = bus::publish_windowed(&shared.js, outgoing).await;
+        let mut failed = vec![false; waiting.len()];
+        for (owner, outcome) in owners.into_iter().zip(outcomes) {
+            if let Err(error) = outcome {
+                tracing::warn!(shard, %error, "dead letter not stored; will be redelivered");
+                failed[owner] = true;
+            }
+        }
+        // A message is acked once all its records are stored; else it comes back whole
+        // (applying it again is harmless, and each record's Msg-Id drops a second copy).
+        for ((message, _), failed) in waiting.into_iter().zip(failed) {
+            if failed {
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(STORE_RETRY_DELAY)))
+                    .await;
+            } else {
+                ack(&message).await;
+            }
+        }
+        shared.metrics.observe_batch(started.elapsed());
+        Ok(if gap_at.is_some() {
+            Continuity::Gap
+        } else {
+            Continuity::Contiguous
+        })
+    }
+
+    /// Applies messages in shard log order into one atomic sled batch, committed (not
+    /// flushed), with the sequence it reaches. Shared by the holder ([`Self::process`]) and a
+    /// standby (`standby.rs`), so both build the same state, outbox sequences included.
+    pub(super) fn stage(
+        &mut self,
+        messages: &[Message],
+        sequence_of: impl Fn(&Message) -> u64,
+    ) -> Result<Staged, StoreError> {
+        let shared = self.shared.clone();
+        let shard = self.store.shard();
         let options = DigestOptions {
             skip_empty: shared.config.digest.skip_empty,
             max_part_bytes: self.part_limit(),
@@ -86,7 +185,7 @@ impl ShardWorker {
         let mut tail_bytes = 0;
         let mut write = self.store.begin();
         for (index, message) in messages.iter().enumerate() {
-            let sequence = shared.note_delivery(message);
+            let sequence = sequence_of(message);
             if tracked {
                 if sequence != 0 && sequence < next {
                     counts.covered += 1;
@@ -168,95 +267,22 @@ impl ShardWorker {
         if tracked {
             write.applied_through(next - 1);
         }
-        if let Some(gap) = gap_at {
+        if gap_at.is_some() {
             tracing::info!(
                 shard,
                 expected = next,
                 "the shard log arrived out of order; taking it again from the first message \
                  not applied"
             );
-            // Neither applied nor acked: the consumer is created again at `next`.
-            messages.truncate(gap);
         }
-        let queued = match write.commit() {
-            Ok(queued) => queued,
-            Err(error) => return Err(self.nak_all(messages, error).await),
-        };
-        if let Err(error) = self.flusher.flush().await {
-            return Err(self.nak_all(messages, error).await);
-        }
-        self.sweep.newest_seen = newest_seen;
-        self.tail_bytes += tail_bytes;
-        counts.record(&shared.metrics);
-        self.outbox.extend(queued);
-        self.note_outbox();
-
-        // Every record with the index of the message it belongs to.
-        let mut records = Vec::new();
-        let mut waiting: Vec<(Message, usize)> = Vec::new();
-        for (message, disposition) in messages.into_iter().zip(dispositions) {
-            match disposition {
-                Disposition::Ack => ack(&message).await,
-                Disposition::AfterDigest => self.held.push(message),
-                Disposition::DeadLetters(rejected) => {
-                    let index = waiting.len();
-                    for one in &rejected {
-                        shared.metrics.rejected(one.code);
-                        tracing::warn!(
-                            message = "rejected shard input; dead-lettering it",
-                            shard,
-                            reason = one.code,
-                            error = %one.error,
-                            subject = %one.subject,
-                            stream = %one.stream,
-                            stream_sequence = one.sequence,
-                        );
-                        let record = DeadLetter {
-                            reason: one.code,
-                            error: &one.error,
-                            original_subject: &one.subject,
-                            stream: &one.stream,
-                            stream_sequence: one.sequence,
-                        };
-                        let outgoing = record.outgoing(
-                            &shared.config.streams.dead_letter_subject,
-                            one.payload.clone(),
-                        );
-                        records.push((outgoing, index));
-                    }
-                    waiting.push((message, rejected.len()));
-                }
-            }
-        }
-        if let Err(error) = self.publish_outbox().await {
-            // The digests are durable in the outbox; the loop retries before taking more.
-            tracing::warn!(shard, %error, "digest publish failed; will retry");
-        }
-        let (outgoing, owners): (Vec<_>, Vec<_>) = records.into_iter().unzip();
-        let outcomes = bus::publish_windowed(&shared.js, outgoing).await;
-        let mut failed = vec![false; waiting.len()];
-        for (owner, outcome) in owners.into_iter().zip(outcomes) {
-            if let Err(error) = outcome {
-                tracing::warn!(shard, %error, "dead letter not stored; will be redelivered");
-                failed[owner] = true;
-            }
-        }
-        // A message is acked once all its records are stored; else it comes back whole
-        // (applying it again is harmless, and each record's Msg-Id drops a second copy).
-        for ((message, _), failed) in waiting.into_iter().zip(failed) {
-            if failed {
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(STORE_RETRY_DELAY)))
-                    .await;
-            } else {
-                ack(&message).await;
-            }
-        }
-        shared.metrics.observe_batch(started.elapsed());
-        Ok(if gap_at.is_some() {
-            Continuity::Gap
-        } else {
-            Continuity::Contiguous
+        let queued = write.commit()?;
+        Ok(Staged {
+            dispositions,
+            counts,
+            newest_seen,
+            gap_at,
+            tail_bytes,
+            queued,
         })
     }
 
@@ -268,6 +294,17 @@ impl ShardWorker {
         }
         error
     }
+}
+
+/// A batch applied to the store: committed, not yet flushed.
+pub(super) struct Staged {
+    dispositions: Vec<Disposition>,
+    counts: BatchCounts,
+    newest_seen: Option<chrono::DateTime<chrono::Utc>>,
+    /// Where the shard log skipped ahead: nothing from this index on was applied.
+    pub(super) gap_at: Option<usize>,
+    tail_bytes: u64,
+    queued: Vec<(u64, OutboxEntry)>,
 }
 
 /// What one message of a batch needs to be applied.

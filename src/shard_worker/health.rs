@@ -1,7 +1,8 @@
 //! What a worker says about its shard, and noticing when it makes no progress.
 //!
 //! `/readyz` and `alarm_digest_shard_phase` are set together, by [`ShardWorker::report`]
-//! alone, so they cannot disagree: a shard is ready exactly when its phase is `consuming`.
+//! alone, so they cannot disagree: a shard is ready exactly when its phase is `consuming`, or
+//! `standby` (following its holder; `/readyz` names it with how far behind it is).
 //!
 //! A shard whose log holds messages the state lacks while nothing arrives for
 //! [`STALL_AFTER`] is *stalled* (a consumer deleted or wedged on the broker, a replica group
@@ -52,8 +53,8 @@ pub(super) enum Idle {
 }
 
 impl ShardWorker {
-    /// Sets the shard's phase gauge and its readiness together: ready only when consuming;
-    /// every other phase carries the reason `/readyz` prints.
+    /// Sets the shard's phase gauge and its readiness together: ready only when consuming or
+    /// following as a standby; every other phase carries the reason `/readyz` prints.
     pub(super) fn report(&mut self, phase: Phase, reason: impl Into<String>) {
         let shard = self.store.shard();
         if self.phase != Some(phase) {
@@ -62,6 +63,8 @@ impl ShardWorker {
         }
         if phase == Phase::Consuming {
             self.shared.readiness.set(self.part.clone(), true);
+        } else if phase == Phase::Standby {
+            self.shared.readiness.standby(self.part.clone(), reason);
         } else {
             self.shared
                 .readiness

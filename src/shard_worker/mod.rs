@@ -26,6 +26,7 @@ mod legacy;
 mod outbox;
 mod restore;
 mod snapshot;
+mod standby;
 mod sweep;
 mod waiting;
 
@@ -35,13 +36,14 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{AckKind, Message};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::ownership::{Acquired, ShardLease};
+use crate::bus::ownership::{Acquired, Published, ShardLease};
 use crate::bus::snapshots::Stored;
 use crate::bus::{self, BusError, Cluster, Snapshots};
 use crate::retry::{until_ok, Backoff};
 use crate::shared::Shared;
 use crate::store::{GroupFlusher, OutboxEntry, ShardStore};
 use health::{Idle, Progress};
+use standby::Standby;
 use sweep::Sweep;
 use waiting::Waiting;
 
@@ -215,22 +217,29 @@ impl ShardWorker {
         self.tail_bytes = 0;
     }
 
-    /// Waits until this process holds the shard's lease. A shard still in the previous
-    /// release's WorkQueue stream is taken only by its home there (the data dir holding its
-    /// state), which drains it and writes its first snapshot; after that, any instance that
-    /// owns the shard by config may take it.
+    /// Waits until this process holds the shard's lease, as a warm standby while another
+    /// process holds it (`standby.rs`). A shard still in the previous release's WorkQueue
+    /// stream is taken only by its home there (the data dir holding its state), which drains
+    /// it and writes its first snapshot; after that, any instance that owns the shard by
+    /// config may take it.
     async fn admit(&mut self, cancel: &CancellationToken) -> Option<ShardLease> {
         let shard = self.store.shard();
         let mut last: Option<Waiting> = None;
+        let mut standby = Standby::default();
         loop {
+            let mut published = None;
             let waiting = match self.previous_release_home().await {
                 Ok(Some(home)) => Waiting::PreviousReleaseHome(home),
                 Ok(None) => match self.cluster.acquire(shard).await {
                     Ok(Acquired::Held(lease)) => {
                         tracing::info!(shard, "shard lease taken");
+                        self.shared.metrics.set_standby_behind(shard, 0);
                         return Some(*lease);
                     }
-                    Ok(Acquired::HeldBy(record)) => Waiting::LeaseHeld(record),
+                    Ok(Acquired::HeldBy(record, progress)) => {
+                        published = Some(progress);
+                        Waiting::LeaseHeld(record)
+                    }
                     Err(error) => Waiting::Unavailable(error.to_string()),
                 },
                 Err(error) => Waiting::Unavailable(error.to_string()),
@@ -238,8 +247,15 @@ impl ShardWorker {
             if last.as_ref() != Some(&waiting) {
                 waiting.log(shard, self.cluster.lease_period());
             }
-            self.report(Phase::Waiting, waiting.reason());
+            let reason = waiting.reason();
             last = Some(waiting);
+            if let Some(published) = published {
+                if !self.follow(&mut standby, &reason, published, cancel).await {
+                    return None;
+                }
+                continue;
+            }
+            self.report(Phase::Waiting, reason);
             tokio::select! {
                 _ = cancel.cancelled() => return None,
                 _ = tokio::time::sleep(self.cluster.renew_every()) => {}
@@ -316,6 +332,7 @@ impl ShardWorker {
                     continue;
                 }
             }
+            lease.note_published(self.published());
             match (store_failing_since, &progress.stalled) {
                 (Some(_), _) => self.report(
                     Phase::Stalled,
@@ -425,6 +442,19 @@ impl ShardWorker {
                 Ok(true)
             }
             None => Ok(false),
+        }
+    }
+
+    /// What the standbys may drop from their copies' outboxes: every part below the oldest
+    /// one still unacknowledged here.
+    fn published(&self) -> Published {
+        Published {
+            epoch: self.store.digest_epoch(),
+            below: self
+                .outbox
+                .first()
+                .map(|(sequence, _)| *sequence)
+                .unwrap_or_else(|| self.store.next_outbox()),
         }
     }
 

@@ -20,7 +20,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 /// Where the shard stream stands.
-struct Extent {
+pub(super) struct Extent {
     first: u64,
     last: u64,
     /// When this incarnation of the stream was created (Unix nanoseconds).
@@ -28,7 +28,7 @@ struct Extent {
 }
 
 /// Why no base could be chosen.
-enum NoBase {
+pub(super) enum NoBase {
     Bus(BusError),
     /// Nothing usable: the reason, for `/readyz` and the log.
     Unusable(String),
@@ -86,7 +86,9 @@ impl ShardWorker {
         }
     }
 
-    async fn choose_and_load_base(&mut self) -> Result<Extent, NoBase> {
+    /// Brings the data dir up to date from the chosen base (a new owner's restore, and a
+    /// standby's start); returns where the shard log stands.
+    pub(super) async fn choose_and_load_base(&mut self) -> Result<Extent, NoBase> {
         let shard = self.store.shard();
         let keep = self.shared.config.snapshots.keep;
         let chain = self.snapshots.chain(shard, keep + 16).await?;

@@ -284,6 +284,35 @@ impl ShardStore {
             .collect()
     }
 
+    /// The digest epoch: part of every digest part's Msg-Id.
+    pub fn digest_epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The outbox sequence the next digest part gets.
+    pub fn next_outbox(&self) -> u64 {
+        self.next_outbox
+    }
+
+    /// Drops every outbox entry below `floor`: for a standby, whose copy of the shard
+    /// queues the digests the holder publishes, once the holder says they were published.
+    /// Returns how many were dropped. Not flushed: a drop lost in a crash means those parts
+    /// are published again at a takeover, and the output stream drops the copies.
+    pub fn drop_outbox_below(&self, floor: u64) -> Result<usize, StoreError> {
+        let start = keys::sequence_key(keys::OUTBOX, 0);
+        let end = keys::sequence_key(keys::OUTBOX, floor);
+        let mut batch = sled::Batch::default();
+        let mut dropped = 0;
+        for key in self.tree.range(start..end).keys() {
+            batch.remove(key?);
+            dropped += 1;
+        }
+        if dropped > 0 {
+            self.tree.apply_batch(batch)?;
+        }
+        Ok(dropped)
+    }
+
     /// Drops published digests. Not flushed on purpose: if the removal is lost in a crash the
     /// digest is published again with the same Msg-Id, and JetStream drops the copy.
     pub fn remove_outbox(&self, sequences: &[u64]) -> Result<(), StoreError> {

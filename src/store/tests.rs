@@ -305,3 +305,34 @@ fn answered_markers_are_pruned_up_to_the_ack_floor() {
         DigestOutcome::AlreadyAnswered
     );
 }
+
+#[test]
+fn a_standby_drops_the_digests_its_holder_published_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), 8).expect("open");
+    let mut shard = store.shard(0).expect("shard");
+    let mut write = shard.begin();
+    for (index, user) in ["u1", "u2", "u3"].into_iter().enumerate() {
+        write
+            .apply_unlimited(&change(user, "a", Status::Critical, 10))
+            .expect("apply");
+        write
+            .digest(user, index as u64 + 1, &options(false))
+            .expect("digest");
+    }
+    let queued = write.commit().expect("commit");
+    let sequences: Vec<u64> = queued.iter().map(|(sequence, _)| *sequence).collect();
+    assert_eq!(sequences.len(), 3);
+    assert_eq!(shard.next_outbox(), sequences[2] + 1);
+
+    // The holder says everything below the third part is published.
+    assert_eq!(shard.drop_outbox_below(sequences[2]).expect("drop"), 2);
+    let left: Vec<u64> = shard
+        .pending_outbox()
+        .expect("outbox")
+        .into_iter()
+        .map(|(sequence, _)| sequence)
+        .collect();
+    assert_eq!(left, vec![sequences[2]]);
+    assert_eq!(shard.drop_outbox_below(sequences[2]).expect("again"), 0);
+}

@@ -238,8 +238,7 @@ async fn a_stopped_owner_hands_its_shard_to_another_owner_through_its_final_snap
 
     let first = start_service(first_config.clone()).await;
     let other = start_service_unready(other_config.clone()).await;
-    let waiting =
-        wait_shard_blocked_by(&other.http_addr.to_string(), "shard 2 (lease held by").await;
+    let waiting = wait_standby(&other.http_addr.to_string(), "shard 2 (lease held by").await;
     assert!(waiting.contains("shard 2 (lease held by"), "{waiting}");
 
     client
@@ -254,7 +253,7 @@ async fn a_stopped_owner_hands_its_shard_to_another_owner_through_its_final_snap
     // The holder stops: its final snapshot carries shard 2 to the other instance, whose data
     // dir never saw it.
     first.stop().await.expect("clean stop");
-    wait_ready(&other.http_addr.to_string()).await;
+    wait_holding(&other.http_addr.to_string()).await;
     client
         .status(&user, "new", "WARNING", "2026-01-01T00:00:02Z")
         .await;
@@ -368,14 +367,14 @@ async fn a_paused_holder_loses_its_lease_and_does_not_apply_beside_a_copy_of_its
     let first = ServiceProcess::spawn(&nats, original.path(), &env);
     wait_ready(&first.http).await;
     let second = ServiceProcess::spawn(&nats, copy.path(), &env);
-    let waiting = wait_shard_blocked_by(&second.http, "lease held by process").await;
+    let waiting = wait_standby(&second.http, "lease held by process").await;
     assert!(waiting.contains("lease held by process"), "{waiting}");
 
     // Pause the holder past its lease: the copy takes the shard over.
     first.signal("STOP");
-    wait_ready(&second.http).await;
+    wait_holding(&second.http).await;
     first.signal("CONT");
-    let stale = wait_shard_blocked_by(&first.http, "lease").await;
+    let stale = wait_standby(&first.http, "lease held by").await;
     assert!(stale.contains("lease"), "{stale}");
 
     let config = test_config(&nats, copy.path());

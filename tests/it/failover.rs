@@ -72,7 +72,7 @@ async fn a_former_holder_takes_a_shard_again_only_after_restoring_the_newer_owne
     let a = ServiceProcess::spawn(&nats, a_dir.path(), &env);
     wait_ready(&a.http).await;
     let b = ServiceProcess::spawn(&nats, b_dir.path(), &env);
-    wait_shard_blocked_by(&b.http, "lease held by").await;
+    wait_standby(&b.http, "lease held by").await;
 
     let client = TestClient::connect(&test_config(&nats, a_dir.path())).await;
     let mut reader = client.digests().await;

@@ -245,7 +245,7 @@ async fn two_instances_racing_for_one_shard_never_both_apply_it() {
         "exactly one applies: {applied:?}"
     );
     let loser = if applied[0] == 0 { &a } else { &b };
-    let waiting = wait_shard_blocked_by(&loser.http_addr.to_string(), "lease held by").await;
+    let waiting = wait_standby(&loser.http_addr.to_string(), "lease held by").await;
     assert!(waiting.contains("shard 0 (lease held by"), "{waiting}");
     assert_eq!(loser.metrics.shards_consuming.get(), 0);
     a.stop().await.expect("clean stop");

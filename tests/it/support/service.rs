@@ -113,6 +113,26 @@ pub async fn wait_ready(http: &str) {
     }
 }
 
+/// Waits until the instance holds and consumes every shard it owns: ready, and a standby for
+/// none (a standby counts as ready too).
+pub async fn wait_holding(http: &str) {
+    let deadline = Instant::now() + WAIT;
+    let mut last = String::new();
+    loop {
+        if let Ok((code, body)) = http_get(http, "/readyz").await {
+            if code == 200 && !body.contains("standby for:") {
+                return;
+            }
+            last = body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "instance at {http} did not take every shard it owns within {WAIT:?}; last: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until `/readyz` answers 503 naming a shard (one that holds work it cannot finish).
 pub async fn wait_shard_not_ready(http: &str) -> String {
     wait_shard_blocked_by(http, "").await
@@ -134,6 +154,30 @@ pub async fn wait_shard_blocked_by(http: &str, reason: &str) -> String {
         assert!(
             Instant::now() < deadline,
             "{http} never reported a shard blocked by {reason:?}; last: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `/readyz` names a shard this instance is a standby for, its note containing
+/// `reason` (a standby that follows counts as ready, so any status); returns the body.
+pub async fn wait_standby(http: &str, reason: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    let mut last = String::new();
+    loop {
+        if let Ok((_, body)) = http_get(http, "/readyz").await {
+            let standbys = body
+                .lines()
+                .find(|line| line.starts_with("standby for:"))
+                .unwrap_or_default();
+            if standbys.contains(reason) {
+                return body;
+            }
+            last = body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{http} never reported a standby {reason:?}; last: {last}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
