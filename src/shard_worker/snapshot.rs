@@ -50,6 +50,7 @@ impl ShardWorker {
     /// time (the shard stream keeps everything until then, so nothing is at risk).
     pub(super) async fn take_snapshot(&mut self) {
         let shard = self.store.shard();
+        failpoint::pause("snapshot");
         let started = Instant::now();
         match self.store_snapshot().await {
             Ok(stored) => {

@@ -18,14 +18,14 @@ const STATUSES: [&str; 3] = ["CLEARED", "WARNING", "CRITICAL"];
 
 /// Publishes random status changes and digest requests until stopped, retrying each publish
 /// until JetStream stored it (the broker may be away), and remembers the final state.
-struct Traffic {
+pub(crate) struct Traffic {
     stop: Arc<AtomicBool>,
     requests: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<HashMap<(String, String), (i64, usize)>>,
 }
 
 impl Traffic {
-    fn start(client: &TestClient, seed: u64, users: usize) -> Traffic {
+    pub(crate) fn start(client: &TestClient, seed: u64, users: usize) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(AtomicU64::new(0));
         let js = client.js.clone();
@@ -92,7 +92,7 @@ impl Traffic {
         }
     }
 
-    async fn finish(self) -> (HashMap<(String, String), (i64, usize)>, u64) {
+    pub(crate) async fn finish(self) -> (HashMap<(String, String), (i64, usize)>, u64) {
         self.stop.store(true, Ordering::Relaxed);
         let state = self.task.await.expect("traffic task");
         (state, self.requests.load(Ordering::Relaxed))
@@ -101,7 +101,7 @@ impl Traffic {
 
 /// Requests a final digest for every user and checks that the last digest mentioning each
 /// finally-active alarm reports its final status. Returns all digests.
-async fn assert_nothing_lost(
+pub(crate) async fn assert_nothing_lost(
     client: &TestClient,
     state: &HashMap<(String, String), (i64, usize)>,
 ) -> Vec<AlarmDigest> {

@@ -1,7 +1,8 @@
-//! Failover and fencing: a process that lost a shard's lease (paused, cut off) takes it again
-//! only as a new owner does, restoring first; only the holder touches the shard's consumer; a
-//! shard that holds work it does not apply says so and recovers; and the broker refuses a
-//! former owner's snapshot manifest.
+//! Failover and fencing: a warm standby takes a killed holder's shards with nothing lost or
+//! sent twice; a process that lost a shard's lease (paused, cut off) takes it again only as a
+//! new owner does, restoring first, and the broker refuses what it writes meanwhile; only the
+//! holder touches the shard's consumer; a shard that holds work it does not apply says so and
+//! recovers.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -10,8 +11,10 @@ use alarm_digest::bus::snapshots::Manifest;
 use alarm_digest::bus::{Snapshots, Topology};
 use alarm_digest::wire::InputKind;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use futures::StreamExt;
 use tempfile::tempdir;
 
+use crate::drills::{assert_nothing_lost, Traffic};
 use crate::shard_state::ask_everyone_and_check;
 use crate::support::*;
 
@@ -84,7 +87,7 @@ async fn a_former_holder_takes_a_shard_again_only_after_restoring_the_newer_owne
     // A paused past its lease: B takes every shard, and its snapshots (every second, two
     // kept) let it purge the shard logs behind them while new alarms keep coming.
     a.signal("STOP");
-    wait_ready(&b.http).await;
+    wait_holding(&b.http).await;
     let purged_from = Instant::now();
     let mut n = 1;
     while purged_from.elapsed() < Duration::from_secs(5) {
@@ -112,7 +115,7 @@ async fn a_former_holder_takes_a_shard_again_only_after_restoring_the_newer_owne
     a.signal("CONT");
     tokio::time::sleep(Duration::from_secs(1)).await;
     b.signal("STOP");
-    wait_ready(&a.http).await;
+    wait_holding(&a.http).await;
     round(&client, &users, n, &mut due).await;
     client.wait_drained().await;
     b.signal("CONT");
@@ -276,4 +279,210 @@ async fn a_former_owners_snapshot_manifest_is_refused_by_the_broker() {
         chain.iter().map(|s| s.manifest.covers).collect::<Vec<_>>(),
         vec![20]
     );
+}
+
+/// Waits until `name` (a counter or gauge without labels) reaches at least `at_least`.
+async fn wait_metric(http: &str, name: &str, at_least: u64) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let value = metric(http, name).await;
+        if value >= at_least {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} stayed at {value} on {http}, below {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every request answered once, and what reached a plain subscriber is exactly what the
+/// output stream stored, with no alarm twice.
+async fn assert_answered_once(
+    client: &TestClient,
+    subscriber: &PlainSubscriber,
+    state: &std::collections::HashMap<(String, String), (i64, usize)>,
+    requests: u64,
+) {
+    let digests = assert_nothing_lost(client, state).await;
+    let users = state
+        .keys()
+        .map(|(user, _)| user)
+        .collect::<std::collections::HashSet<_>>()
+        .len() as u64;
+    assert_eq!(
+        digests.len() as u64,
+        requests + users,
+        "every request answered exactly once"
+    );
+    let plain: Vec<_> = subscriber
+        .settle(Duration::from_secs(1))
+        .await
+        .into_iter()
+        .map(|received| received.digest)
+        .collect();
+    assert_eq!(
+        duplicate_alarms(&plain),
+        0,
+        "a plain subscriber got an alarm twice"
+    );
+    assert_eq!(
+        plain, digests,
+        "the plain subscriber got what the stream stored, once"
+    );
+}
+
+/// kill -9 of the process applying every shard, beside a warm standby: the standby's copies
+/// are current when it takes over, every shard is served again, nothing is lost and nothing
+/// reaches a plain subscriber twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_standby_takes_every_shard_of_a_killed_holder_with_nothing_lost_or_resent() {
+    let nats = NatsServer::start();
+    let (a_dir, b_dir) = (tempdir().unwrap(), tempdir().unwrap());
+    let a = ServiceProcess::spawn(&nats, a_dir.path(), &[]);
+    wait_holding(&a.http).await;
+    let b = ServiceProcess::spawn(&nats, b_dir.path(), &[]);
+    let standby = wait_standby(&b.http, "message(s) behind").await;
+    for shard in 0..4 {
+        assert!(
+            standby.contains(&format!("shard {shard} (lease held by")),
+            "{standby}"
+        );
+    }
+    let client = TestClient::connect(&test_config(&nats, b_dir.path())).await;
+    let subscriber = PlainSubscriber::start(&client).await;
+    let traffic = Traffic::start(&client, 17, 80);
+
+    // The standby follows the traffic into its own copy, answering nothing.
+    wait_metric(&b.http, "alarm_digest_standby_applied_total", 20).await;
+    assert_eq!(
+        metric(&b.http, "alarm_digest_events_applied_total").await,
+        0
+    );
+    a.kill_9();
+    wait_holding(&b.http).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (state, requests) = traffic.finish().await;
+    assert_answered_once(&client, &subscriber, &state, requests).await;
+    assert!(state.len() > 100, "traffic touched {} alarms", state.len());
+}
+
+/// A holder frozen in the middle of a snapshot (a VM pause) past its lease: the standby takes
+/// over; when the frozen process wakes, the broker refuses the manifest it was writing
+/// (counted), it applies and answers nothing more, and no alarm reaches a subscriber twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_frozen_mid_snapshot_wakes_fenced_and_sends_nothing_twice() {
+    let nats = NatsServer::start();
+    let (a_dir, b_dir) = (tempdir().unwrap(), tempdir().unwrap());
+    let snapshots = ("ALARM_DIGEST_SNAPSHOTS__EVERY_SECS", "2");
+    let a = ServiceProcess::spawn(
+        &nats,
+        a_dir.path(),
+        &[snapshots, ("FAILPOINT_ALARM_DIGEST", "pause:snapshot")],
+    );
+    wait_holding(&a.http).await;
+    let b = ServiceProcess::spawn(&nats, b_dir.path(), &[snapshots]);
+    wait_standby(&b.http, "message(s) behind").await;
+    let client = TestClient::connect(&test_config(&nats, b_dir.path())).await;
+    let subscriber = PlainSubscriber::start(&client).await;
+    let traffic = Traffic::start(&client, 23, 60);
+
+    // A stops itself at its first snapshot; B takes every shard once A's leases expire.
+    wait_holding(&b.http).await;
+    let answer = tokio::time::timeout(Duration::from_secs(1), http_get(&a.http, "/readyz")).await;
+    assert!(
+        !matches!(answer, Ok(Ok(_))),
+        "A is frozen: it answers nothing"
+    );
+    a.signal("CONT");
+    let fenced = wait_metric(&a.http, "alarm_digest_fenced_writes_total", 1).await;
+    let woken_applied = metric(&a.http, "alarm_digest_events_applied_total").await;
+    wait_standby(&a.http, "lease held by").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (state, requests) = traffic.finish().await;
+    assert_answered_once(&client, &subscriber, &state, requests).await;
+    assert_eq!(
+        metric(&a.http, "alarm_digest_events_applied_total").await,
+        woken_applied,
+        "the woken process applied nothing more"
+    );
+    assert_eq!(
+        fenced,
+        metric(&a.http, "alarm_digest_fenced_writes_total").await
+    );
+}
+
+/// A standby's reader failing (here deleted under it, as an inactive threshold or a broker
+/// restart would) costs the standby a new reader, never the holder its consumer.
+#[tokio::test]
+async fn a_standby_whose_reader_fails_never_touches_the_holders_consumer() {
+    let nats = NatsServer::start();
+    let (a_dir, b_dir) = (tempdir().unwrap(), tempdir().unwrap());
+    let a = ServiceProcess::spawn(&nats, a_dir.path(), &[]);
+    wait_holding(&a.http).await;
+    let b = ServiceProcess::spawn(&nats, b_dir.path(), &[]);
+    wait_standby(&b.http, "message(s) behind").await;
+    let client = TestClient::connect(&test_config(&nats, b_dir.path())).await;
+    let topology = Topology::new(client.config.streams.clone(), 4);
+    let durable = client.config.streams.worker_consumer.clone();
+    let mut created = BTreeMap::new();
+    for shard in 0..4 {
+        let stream = client
+            .js
+            .get_stream(topology.shard_stream(shard))
+            .await
+            .expect("shard stream");
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+            .get_consumer(&durable)
+            .await
+            .expect("holder's consumer");
+        created.insert(shard, consumer.info().await.expect("info").created);
+    }
+
+    let users = users_on_every_shard(4, 2);
+    let mut due = BTreeMap::new();
+    let mut reader = client.digests().await;
+    for n in 0..3 {
+        round(&client, &users, n, &mut due).await;
+        // Every reader that is not the holder's durable consumer goes.
+        for shard in 0..4 {
+            let stream = client
+                .js
+                .get_stream(topology.shard_stream(shard))
+                .await
+                .expect("shard stream");
+            let names: Vec<String> = stream
+                .consumer_names()
+                .filter_map(|name| async move { name.ok() })
+                .collect()
+                .await;
+            for name in names.into_iter().filter(|name| *name != durable) {
+                let _ = stream.delete_consumer(&name).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    client.wait_drained().await;
+    let followed = wait_metric(&b.http, "alarm_digest_standby_applied_total", 1).await;
+    ask_everyone_and_check(&client, &mut reader, &due).await;
+    assert!(followed > 0);
+    for shard in 0..4 {
+        let stream = client
+            .js
+            .get_stream(topology.shard_stream(shard))
+            .await
+            .expect("shard stream");
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+            .get_consumer(&durable)
+            .await
+            .expect("holder's consumer");
+        assert_eq!(
+            consumer.info().await.expect("info").created,
+            created[&shard],
+            "shard {shard}: the holder's consumer was never deleted and created again"
+        );
+    }
+    assert_eq!(metric(&a.http, "alarm_digest_shard_stalls_total").await, 0);
+    let _ = b;
 }

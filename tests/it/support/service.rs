@@ -536,11 +536,16 @@ pub struct ServiceProcess {
 
 impl ServiceProcess {
     pub fn spawn(nats: &NatsServer, data_dir: &Path, extra_env: &[(&str, &str)]) -> ServiceProcess {
+        ServiceProcess::spawn_at(&nats.url(), data_dir, extra_env)
+    }
+
+    /// Against any server URL list (a cluster's).
+    pub fn spawn_at(urls: &str, data_dir: &Path, extra_env: &[(&str, &str)]) -> ServiceProcess {
         let http = format!("127.0.0.1:{}", free_port());
         let mut command = Command::new(env!("CARGO_BIN_EXE_alarm-digest"));
         command
             .arg("run")
-            .env("ALARM_DIGEST_NATS__URL", nats.url())
+            .env("ALARM_DIGEST_NATS__URL", urls)
             .env("ALARM_DIGEST_STORAGE__PATH", data_dir)
             .env("ALARM_DIGEST_HTTP__LISTEN", &http)
             .env("ALARM_DIGEST_SHARDS__COUNT", "4")
