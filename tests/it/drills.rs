@@ -16,8 +16,9 @@ use crate::support::*;
 
 const STATUSES: [&str; 3] = ["CLEARED", "WARNING", "CRITICAL"];
 
-/// Publishes random status changes and digest requests until stopped, retrying each publish
-/// until JetStream stored it (the broker may be away), and remembers the final state.
+/// Publishes random status changes (reordered, some twice) and digest requests until stopped,
+/// retrying each publish until JetStream stored it (the broker may be away), and remembers
+/// the final state.
 pub(crate) struct Traffic {
     stop: Arc<AtomicBool>,
     requests: Arc<AtomicU64>,
@@ -68,18 +69,27 @@ impl Traffic {
                 };
                 // As a careful producer publishes: until the PubAck, retrying under one
                 // Nats-Msg-Id, so a publish stored before its ack was lost is not stored twice.
-                sent += 1;
-                let id = format!("drill-{seed}-{sent}");
-                loop {
-                    let message = async_nats::jetstream::message::PublishMessage::build()
-                        .payload(payload.clone().into())
-                        .message_id(&id);
-                    match js.send_publish(subject.clone(), message).await {
-                        Ok(ack) => match ack.await {
-                            Ok(_) => break,
+                // Now and then a status change is sent twice, as a producer that restarted
+                // would: a second message with the same content.
+                let copies = if subject == config.streams.status_subject && rng.gen_ratio(1, 10) {
+                    2
+                } else {
+                    1
+                };
+                for _ in 0..copies {
+                    sent += 1;
+                    let id = format!("drill-{seed}-{sent}");
+                    loop {
+                        let message = async_nats::jetstream::message::PublishMessage::build()
+                            .payload(payload.clone().into())
+                            .message_id(&id);
+                        match js.send_publish(subject.clone(), message).await {
+                            Ok(ack) => match ack.await {
+                                Ok(_) => break,
+                                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                            },
                             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                        },
-                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        }
                     }
                 }
             }

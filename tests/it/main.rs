@@ -14,6 +14,7 @@ mod durability;
 mod envelopes;
 mod failover;
 mod load_tool;
+mod nemesis;
 mod operations;
 mod security;
 mod semantics;

@@ -102,12 +102,14 @@ pub async fn start_service(config: Config) -> RunningService {
 pub async fn wait_ready(http: &str) {
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Ok((200, _)) = http_get(http, "/readyz").await {
-            return;
-        }
+        let last = match http_get(http, "/readyz").await {
+            Ok((200, _)) => return,
+            Ok((_, body)) => body,
+            Err(error) => error.to_string(),
+        };
         assert!(
             Instant::now() < deadline,
-            "instance at {http} not ready within {WAIT:?}"
+            "instance at {http} not ready within {WAIT:?}; last: {last}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
