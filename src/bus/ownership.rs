@@ -249,6 +249,17 @@ impl Cluster {
             .map(|value| value.record))
     }
 
+    /// Who holds the shard's lease now, and what it published; `None` when nobody does.
+    pub async fn holder(
+        &self,
+        shard: u16,
+    ) -> Result<Option<(LeaseRecord, Option<Published>)>, BusError> {
+        Ok(self
+            .read_lease_value(shard)
+            .await?
+            .map(|value| (value.record, value.published)))
+    }
+
     async fn read_lease_value(&self, shard: u16) -> Result<Option<LeaseValue>, BusError> {
         read_json(&self.leases, &lease_key(shard), "reading a shard lease").await
     }

@@ -16,6 +16,9 @@ pub struct ShardsConfig {
     /// With `owned = "ordinal"`: this instance's ordinal. Unset: the number after the last
     /// `-` of the hostname (`alarm-digest-3` → 3), as a StatefulSet names its pods.
     pub ordinal: Option<u16>,
+    /// With `owned = "ordinal"`: how many instances after each shard's own (by ordinal,
+    /// wrapping) also own it, as warm standbys. 0: each shard has one owner.
+    pub standbys: u16,
     /// The lease period, used when the leases bucket is created (its max age). A holder
     /// renews every third of it and stops applying once two thirds passed without renewal;
     /// after a crash, another owner takes the shard within the period plus a third of it.
@@ -29,6 +32,7 @@ impl Default for ShardsConfig {
             owned: OwnedShards::All,
             replicas: 1,
             ordinal: None,
+            standbys: 0,
             lease_secs: 3,
         }
     }
@@ -41,13 +45,24 @@ impl ShardsConfig {
         match &self.owned {
             OwnedShards::All => (0..self.count).collect(),
             OwnedShards::List(list) => list.iter().copied().collect(),
-            OwnedShards::Ordinal => {
-                let ordinal = self.ordinal.unwrap_or(0);
-                (0..self.count)
-                    .filter(|shard| shard % self.replicas.max(1) == ordinal)
-                    .collect()
-            }
+            OwnedShards::Ordinal => (0..self.count)
+                .filter(|shard| self.standby_rank(*shard) <= self.standbys)
+                .collect(),
         }
+    }
+
+    /// Whether this instance is the shard's first owner: the one that takes its lease when
+    /// all start together (`ordinal` only; with `all` or a list, every owner is).
+    pub fn is_primary(&self, shard: u16) -> bool {
+        !matches!(self.owned, OwnedShards::Ordinal) || self.standby_rank(shard) == 0
+    }
+
+    /// With `ordinal`: 0 for the instance whose ordinal is `shard % replicas`, 1 for the next
+    /// one (wrapping), and so on.
+    fn standby_rank(&self, shard: u16) -> u16 {
+        let replicas = self.replicas.max(1);
+        let ordinal = self.ordinal.unwrap_or(0) % replicas;
+        (ordinal + replicas - shard % replicas) % replicas
     }
 }
 

@@ -159,6 +159,64 @@ fn every_shard_has_exactly_one_ordinal_owner() {
 }
 
 #[test]
+fn with_standbys_every_shard_has_one_primary_and_that_many_standbys() {
+    let mut shards = ShardsConfig {
+        count: 12,
+        owned: OwnedShards::Ordinal,
+        replicas: 3,
+        standbys: 1,
+        ..ShardsConfig::default()
+    };
+    let mut owners = vec![0; 12];
+    let mut primaries = vec![0; 12];
+    for ordinal in 0..3 {
+        shards.ordinal = Some(ordinal);
+        let owned = shards.owned_shards();
+        assert_eq!(
+            owned.len(),
+            8,
+            "ordinal {ordinal}: its 4 and its predecessor's 4"
+        );
+        for shard in owned {
+            owners[usize::from(shard)] += 1;
+            if shards.is_primary(shard) {
+                assert_eq!(shard % 3, ordinal);
+                primaries[usize::from(shard)] += 1;
+            }
+        }
+    }
+    assert_eq!(owners, vec![2; 12]);
+    assert_eq!(primaries, vec![1; 12]);
+}
+
+#[test]
+fn standbys_need_ordinal_ownership_and_fewer_than_the_replicas() {
+    Jail::expect_with(|jail| {
+        jail.set_env("ALARM_DIGEST_SHARDS__STANDBYS", "1");
+        let error = Config::load(None, &Overrides::default()).expect_err("not ordinal");
+        assert!(error.to_string().contains("shards.standbys"), "{error}");
+        jail.set_env("ALARM_DIGEST_SHARDS__OWNED", "ordinal");
+        jail.set_env("ALARM_DIGEST_SHARDS__ORDINAL", "0");
+        jail.set_env("ALARM_DIGEST_SHARDS__REPLICAS", "2");
+        assert_eq!(
+            Config::load(None, &Overrides::default())
+                .expect("one standby of two")
+                .shards
+                .owned_shards()
+                .len(),
+            16
+        );
+        jail.set_env("ALARM_DIGEST_SHARDS__STANDBYS", "2");
+        let error = Config::load(None, &Overrides::default()).expect_err("too many");
+        assert!(
+            error.to_string().contains("below shards.replicas"),
+            "{error}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
 fn bad_values_name_the_key() {
     Jail::expect_with(|jail| {
         jail.set_env("ALARM_DIGEST_SHARDS__COUNT", "4");

@@ -95,6 +95,25 @@ impl Config {
                 ));
             }
         }
+        if self.shards.standbys > 0 {
+            if self.shards.owned != OwnedShards::Ordinal {
+                return Err(invalid(
+                    "shards.standbys",
+                    "applies to shards.owned = \"ordinal\" only; with `all` or lists, \
+                     instances whose lists overlap are each other's standbys",
+                ));
+            }
+            if self.shards.standbys >= self.shards.replicas {
+                return Err(invalid(
+                    "shards.standbys",
+                    format!(
+                        "must be below shards.replicas ({}): each shard has one owner plus \
+                         its standbys among the {} instances",
+                        self.shards.replicas, self.shards.replicas
+                    ),
+                ));
+            }
+        }
         if !(3..=3600).contains(&self.shards.lease_secs) {
             return Err(invalid("shards.lease_secs", "must be between 3 and 3600"));
         }

@@ -84,6 +84,10 @@ pub struct ShardWorker {
     fence: u64,
     /// A write of this tenure was refused for a newer owner: the tenure ends.
     fenced: bool,
+    /// The shard's first owner by ordinal (always, without ordinal ownership): it may take
+    /// a free lease at once; a standby by ordinal leaves it a lease period after start.
+    primary: bool,
+    started: Instant,
 }
 
 /// How a tenure under one lease ended.
@@ -127,6 +131,8 @@ impl ShardWorker {
             phase: None,
             fence: 0,
             fenced: false,
+            primary: shared.config.shards.is_primary(store.shard()),
+            started: Instant::now(),
             shared,
             cluster,
             store,
@@ -228,8 +234,18 @@ impl ShardWorker {
         let mut standby = Standby::default();
         loop {
             let mut published = None;
+            let primary_first =
+                !self.primary && self.started.elapsed() < self.cluster.lease_period();
             let waiting = match self.previous_release_home().await {
                 Ok(Some(home)) => Waiting::PreviousReleaseHome(home),
+                Ok(None) if primary_first => match self.cluster.holder(shard).await {
+                    Ok(Some((record, progress))) => {
+                        published = Some(progress);
+                        Waiting::LeaseHeld(record)
+                    }
+                    Ok(None) => Waiting::PrimaryFirst,
+                    Err(error) => Waiting::Unavailable(error.to_string()),
+                },
                 Ok(None) => match self.cluster.acquire(shard).await {
                     Ok(Acquired::Held(lease)) => {
                         tracing::info!(shard, "shard lease taken");

@@ -16,6 +16,9 @@ pub(super) enum Waiting {
     LeaseHeld(LeaseRecord),
     /// The ownership buckets could not be read.
     Unavailable(String),
+    /// Nobody holds the shard yet, and this instance is only a standby for it by ordinal: the
+    /// shard's first owner gets the first lease period after start to take it.
+    PrimaryFirst,
 }
 
 impl Waiting {
@@ -32,6 +35,9 @@ impl Waiting {
                 )
             }
             Waiting::Unavailable(error) => format!("ownership unknown: {error}"),
+            Waiting::PrimaryFirst => {
+                "standby by ordinal: leaving the shard to its first owner for now".into()
+            }
         }
     }
 
@@ -58,6 +64,12 @@ impl Waiting {
             Waiting::Unavailable(error) => {
                 tracing::warn!(shard, %error, "shard ownership unknown; retrying")
             }
+            Waiting::PrimaryFirst => tracing::info!(
+                shard,
+                "shard {shard} has no holder yet; as its standby by ordinal, this instance \
+                 takes it only if its first owner has not within {}s of this start",
+                lease_period.as_secs()
+            ),
         }
     }
 }

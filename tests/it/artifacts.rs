@@ -203,7 +203,7 @@ fn load_as_container(env: &[(String, String)], config_text: &str) -> Config {
 }
 
 #[test]
-fn the_kubernetes_statefulset_env_and_configmap_load_into_a_partition_of_the_shards() {
+fn the_kubernetes_statefulset_gives_every_shard_one_first_owner_and_one_standby() {
     let manifests = kubernetes();
     for kind in [
         "StatefulSet",
@@ -248,6 +248,7 @@ fn the_kubernetes_statefulset_env_and_configmap_load_into_a_partition_of_the_sha
             .collect()
     };
     let mut owners = BTreeMap::new();
+    let mut primaries = BTreeMap::new();
     let mut config = Config::default();
     for ordinal in 0..replicas {
         config = load_as_container(&pod_env(ordinal), config_text);
@@ -258,12 +259,21 @@ fn the_kubernetes_statefulset_env_and_configmap_load_into_a_partition_of_the_sha
         );
         for shard in config.shards.owned_shards() {
             *owners.entry(shard).or_insert(0) += 1;
+            if config.shards.is_primary(shard) {
+                *primaries.entry(shard).or_insert(0) += 1;
+            }
         }
     }
+    assert_eq!(config.shards.standbys, 1, "one warm standby per shard");
     assert_eq!(
         owners,
+        (0..config.shards.count).map(|s| (s, 2)).collect(),
+        "every shard has two pods: its first owner and its standby"
+    );
+    assert_eq!(
+        primaries,
         (0..config.shards.count).map(|s| (s, 1)).collect(),
-        "every shard has exactly one pod"
+        "every shard has exactly one first owner"
     );
     assert_eq!(config.streams.replicas, 3, "R3 streams in production");
 

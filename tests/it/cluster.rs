@@ -556,3 +556,58 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Ordinal ownership with one standby: two pods started together each take the shards they
+/// own first and stand by for the other's; kill -9 of one hands its shards to the other,
+/// with their state.
+#[tokio::test]
+async fn ordinal_standbys_start_balanced_and_take_over_a_killed_pods_shards() {
+    let nats = NatsServer::start();
+    let (a_dir, b_dir) = (tempdir().unwrap(), tempdir().unwrap());
+    let pod = |ordinal: &'static str| {
+        [
+            ("ALARM_DIGEST_SHARDS__OWNED", "ordinal"),
+            ("ALARM_DIGEST_SHARDS__REPLICAS", "2"),
+            ("ALARM_DIGEST_SHARDS__STANDBYS", "1"),
+            ("ALARM_DIGEST_SHARDS__ORDINAL", ordinal),
+        ]
+    };
+    let a = ServiceProcess::spawn(&nats, a_dir.path(), &pod("0"));
+    let b = ServiceProcess::spawn(&nats, b_dir.path(), &pod("1"));
+    for (http, standby_for) in [(&a.http, [1, 3]), (&b.http, [0, 2])] {
+        wait_ready(http).await;
+        for shard in standby_for {
+            wait_standby(http, &format!("shard {shard} (lease held by")).await;
+        }
+    }
+
+    let config = test_config(&nats, a_dir.path());
+    let client = TestClient::connect(&config).await;
+    let mut reader = client.digests().await;
+    let four_shards = Topology::new(Default::default(), 4);
+    let users: Vec<String> = (0..4)
+        .map(|shard| {
+            (0..)
+                .map(|i| format!("u{i}"))
+                .find(|u| four_shards.shard_of(u) == shard)
+                .unwrap()
+        })
+        .collect();
+    for user in &users {
+        client
+            .status(user, "a", "CRITICAL", "2026-01-01T00:00:01Z")
+            .await;
+    }
+    client.wait_drained().await;
+    b.kill_9();
+    wait_holding(&a.http).await;
+    for user in &users {
+        client.request_digest(user).await;
+        let digest = reader.next_for(user).await;
+        assert_eq!(
+            entries(&digest),
+            [("a".into(), "CRITICAL".into(), "2026-01-01T00:00:01Z".into())],
+            "{user}: the standby had the killed pod's state"
+        );
+    }
+}
