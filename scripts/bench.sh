@@ -3,6 +3,7 @@
 # fresh release instance(s) of alarm-digest, then `alarm-digest bench "$@"` against them.
 #   ./scripts/bench.sh --events 200000 --broker-ceiling
 #   INSTANCES=3 ./scripts/bench.sh --events 200000     # shards split s % 3 across 3 instances
+#   STANDBY=1 ./scripts/bench.sh --events 300000 --digests 0   # plus a warm standby of every shard
 #   ALARM_DIGEST_SHARDS__COUNT=1 MEASURE_RESTORE=1 ./scripts/bench.sh --events 1000000 --users 100000
 #                                                      # one shard of 1M alarms: snapshot, restore
 # Instance logs (snapshots and restores at info) go to $work/instance-<i>.log and are shown at
@@ -36,6 +37,29 @@ done
 "$bin" setup >/dev/null
 sleep 1
 
+# STANDBY=1 (with one instance): a second instance owning every shard too, so it is the warm
+# standby of all of them; what it cost during the run (CPU, RSS, messages it followed) is
+# printed at the end. Compare with a run without it for the broker's share.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+metric_of() {
+  (
+    exec 3<>"/dev/tcp/${1%:*}/${1##*:}"
+    printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
+    grep -E "^$2 " <&3 | awk '{ print $2 }'
+  ) 2>/dev/null || echo "?"
+}
+if [ "${STANDBY:-0}" = 1 ]; then
+  [ "$instances" -eq 1 ] || { echo "STANDBY=1 needs INSTANCES=1" >&2; exit 2; }
+  until ready "$http0"; do sleep 0.05; done
+  http_standby="127.0.0.1:$((40000 + RANDOM % 20000))"
+  ALARM_DIGEST_STORAGE__PATH="$work/data-standby" ALARM_DIGEST_HTTP__LISTEN="$http_standby" \
+    RUST_LOG=warn "$bin" run 2>>"$work/instance-standby.log" &
+  standby_pid="$!"
+  pids+=("$standby_pid")
+  until ready "$http_standby"; do sleep 0.05; done
+  standby_ticks="$(cpu_ticks "$standby_pid")"
+fi
+
 # WATCH_STREAM_BYTES=1: sample every shard stream's size each second during the run and print
 # the largest total and the largest single stream (the broker disk the snapshots bound).
 if [ "${WATCH_STREAM_BYTES:-0}" = 1 ]; then
@@ -51,6 +75,13 @@ fi
 extra=()
 if [ "$instances" -eq 1 ]; then extra=(--service-pid "${pids[1]}" --data-dir "$work/data-0"); fi
 ALARM_DIGEST_STORAGE__PATH="$work/data-0" "$bin" bench --broker-pid "${pids[0]}" "${extra[@]}" "$@"
+
+if [ "${STANDBY:-0}" = 1 ]; then
+  sleep 2
+  echo "standby: $(( ($(cpu_ticks "$standby_pid") - standby_ticks) * 1000 / $(getconf CLK_TCK) )) ms CPU during the run," \
+    "RSS $(awk '/VmRSS/ { printf "%.0f MiB", $2 / 1024 }' "/proc/$standby_pid/status")," \
+    "$(metric_of "$http_standby" alarm_digest_standby_applied_total) shard log messages followed"
+fi
 
 # SHOW_METRICS=1: print instance 0's /metrics counters after the run.
 if [ "${SHOW_METRICS:-0}" = 1 ]; then

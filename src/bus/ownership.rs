@@ -80,10 +80,20 @@ pub struct LeaseRecord {
 /// What a holder tells the shard's standbys with every renewal: its digest epoch and the
 /// outbox sequence below which the output stream acknowledged every digest part. A standby,
 /// whose copy of the shard queues the same parts under the same sequences, drops those.
+///
+/// A lease without it was written by the previous release, whose holders say nothing: a
+/// standby cannot tell which parts of its copy were published, so it does not follow such a
+/// holder (it restores at a takeover, as before).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Published {
     pub epoch: u64,
     pub below: u64,
+}
+
+impl Published {
+    /// What a new holder writes before its state is restored: epoch 0 matches no copy's
+    /// (a random or time-derived u64), so nothing is dropped yet.
+    pub const NOTHING_YET: Published = Published { epoch: 0, below: 0 };
 }
 
 /// The lease key's value: the record, and what the holder published. The previous release
@@ -312,12 +322,13 @@ impl Cluster {
     pub async fn acquire(&self, shard: u16) -> Result<Acquired, BusError> {
         let key = lease_key(shard);
         let sent = Instant::now();
-        match self.leases.create(&key, self.lease_value(None)).await {
+        let published = Some(Published::NOTHING_YET);
+        match self.leases.create(&key, self.lease_value(published)).await {
             Ok(revision) => {
                 let state = Arc::new(Mutex::new(LeaseState {
                     revision: Some(revision),
                     trusted_until: Some(sent + self.trusted_for()),
-                    published: None,
+                    published,
                 }));
                 let stop = CancellationToken::new();
                 let renewer = tokio::spawn(renew(self.clone(), shard, state.clone(), stop.clone()));

@@ -265,7 +265,9 @@ impl ShardWorker {
             }
             let reason = waiting.reason();
             last = Some(waiting);
-            if let Some(published) = published {
+            // A holder of this release says what it published; only then can a standby's
+            // copy tell its unpublished parts from the published ones.
+            if let Some(Some(published)) = published {
                 if !self.follow(&mut standby, &reason, published, cancel).await {
                     return None;
                 }

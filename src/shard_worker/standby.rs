@@ -48,7 +48,7 @@ impl ShardWorker {
         &mut self,
         standby: &mut Standby,
         holder: &str,
-        published: Option<Published>,
+        published: Published,
         cancel: &CancellationToken,
     ) -> bool {
         let until = Instant::now() + self.cluster.renew_every();
@@ -196,8 +196,7 @@ impl ShardWorker {
     }
 
     /// Drops the parts of the copy's outbox the holder has published.
-    fn drop_published(&self, published: Option<Published>) {
-        let Some(published) = published else { return };
+    fn drop_published(&self, published: Published) {
         if published.epoch != self.store.digest_epoch() {
             return;
         }

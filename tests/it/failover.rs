@@ -486,3 +486,63 @@ async fn a_standby_whose_reader_fails_never_touches_the_holders_consumer() {
     assert_eq!(metric(&a.http, "alarm_digest_shard_stalls_total").await, 0);
     let _ = b;
 }
+
+/// During a rolling upgrade a shard may be held by the previous release, whose lease says
+/// nothing about what it published: the new instance does not follow it (its copy could not
+/// tell published digest parts from unpublished ones), waits as that release did, and takes
+/// the shard once the old holder's lease expires.
+#[tokio::test]
+async fn a_holder_of_the_previous_release_is_waited_for_not_followed() {
+    let TestBed {
+        nats,
+        data: _data,
+        config: _,
+        client,
+    } = TestBed::start().await;
+    let (code, _, err) = cli_against(&nats, &["setup"]);
+    assert_eq!(code, Some(0), "{err}");
+    let leases = client
+        .js
+        .get_key_value(&client.config.streams.leases_bucket)
+        .await
+        .expect("leases bucket");
+    // Exactly what the previous release writes: the record, nothing else.
+    let old =
+        br#"{"holder":{"instance":"old","host":"old-host","data_dir":"/old"},"process":"0ld"}"#;
+    let dir = tempdir().unwrap();
+    let user = (0..)
+        .map(|i| format!("u{i}"))
+        .find(|u| Topology::new(Default::default(), 4).shard_of(u) == 0)
+        .unwrap();
+    let renewing = tokio::spawn({
+        let leases = leases.clone();
+        async move {
+            for _ in 0..8 {
+                leases
+                    .put("shard.0", old.to_vec().into())
+                    .await
+                    .expect("put");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = ServiceProcess::spawn(&nats, dir.path(), &[("ALARM_DIGEST_SHARDS__OWNED", "0")]);
+    let waiting = wait_shard_blocked_by(&b.http, "lease held by process 0ld").await;
+    assert!(!waiting.contains("standby for:"), "{waiting}");
+    client
+        .status(&user, "a", "CRITICAL", "2026-01-01T00:00:01Z")
+        .await;
+    renewing.await.expect("old holder");
+    assert_eq!(
+        metric(&b.http, "alarm_digest_standby_applied_total").await,
+        0,
+        "nothing followed"
+    );
+    // The old holder stops renewing: its lease expires and the new instance takes the shard.
+    wait_holding(&b.http).await;
+    let mut reader = client.digests().await;
+    client.request_digest(&user).await;
+    let digest = reader.next_for(&user).await;
+    assert_eq!(digest.active_alarms.len(), 1);
+}
