@@ -108,8 +108,16 @@ struct LeaseValue {
 
 pub enum Acquired {
     Held(Box<ShardLease>),
-    /// Another process holds it, and has published this much so far.
-    HeldBy(LeaseRecord, Option<Published>),
+    /// Another process holds it.
+    HeldBy(Holder),
+}
+
+/// Who holds a lease, what it published, and the lease's revision (which every renewal
+/// changes).
+pub struct Holder {
+    pub record: LeaseRecord,
+    pub published: Option<Published>,
+    pub revision: u64,
 }
 
 /// The cluster's shared records, as seen by one process.
@@ -259,19 +267,51 @@ impl Cluster {
             .map(|value| value.record))
     }
 
-    /// Who holds the shard's lease now, and what it published; `None` when nobody does.
-    pub async fn holder(
-        &self,
-        shard: u16,
-    ) -> Result<Option<(LeaseRecord, Option<Published>)>, BusError> {
-        Ok(self
-            .read_lease_value(shard)
-            .await?
-            .map(|value| (value.record, value.published)))
+    /// Who holds the shard's lease now; `None` when nobody does.
+    pub async fn holder(&self, shard: u16) -> Result<Option<Holder>, BusError> {
+        let context = "reading a shard lease";
+        let key = lease_key(shard);
+        let entry = self
+            .leases
+            .entry(&key)
+            .await
+            .map_err(|e| BusError::transient(context, e))?;
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            return Ok(None);
+        };
+        let value: LeaseValue = serde_json::from_slice(&entry.value).map_err(|e| {
+            BusError::transient(context, format!("unreadable record under {key}: {e}"))
+        })?;
+        Ok(Some(Holder {
+            record: value.record,
+            published: value.published,
+            revision: entry.revision,
+        }))
     }
 
     async fn read_lease_value(&self, shard: u16) -> Result<Option<LeaseValue>, BusError> {
         read_json(&self.leases, &lease_key(shard), "reading a shard lease").await
+    }
+
+    /// Ends a lease its holder stopped renewing, without waiting for the server to expire
+    /// it: a delete that the broker refuses unless `revision` is still the lease's last.
+    /// Call it only once `revision` was seen unchanged for a whole lease period: the holder
+    /// renews every third of it and trusts a renewal for two thirds of it after sending it,
+    /// so by then it trusts `revision` no more, and any renewal would have changed it.
+    /// `false`: not ended (renewed or taken meanwhile, or the broker did not answer; the
+    /// server's own expiry, or the next look, ends it).
+    pub async fn end_expired(&self, shard: u16, revision: u64) -> bool {
+        match self
+            .leases
+            .delete_expect_revision(lease_key(shard), Some(revision))
+            .await
+        {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::debug!(shard, %error, "lease not ended: renewed, taken or unanswered");
+                false
+            }
+        }
     }
 
     pub async fn recorded_count(&self) -> Result<Option<u16>, BusError> {
@@ -342,8 +382,8 @@ impl Cluster {
                 })))
             }
             Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
-                match self.read_lease_value(shard).await? {
-                    Some(value) => Ok(Acquired::HeldBy(value.record, value.published)),
+                match self.holder(shard).await? {
+                    Some(holder) => Ok(Acquired::HeldBy(holder)),
                     None => Err(BusError::transient(
                         "taking a shard lease",
                         "it just expired",

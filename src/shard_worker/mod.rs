@@ -232,6 +232,9 @@ impl ShardWorker {
         let shard = self.store.shard();
         let mut last: Option<Waiting> = None;
         let mut standby = Standby::default();
+        // The holder's lease revision as first seen, and when: unchanged for a whole period,
+        // its holder is gone (it renews every third of it).
+        let mut unchanged: Option<(u64, Instant)> = None;
         loop {
             let mut published = None;
             let primary_first =
@@ -239,9 +242,9 @@ impl ShardWorker {
             let waiting = match self.previous_release_home().await {
                 Ok(Some(home)) => Waiting::PreviousReleaseHome(home),
                 Ok(None) if primary_first => match self.cluster.holder(shard).await {
-                    Ok(Some((record, progress))) => {
-                        published = Some(progress);
-                        Waiting::LeaseHeld(record)
+                    Ok(Some(holder)) => {
+                        published = Some(holder.published);
+                        Waiting::LeaseHeld(holder.record)
                     }
                     Ok(None) => Waiting::PrimaryFirst,
                     Err(error) => Waiting::Unavailable(error.to_string()),
@@ -252,9 +255,27 @@ impl ShardWorker {
                         self.shared.metrics.set_standby_behind(shard, 0);
                         return Some(*lease);
                     }
-                    Ok(Acquired::HeldBy(record, progress)) => {
-                        published = Some(progress);
-                        Waiting::LeaseHeld(record)
+                    Ok(Acquired::HeldBy(holder)) => {
+                        match unchanged {
+                            Some((revision, since)) if revision == holder.revision => {
+                                if since.elapsed() >= self.cluster.lease_period()
+                                    && self.cluster.end_expired(shard, revision).await
+                                {
+                                    tracing::warn!(
+                                        shard,
+                                        holder = %holder.record.holder,
+                                        "shard {shard}'s lease was not renewed for {}s: its \
+                                         holder is gone; taking the shard",
+                                        self.cluster.lease_period().as_secs()
+                                    );
+                                    unchanged = None;
+                                    continue;
+                                }
+                            }
+                            _ => unchanged = Some((holder.revision, Instant::now())),
+                        }
+                        published = Some(holder.published);
+                        Waiting::LeaseHeld(holder.record)
                     }
                     Err(error) => Waiting::Unavailable(error.to_string()),
                 },

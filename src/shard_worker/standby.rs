@@ -42,7 +42,8 @@ fn sequence_of(message: &Message) -> u64 {
 }
 
 impl ShardWorker {
-    /// Follows the shard for one look's time (a third of the lease period), then returns so
+    /// Follows the shard for one look's time (a sixth of the lease period: half the holder's
+    /// renewal interval, so a holder that stopped renewing is noticed soon), then returns so
     /// the caller can try the lease again; `false` if cancelled.
     pub(super) async fn follow(
         &mut self,
@@ -51,7 +52,7 @@ impl ShardWorker {
         published: Published,
         cancel: &CancellationToken,
     ) -> bool {
-        let until = Instant::now() + self.cluster.renew_every();
+        let until = Instant::now() + self.cluster.renew_every() / 2;
         let shard = self.store.shard();
         if !standby.based {
             match self.choose_and_load_base().await {
