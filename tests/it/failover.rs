@@ -546,3 +546,47 @@ async fn a_holder_of_the_previous_release_is_waited_for_not_followed() {
     let digest = reader.next_for(&user).await;
     assert_eq!(digest.active_alarms.len(), 1);
 }
+
+/// A standby ends a lease whose revision it saw unchanged for a whole period; the broker
+/// refuses that delete once the holder renewed, so a live holder is never cut off by it.
+#[tokio::test]
+async fn ending_an_unrenewed_lease_is_refused_once_its_holder_renewed() {
+    use alarm_digest::bus::ownership::Acquired;
+    use alarm_digest::bus::{Cluster, Member};
+    let TestBed {
+        nats: _nats,
+        data,
+        config,
+        client,
+    } = TestBed::start().await;
+    let member = |name: &str| Member::here(name.into(), &config);
+    let holder = Cluster::open(&client.js, &config, member("holder"))
+        .await
+        .expect("holder joins");
+    let standby = Cluster::open(&client.js, &config, member("standby"))
+        .await
+        .expect("standby joins");
+    let Ok(Acquired::Held(lease)) = holder.acquire(1).await else {
+        panic!("the holder takes shard 1");
+    };
+    let Ok(Acquired::HeldBy(seen)) = standby.acquire(1).await else {
+        panic!("the standby sees a holder");
+    };
+    // The holder renews (every third of the period): the revision the standby saw is stale.
+    tokio::time::sleep(holder.renew_every() + Duration::from_millis(300)).await;
+    assert!(lease.is_fresh());
+    assert!(
+        !standby.end_expired(1, seen.revision).await,
+        "the broker refuses to end a renewed lease"
+    );
+    let current = standby.holder(1).await.expect("read").expect("held");
+    assert_ne!(current.revision, seen.revision);
+    assert_eq!(current.record.holder.instance, "holder");
+    // The holder is gone (no renewal runs once the lease is dropped without release): the
+    // revision the standby sees now is ended, and the standby takes the shard.
+    drop(lease);
+    let last = standby.holder(1).await.expect("read").expect("held");
+    assert!(standby.end_expired(1, last.revision).await);
+    assert!(matches!(standby.acquire(1).await, Ok(Acquired::Held(_))));
+    drop(data);
+}
