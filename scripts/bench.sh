@@ -58,6 +58,17 @@ if [ "${STANDBY:-0}" = 1 ]; then
   pids+=("$standby_pid")
   until ready "$http_standby"; do sleep 0.05; done
   standby_ticks="$(cpu_ticks "$standby_pid")"
+  # How far behind the holder it is, summed over the shards, every 0.2 s.
+  (
+    while sleep 0.2; do
+      (
+        exec 3<>"/dev/tcp/${http_standby%:*}/${http_standby##*:}"
+        printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
+        grep -E '^alarm_digest_standby_behind_messages' <&3 | awk '{ t += $2 } END { print t + 0 }'
+      ) 2>/dev/null
+    done >"$work/standby-behind.log"
+  ) &
+  pids+=("$!")
 fi
 
 # WATCH_STREAM_BYTES=1: sample every shard stream's size each second during the run and print
@@ -80,7 +91,8 @@ if [ "${STANDBY:-0}" = 1 ]; then
   sleep 2
   echo "standby: $(( ($(cpu_ticks "$standby_pid") - standby_ticks) * 1000 / $(getconf CLK_TCK) )) ms CPU during the run," \
     "RSS $(awk '/VmRSS/ { printf "%.0f MiB", $2 / 1024 }' "/proc/$standby_pid/status")," \
-    "$(metric_of "$http_standby" alarm_digest_standby_applied_total) shard log messages followed"
+    "$(metric_of "$http_standby" alarm_digest_standby_applied_total) shard log messages followed," \
+    "at most $(sort -n "$work/standby-behind.log" | tail -1) behind (all shards, sampled every 0.2 s)"
 fi
 
 # SHOW_METRICS=1: print instance 0's /metrics counters after the run.
