@@ -52,13 +52,13 @@ impl Waiting {
                  on this release, drains them and writes the shard's first snapshot, and then \
                  any owner can take it (README, 'Upgrading')"
             ),
-            Waiting::LeaseHeld(lease) => tracing::warn!(
+            Waiting::LeaseHeld(lease) => tracing::info!(
                 shard,
                 holder = %lease.holder,
                 process = %lease.process,
-                "waiting for shard {shard}'s lease: another process holds it (another owner, a \
-                 previous run of this instance, or a copy of this data dir); a holder that \
-                 stops releases it, one that dies loses it {}s after its last renewal",
+                "standing by for shard {shard}: another process holds its lease (another \
+                 owner, a previous run of this instance, or a copy of this data dir); a holder \
+                 that stops releases it, one that dies loses it {}s after its last renewal",
                 lease_period.as_secs()
             ),
             Waiting::Unavailable(error) => {
