@@ -145,7 +145,7 @@ pub async fn fetch_limited(
     limit: Limit,
     expires: Duration,
 ) -> Result<Vec<Message>, BusError> {
-    let mut messages = pull(consumer, limit, expires, Wait::No).await?;
+    let mut messages = pull_bounded(consumer, limit, expires, Wait::No).await?;
     if messages.is_empty() {
         // A batch of one cannot be left half-filled at expiry, which nats-server 2.9 can
         // fail to close (README, Pitfalls).
@@ -153,16 +153,39 @@ pub async fn fetch_limited(
             messages: 1,
             ..limit
         };
-        messages = pull(consumer, one, expires, Wait::ForFirst).await?;
+        messages = pull_bounded(consumer, one, expires, Wait::ForFirst).await?;
         if !messages.is_empty() && limit.messages > 1 {
             let rest = Limit {
                 messages: limit.messages - 1,
                 ..limit
             };
-            messages.extend(pull(consumer, rest, expires, Wait::No).await?);
+            messages.extend(pull_bounded(consumer, rest, expires, Wait::No).await?);
         }
     }
     Ok(messages)
+}
+
+/// The status nats-server closes a pull request with once its byte limit is used up.
+const BATCH_COMPLETED: &str = "Batch Completed";
+
+/// A byte-limited pull. nats-server 2.11 was seen (the nemesis test: a three-node cluster,
+/// a node killed and restarted) closing every byte-limited request on a shard consumer at once
+/// with `409 Batch Completed` and no message, for as long as the consumer lived and again after
+/// it was created anew: the shard stalled for good. One message without a byte limit still
+/// comes, so the shard progresses; the next fetch tries the limit again.
+async fn pull_bounded(
+    consumer: &PullConsumer,
+    limit: Limit,
+    expires: Duration,
+    wait: Wait,
+) -> Result<Vec<Message>, BusError> {
+    match pull(consumer, limit, expires, wait).await {
+        Err(error) if limit.bytes > 0 && error.to_string().contains(BATCH_COMPLETED) => {
+            tracing::debug!(%error, "byte-limited pull closed empty; taking one message");
+            pull(consumer, Limit::messages(1), expires, Wait::ForFirst).await
+        }
+        other => other,
+    }
 }
 
 /// Takes whatever is queued, up to `max`, without waiting for more.

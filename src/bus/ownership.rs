@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{stream, Context};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,9 @@ use crate::config::Config;
 use crate::retry::until_ok;
 
 const COUNT_KEY: &str = "shards.count";
+
+/// The header a key-value delete or purge carries (`DEL`, `PURGE`); a put carries none.
+const KV_OPERATION: &str = "KV-Operation";
 
 fn home_key(shard: u16) -> String {
     format!("home.{shard}")
@@ -267,25 +271,40 @@ impl Cluster {
             .map(|value| value.record))
     }
 
-    /// Who holds the shard's lease now; `None` when nobody does.
+    /// Who holds the shard's lease now; `None` when nobody does. Read from the stream's
+    /// leader, not through a direct get that any replica may answer: a replica that lags
+    /// (seen after a node restart) would say "nobody" while the leader still holds the key,
+    /// so the lease could neither be taken nor ended.
     pub async fn holder(&self, shard: u16) -> Result<Option<Holder>, BusError> {
         let context = "reading a shard lease";
         let key = lease_key(shard);
-        let entry = self
+        let subject = format!("{}{key}", self.leases.prefix);
+        let message = match self
             .leases
-            .entry(&key)
+            .stream
+            .get_last_raw_message_by_subject(&subject)
             .await
-            .map_err(|e| BusError::transient(context, e))?;
-        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
-            return Ok(None);
+        {
+            Ok(message) => message,
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(None)
+            }
+            Err(error) => return Err(BusError::transient(context, error)),
         };
-        let value: LeaseValue = serde_json::from_slice(&entry.value).map_err(|e| {
+        let removed = message
+            .headers
+            .get(KV_OPERATION)
+            .is_some_and(|op| op.as_str() != "PUT");
+        if removed {
+            return Ok(None);
+        }
+        let value: LeaseValue = serde_json::from_slice(&message.payload).map_err(|e| {
             BusError::transient(context, format!("unreadable record under {key}: {e}"))
         })?;
         Ok(Some(Holder {
             record: value.record,
             published: value.published,
-            revision: entry.revision,
+            revision: message.sequence,
         }))
     }
 
@@ -381,24 +400,24 @@ impl Cluster {
                     renewer: Some(renewer),
                 })))
             }
-            Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
-                match self.holder(shard).await? {
-                    Some(holder) => Ok(Acquired::HeldBy(holder)),
-                    None => Err(BusError::transient(
-                        "taking a shard lease",
-                        "it just expired",
-                    )),
-                }
-            }
-            Err(error) => Err(BusError::transient("taking a shard lease", error)),
+            // Whatever the create said (its own check of the key is a direct get, which a
+            // lagging replica may answer), the leader says who holds it.
+            Err(error) => match self.holder(shard).await? {
+                Some(holder) => Ok(Acquired::HeldBy(holder)),
+                None if error.kind() == CreateErrorKind::AlreadyExists => Err(BusError::transient(
+                    "taking a shard lease",
+                    "it just expired",
+                )),
+                None => Err(BusError::transient("taking a shard lease", error)),
+            },
         }
     }
 
-    /// The lease's revision if the record under `key` is this process's own.
-    async fn own_lease_revision(&self, key: &str) -> Option<u64> {
-        let entry = self.leases.entry(key).await.ok()??;
-        let value: LeaseValue = serde_json::from_slice(&entry.value).ok()?;
-        (entry.operation == kv::Operation::Put && value.record == self.me).then_some(entry.revision)
+    /// The lease's revision if the shard's lease record is this process's own (read from
+    /// the leader, as [`Cluster::holder`] reads it).
+    async fn own_lease_revision(&self, shard: u16) -> Option<u64> {
+        let holder = self.holder(shard).await.ok()??;
+        (holder.record == self.me).then_some(holder.revision)
     }
 
     fn lease_value(&self, published: Option<Published>) -> Bytes {
@@ -525,7 +544,7 @@ async fn renew(
             .map_err(|e| e.kind() == UpdateErrorKind::WrongLastRevision);
         // A write whose reply was lost still happened: if the record is ours, keep it.
         let result = match result {
-            Err(true) => match cluster.own_lease_revision(&key).await {
+            Err(true) => match cluster.own_lease_revision(shard).await {
                 Some(revision) => Ok(revision),
                 None => Err(true),
             },
