@@ -12,6 +12,8 @@ use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{AckKind, Message};
 use async_nats::HeaderMap;
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -27,7 +29,7 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Room left in an envelope message for its headers, under the server's `max_payload`.
 const HEADER_ROOM: usize = 512;
 
-/// Routed batches queued for the acker. With the one being acked and the one being
+/// Routed batches the acker awaits at once. With one queued for it and the one being
 /// published, `QUEUED_BATCHES + 2` batches of PubAcks may be outstanding at once.
 pub const QUEUED_BATCHES: usize = 2;
 
@@ -79,7 +81,7 @@ impl Router {
         };
         shared.readiness.set("router", true);
 
-        let (to_acker, from_router) = mpsc::channel::<Pending>(QUEUED_BATCHES);
+        let (to_acker, from_router) = mpsc::channel::<Pending>(1);
         let acker = tokio::spawn(ack_routed(from_router, self.shared.clone()));
         let mut backoff = Backoff::default();
         loop {
@@ -278,37 +280,68 @@ impl Router {
 }
 
 /// Awaits each batch's PubAcks in order and acks (or naks) the inputs each publish carries.
+/// Awaits the PubAcks of up to `QUEUED_BATCHES` batches at once, every publish of them
+/// concurrently, and acks (or naks) each batch's inputs in the order the batches came. Each
+/// PubAck times out on its own timer from when it is awaited: awaited one after another, a
+/// broker that stopped answering held a graceful stop for ten seconds per publish.
 async fn ack_routed(mut batches: mpsc::Receiver<Pending>, shared: Shared) {
-    while let Some(batch) = batches.recv().await {
-        for (published, messages, routed) in batch {
-            let outcome = match published {
-                Ok(ack) => ack
-                    .await
-                    .map_err(|e| BusError::transient("awaiting a PubAck", e)),
-                Err(error) => Err(error),
-            };
-            match outcome {
-                Ok(_) => {
-                    if let Routed::ToShard = routed {
-                        shared.metrics.routed.inc_by(messages.len() as u64);
-                    }
-                    for message in messages {
-                        if let Err(error) = message.ack().await {
-                            tracing::debug!(%error, "input ack not sent; it will be redelivered");
-                        }
-                    }
+    let mut waiting = FuturesOrdered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            batch = batches.recv(), if open && waiting.len() < QUEUED_BATCHES => match batch {
+                Some(batch) => waiting.push_back(futures::future::join_all(batch.into_iter().map(
+                    |(published, messages, routed)| async move {
+                        let outcome = match published {
+                            Ok(ack) => ack
+                                .await
+                                .map(|_| ())
+                                .map_err(|e| BusError::transient("awaiting a PubAck", e)),
+                            Err(error) => Err(error),
+                        };
+                        (outcome, messages, routed)
+                    },
+                ))),
+                None => open = false,
+            },
+            Some(acked) = waiting.next(), if !waiting.is_empty() => {
+                for (outcome, messages, routed) in acked {
+                    settle(&shared, outcome, messages, routed).await;
                 }
-                Err(error) => {
-                    shared.metrics.publish_failures.inc();
-                    tracing::warn!(
-                        message = "republish failed; its inputs will be redelivered",
-                        inputs = messages.len(),
-                        %error
-                    );
-                    for message in messages {
-                        let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
-                    }
+            }
+            else => return,
+        }
+    }
+}
+
+/// Acks the inputs a publish carried once it is stored; naks them (redelivered after a
+/// delay) if it was not.
+async fn settle(
+    shared: &Shared,
+    outcome: Result<(), BusError>,
+    messages: Vec<Message>,
+    routed: Routed,
+) {
+    match outcome {
+        Ok(()) => {
+            if let Routed::ToShard = routed {
+                shared.metrics.routed.inc_by(messages.len() as u64);
+            }
+            for message in messages {
+                if let Err(error) = message.ack().await {
+                    tracing::debug!(%error, "input ack not sent; it will be redelivered");
                 }
+            }
+        }
+        Err(error) => {
+            shared.metrics.publish_failures.inc();
+            tracing::warn!(
+                message = "republish failed; its inputs will be redelivered",
+                inputs = messages.len(),
+                %error
+            );
+            for message in messages {
+                let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
             }
         }
     }

@@ -1,9 +1,9 @@
-use std::collections::VecDeque;
-
 use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::Context;
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
 
 use super::BusError;
 
@@ -28,11 +28,13 @@ pub struct Outgoing {
 /// publish's outcome (the stream sequence it was stored under) in the same order.
 pub async fn publish_windowed(js: &Context, outgoing: Vec<Outgoing>) -> Vec<Result<u64, BusError>> {
     let mut outcomes = Vec::with_capacity(outgoing.len());
-    let mut window: VecDeque<Result<PublishAckFuture, BusError>> = VecDeque::new();
+    // Awaited together, in order: each PubAck's timeout runs from when it is first polled,
+    // so one after another a silent broker would cost a timeout per publish.
+    let mut window = FuturesOrdered::new();
     for message in outgoing {
         if window.len() == PUBLISH_WINDOW {
-            if let Some(oldest) = window.pop_front() {
-                outcomes.push(settle(oldest).await);
+            if let Some(oldest) = window.next().await {
+                outcomes.push(oldest);
             }
         }
         let published = js
@@ -48,10 +50,10 @@ pub async fn publish_windowed(js: &Context, outgoing: Vec<Outgoing>) -> Vec<Resu
                     BusError::transient("publishing", e)
                 }
             });
-        window.push_back(published);
+        window.push_back(settle(published));
     }
-    for pending in window {
-        outcomes.push(settle(pending).await);
+    while let Some(outcome) = window.next().await {
+        outcomes.push(outcome);
     }
     outcomes
 }
