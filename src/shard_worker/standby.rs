@@ -62,16 +62,11 @@ impl ShardWorker {
                     self.outbox.clear();
                     self.drop_published(published);
                 }
-                Err(NoBase::Bus(error)) => {
-                    return self
-                        .standby_blocked(
-                            format!("{holder}; standby cannot restore: {error}"),
-                            until,
-                            cancel,
-                        )
-                        .await;
-                }
-                Err(NoBase::Unusable(reason)) => {
+                Err(no_base) => {
+                    let reason = match no_base {
+                        NoBase::Bus(error) => error.to_string(),
+                        NoBase::Unusable(reason) => reason,
+                    };
                     return self
                         .standby_blocked(
                             format!("{holder}; standby cannot restore: {reason}"),

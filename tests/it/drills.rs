@@ -139,6 +139,57 @@ pub(crate) async fn assert_nothing_lost(
     digests
 }
 
+/// What a plain subscriber must have seen of the stored digests.
+pub(crate) enum PlainSaw {
+    /// Every one, once: its server never went away.
+    All,
+    /// Some of them (core NATS is at most once: a subscriber whose server was killed misses
+    /// what was republished meanwhile), never one twice and never one not stored.
+    NoMoreThanStored,
+}
+
+/// Checks the end of a run against the model: nothing lost, every request answered exactly
+/// once, no alarm stored twice, and what a plain subscriber got. Returns the stored digests.
+pub(crate) async fn assert_answered_once(
+    client: &TestClient,
+    subscriber: &PlainSubscriber,
+    state: &HashMap<(String, String), (i64, usize)>,
+    requests: u64,
+    saw: PlainSaw,
+) -> Vec<AlarmDigest> {
+    let digests = assert_nothing_lost(client, state).await;
+    let users = state
+        .keys()
+        .map(|(user, _)| user)
+        .collect::<std::collections::HashSet<_>>()
+        .len() as u64;
+    assert_eq!(
+        digests.len() as u64,
+        requests + users,
+        "every request answered exactly once"
+    );
+    assert_eq!(duplicate_alarms(&digests), 0, "an alarm stored twice");
+    let plain: Vec<AlarmDigest> = subscriber
+        .settle(Duration::from_secs(1))
+        .await
+        .into_iter()
+        .map(|received| received.digest)
+        .collect();
+    assert_eq!(
+        duplicate_alarms(&plain),
+        0,
+        "a plain subscriber got an alarm twice"
+    );
+    match saw {
+        PlainSaw::All => assert_eq!(plain, digests, "the plain subscriber got what was stored"),
+        PlainSaw::NoMoreThanStored => assert!(
+            plain.iter().all(|digest| digests.contains(digest)),
+            "a plain subscriber got a digest the stream never stored"
+        ),
+    }
+    digests
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_kill_9s_at_random_moments_lose_nothing_and_answer_every_request_once() {
     let bed = TestBed::start().await;

@@ -14,7 +14,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use futures::StreamExt;
 use tempfile::tempdir;
 
-use crate::drills::{assert_nothing_lost, Traffic};
+use crate::drills::{assert_answered_once, PlainSaw, Traffic};
 use crate::shard_state::ask_everyone_and_check;
 use crate::support::*;
 
@@ -297,42 +297,6 @@ async fn wait_metric(http: &str, name: &str, at_least: u64) -> u64 {
     }
 }
 
-/// Every request answered once, and what reached a plain subscriber is exactly what the
-/// output stream stored, with no alarm twice.
-async fn assert_answered_once(
-    client: &TestClient,
-    subscriber: &PlainSubscriber,
-    state: &std::collections::HashMap<(String, String), (i64, usize)>,
-    requests: u64,
-) {
-    let digests = assert_nothing_lost(client, state).await;
-    let users = state
-        .keys()
-        .map(|(user, _)| user)
-        .collect::<std::collections::HashSet<_>>()
-        .len() as u64;
-    assert_eq!(
-        digests.len() as u64,
-        requests + users,
-        "every request answered exactly once"
-    );
-    let plain: Vec<_> = subscriber
-        .settle(Duration::from_secs(1))
-        .await
-        .into_iter()
-        .map(|received| received.digest)
-        .collect();
-    assert_eq!(
-        duplicate_alarms(&plain),
-        0,
-        "a plain subscriber got an alarm twice"
-    );
-    assert_eq!(
-        plain, digests,
-        "the plain subscriber got what the stream stored, once"
-    );
-}
-
 /// kill -9 of the process applying every shard, beside a warm standby: the standby's copies
 /// are current when it takes over, every shard is served again, nothing is lost and nothing
 /// reaches a plain subscriber twice.
@@ -364,7 +328,7 @@ async fn a_warm_standby_takes_every_shard_of_a_killed_holder_with_nothing_lost_o
     wait_holding(&b.http).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (state, requests) = traffic.finish().await;
-    assert_answered_once(&client, &subscriber, &state, requests).await;
+    assert_answered_once(&client, &subscriber, &state, requests, PlainSaw::All).await;
     assert!(state.len() > 100, "traffic touched {} alarms", state.len());
 }
 
@@ -401,7 +365,7 @@ async fn a_holder_frozen_mid_snapshot_wakes_fenced_and_sends_nothing_twice() {
     wait_standby(&a.http, "lease held by").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (state, requests) = traffic.finish().await;
-    assert_answered_once(&client, &subscriber, &state, requests).await;
+    assert_answered_once(&client, &subscriber, &state, requests, PlainSaw::All).await;
     assert_eq!(
         metric(&a.http, "alarm_digest_events_applied_total").await,
         woken_applied,
@@ -426,18 +390,25 @@ async fn a_standby_whose_reader_fails_never_touches_the_holders_consumer() {
     let client = TestClient::connect(&test_config(&nats, b_dir.path())).await;
     let topology = Topology::new(client.config.streams.clone(), 4);
     let durable = client.config.streams.worker_consumer.clone();
+    // When each shard's durable consumer (the holder's) was created.
+    let created_at = |shard: u16| {
+        let (client, topology, durable) = (&client, &topology, &durable);
+        async move {
+            let stream = client
+                .js
+                .get_stream(topology.shard_stream(shard))
+                .await
+                .expect("shard stream");
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+                .get_consumer(durable)
+                .await
+                .expect("holder's consumer");
+            consumer.info().await.expect("info").created
+        }
+    };
     let mut created = BTreeMap::new();
     for shard in 0..4 {
-        let stream = client
-            .js
-            .get_stream(topology.shard_stream(shard))
-            .await
-            .expect("shard stream");
-        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
-            .get_consumer(&durable)
-            .await
-            .expect("holder's consumer");
-        created.insert(shard, consumer.info().await.expect("info").created);
+        created.insert(shard, created_at(shard).await);
     }
 
     let users = users_on_every_shard(4, 2);
@@ -468,17 +439,8 @@ async fn a_standby_whose_reader_fails_never_touches_the_holders_consumer() {
     ask_everyone_and_check(&client, &mut reader, &due).await;
     assert!(followed > 0);
     for shard in 0..4 {
-        let stream = client
-            .js
-            .get_stream(topology.shard_stream(shard))
-            .await
-            .expect("shard stream");
-        let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
-            .get_consumer(&durable)
-            .await
-            .expect("holder's consumer");
         assert_eq!(
-            consumer.info().await.expect("info").created,
+            created_at(shard).await,
             created[&shard],
             "shard {shard}: the holder's consumer was never deleted and created again"
         );
