@@ -142,6 +142,8 @@ pub struct Metrics {
     pub shards_owned: Gauge,
     /// Owned shards being consumed (home here, lease taken).
     pub shards_consuming: Gauge,
+    /// Owned shards this instance follows as a warm standby right now.
+    pub shards_standby: Gauge,
     /// Per shard, read from JetStream's consumer info (`consumer_stats`).
     pub shard_pending: Family<Shard, Gauge>,
     pub shard_ack_pending: Family<Shard, Gauge>,
@@ -198,6 +200,7 @@ impl Metrics {
             ready: Gauge::default(),
             shards_owned: Gauge::default(),
             shards_consuming: Gauge::default(),
+            shards_standby: Gauge::default(),
             shard_pending: Family::default(),
             shard_ack_pending: Family::default(),
             shard_redelivered: Family::default(),
@@ -294,6 +297,11 @@ impl Metrics {
             "shards_consuming",
             "Owned shards being consumed; fewer than owned: see /readyz for why.",
             self.shards_consuming.clone(),
+        );
+        ours.register(
+            "shards_standby",
+            "Owned shards this instance follows as a warm standby (another process holds their lease).",
+            self.shards_standby.clone(),
         );
         ours.register(
             "shard_consumer_pending",

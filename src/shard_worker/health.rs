@@ -58,8 +58,15 @@ impl ShardWorker {
     pub(super) fn report(&mut self, phase: Phase, reason: impl Into<String>) {
         let shard = self.store.shard();
         if self.phase != Some(phase) {
+            let metrics = &self.shared.metrics;
+            if self.phase == Some(Phase::Standby) {
+                metrics.shards_standby.dec();
+            }
+            if phase == Phase::Standby {
+                metrics.shards_standby.inc();
+            }
             self.phase = Some(phase);
-            self.shared.metrics.set_phase(shard, phase);
+            metrics.set_phase(shard, phase);
         }
         if phase == Phase::Consuming {
             self.shared.readiness.set(self.part.clone(), true);

@@ -324,8 +324,11 @@ async fn a_warm_standby_takes_every_shard_of_a_killed_holder_with_nothing_lost_o
         metric(&b.http, "alarm_digest_events_applied_total").await,
         0
     );
+    assert_eq!(metric(&b.http, "alarm_digest_shards_standby").await, 4);
     a.kill_9();
     wait_holding(&b.http).await;
+    assert_eq!(metric(&b.http, "alarm_digest_shards_standby").await, 0);
+    assert_eq!(metric(&b.http, "alarm_digest_shards_consuming").await, 4);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (state, requests) = traffic.finish().await;
     assert_answered_once(&client, &subscriber, &state, requests, PlainSaw::All).await;
