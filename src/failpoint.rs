@@ -36,11 +36,11 @@ pub fn pause(name: &str) {
     };
     if point == name && !PAUSED.swap(true, Ordering::SeqCst) {
         tracing::error!(failpoint = name, "{ENV} reached: stopping this process");
-        // Returns once the test sends SIGCONT.
-        let stopped = std::process::Command::new("kill")
-            .arg("-STOP")
-            .arg(std::process::id().to_string())
-            .status();
-        tracing::error!(failpoint = name, ?stopped, "woken up");
+        // Stops the whole process before it returns, right here (a signal sent from another
+        // process, `kill -STOP`, lands whenever the kernel delivers it: this thread could
+        // finish the write first). Returns once the test sends SIGCONT.
+        // SAFETY: raise() only signals the calling thread; SIGSTOP runs no handler.
+        let raised = unsafe { libc::raise(libc::SIGSTOP) };
+        tracing::error!(failpoint = name, raised, "woken up");
     }
 }

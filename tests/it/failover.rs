@@ -356,6 +356,11 @@ async fn a_holder_frozen_mid_snapshot_wakes_fenced_and_sends_nothing_twice() {
     let traffic = Traffic::start(&client, 23, 60);
 
     // A stops itself at its first snapshot; B takes every shard once A's leases expire.
+    let deadline = Instant::now() + WAIT;
+    while !a.is_stopped() {
+        assert!(Instant::now() < deadline, "A never reached its snapshot");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     wait_holding(&b.http).await;
     let answer = tokio::time::timeout(Duration::from_secs(1), http_get(&a.http, "/readyz")).await;
     assert!(

@@ -563,6 +563,20 @@ impl ServiceProcess {
         ServiceProcess { child, http }
     }
 
+    /// Whether the process is stopped (SIGSTOP): state `T` in `/proc/<pid>/stat`.
+    pub fn is_stopped(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .ok()
+            .and_then(|stat| {
+                let (_, after_name) = stat.rsplit_once(')')?;
+                after_name
+                    .split_whitespace()
+                    .next()
+                    .map(|state| state == "T")
+            })
+            .unwrap_or(false)
+    }
+
     pub fn kill_9(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
