@@ -90,6 +90,27 @@ pub struct ShardWorker {
     started: Instant,
 }
 
+/// A holder's lease revision as a waiting owner first saw it, and when. Every renewal (each
+/// third of the period) changes it, so one seen unchanged for a whole period belongs to a
+/// holder that is gone.
+#[derive(Default)]
+struct RenewalWatch {
+    seen: Option<(u64, Instant)>,
+}
+
+impl RenewalWatch {
+    /// Whether `revision` has been the lease's for at least `period` of this watch.
+    fn unrenewed_for(&mut self, revision: u64, period: Duration) -> bool {
+        match self.seen {
+            Some((seen, since)) if seen == revision => since.elapsed() >= period,
+            _ => {
+                self.seen = Some((revision, Instant::now()));
+                false
+            }
+        }
+    }
+}
+
 /// How a tenure under one lease ended.
 enum Tenure {
     /// Cancelled: the instance is stopping.
@@ -232,9 +253,7 @@ impl ShardWorker {
         let shard = self.store.shard();
         let mut last: Option<Waiting> = None;
         let mut standby = Standby::default();
-        // The holder's lease revision as first seen, and when: unchanged for a whole period,
-        // its holder is gone (it renews every third of it).
-        let mut unchanged: Option<(u64, Instant)> = None;
+        let mut watch = RenewalWatch::default();
         loop {
             let mut published = None;
             let primary_first =
@@ -256,23 +275,18 @@ impl ShardWorker {
                         return Some(*lease);
                     }
                     Ok(Acquired::HeldBy(holder)) => {
-                        match unchanged {
-                            Some((revision, since)) if revision == holder.revision => {
-                                if since.elapsed() >= self.cluster.lease_period()
-                                    && self.cluster.end_expired(shard, revision).await
-                                {
-                                    tracing::warn!(
-                                        shard,
-                                        holder = %holder.record.holder,
-                                        "shard {shard}'s lease was not renewed for {}s: its \
-                                         holder is gone; taking the shard",
-                                        self.cluster.lease_period().as_secs()
-                                    );
-                                    unchanged = None;
-                                    continue;
-                                }
-                            }
-                            _ => unchanged = Some((holder.revision, Instant::now())),
+                        let period = self.cluster.lease_period();
+                        if watch.unrenewed_for(holder.revision, period)
+                            && self.cluster.end_expired(shard, holder.revision).await
+                        {
+                            tracing::warn!(
+                                shard,
+                                holder = %holder.record.holder,
+                                "shard {shard}'s lease was not renewed for {}s: its holder is \
+                                 gone; taking the shard",
+                                period.as_secs()
+                            );
+                            continue;
                         }
                         published = Some(holder.published);
                         Waiting::LeaseHeld(holder.record)
@@ -569,5 +583,25 @@ async fn ack(message: &Message) {
     // Acks are fire-and-forget; a lost one means a redelivery, which is idempotent.
     if let Err(error) = message.ack().await {
         tracing::debug!(%error, "ack not sent; the message will be redelivered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_revision_counts_as_unrenewed_only_once_seen_unchanged_for_the_period() {
+        let mut watch = RenewalWatch::default();
+        let period = Duration::from_millis(30);
+        assert!(
+            !watch.unrenewed_for(7, period),
+            "first sight starts the watch"
+        );
+        assert!(!watch.unrenewed_for(7, period), "not a whole period yet");
+        std::thread::sleep(period);
+        assert!(watch.unrenewed_for(7, period));
+        assert!(!watch.unrenewed_for(8, period), "a renewal starts it again");
+        assert!(!watch.unrenewed_for(8, period));
     }
 }
