@@ -64,6 +64,14 @@ pub enum Command {
         #[command(subcommand)]
         action: crate::cmd::dlq::DlqAction,
     },
+    /// Print the nats-server mapping that spreads the input subjects over
+    /// streams.input_partitions partitions (include it in every server's config).
+    NatsMappings(crate::cmd::nats_mappings::NatsMappingsArgs),
+    /// Show or change the cluster's input partitions; prune retired ones.
+    Partitions {
+        #[command(subcommand)]
+        action: crate::cmd::partitions::PartitionsAction,
+    },
 }
 
 #[derive(Debug, Subcommand)]

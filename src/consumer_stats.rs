@@ -49,13 +49,25 @@ pub async fn run(shared: Shared, owned: Vec<u16>, every: Duration, cancel: Cance
                 Err(error) => tracing::debug!(%error, shard, "no shard consumer info"),
             }
         }
-        if let Ok(stream) = shared.js.get_stream_no_info(&streams.input_stream).await {
-            if let Ok(info) = stream.consumer_info(&streams.router_consumer).await {
-                shared
-                    .metrics
-                    .input_pending
-                    .set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
+        // Summed over the configured input partitions (the retired ones only drain).
+        let mut input_pending = 0u64;
+        let mut read_all = true;
+        for partition in 0..shared.topology.input_partitions() {
+            let name = shared.topology.partition_stream(partition);
+            let read = match shared.js.get_stream_no_info(&name).await {
+                Ok(stream) => stream.consumer_info(&streams.router_consumer).await.ok(),
+                Err(_) => None,
+            };
+            match read {
+                Some(info) => input_pending += info.num_pending,
+                None => read_all = false,
             }
+        }
+        if read_all {
+            shared
+                .metrics
+                .input_pending
+                .set(i64::try_from(input_pending).unwrap_or(i64::MAX));
         }
         tokio::select! {
             _ = cancel.cancelled() => return,

@@ -60,6 +60,8 @@ fn main() -> ExitCode {
             Command::Bench(args) => cmd::bench::run(config, args).await,
             Command::Dlq { action } => cmd::dlq::run(config, action).await,
             Command::Shard { action } => cmd::shard::run(config, action).await,
+            Command::NatsMappings(args) => cmd::nats_mappings::run(&config, args),
+            Command::Partitions { action } => cmd::partitions::run(config, action).await,
         }
     });
     // Blocking threads still inside a store call (a failed disk) must not hold the exit.
@@ -74,7 +76,11 @@ fn main() -> ExitCode {
                 Some(StoreError::ShardCountMismatch { .. })
             ) || matches!(
                 error.downcast_ref(),
-                Some(BusError::ShardCountMismatch { .. } | BusError::Config(_))
+                Some(
+                    BusError::ShardCountMismatch { .. }
+                        | BusError::PartitionCountMismatch { .. }
+                        | BusError::Config(_)
+                )
             );
             if bad_config {
                 ExitCode::from(EXIT_BAD_CONFIG)

@@ -1,11 +1,16 @@
-//! The router: reads the input stream through one durable consumer shared by every instance,
-//! and republishes each message to its user's shard stream: status changes packed into one
-//! envelope per shard (`bus::envelope`), digest requests as single messages.
+//! The router: reads every input partition stream through one durable consumer per stream,
+//! shared by every instance, and republishes each message to its user's shard stream: status
+//! changes packed into one envelope per shard (`bus::envelope`), digest requests as single
+//! messages. One loop per partition stream, all on the router's thread; a supervisor starts
+//! a loop for each partition stream it finds (`bus/partitions.rs`), retired ones included.
 //!
 //! Publishes of a batch are pipelined; a separate acker task awaits their PubAcks and only
 //! then acks the inputs (every input of an envelope after that envelope's PubAck), so the next
 //! fetch overlaps the previous batch's round trips.
 
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::header::NATS_MESSAGE_ID;
@@ -15,6 +20,7 @@ use async_nats::HeaderMap;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::envelope::{self, Packer, Sealed};
@@ -29,6 +35,9 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Room left in an envelope message for its headers, under the server's `max_payload`.
 const HEADER_ROOM: usize = 512;
 
+/// How often the supervisor looks for input partition streams it does not route yet.
+const DISCOVER_EVERY: Duration = Duration::from_secs(5);
+
 /// Routed batches the acker awaits at once. With one queued for it and the one being
 /// published, `QUEUED_BATCHES + 2` batches of PubAcks may be outstanding at once.
 pub const QUEUED_BATCHES: usize = 2;
@@ -42,16 +51,29 @@ enum Routed {
     DeadLettered,
 }
 
+#[derive(Clone)]
 pub struct Router {
     shared: Shared,
     /// Republishes go out on their own connection: one connection's read loop then carries
     /// only fetched messages, the other's only PubAcks (measured ~25% more routed msgs/s).
     publisher: async_nats::jetstream::Context,
+    /// Whether the first input that no mapping spread has been logged (once per process).
+    unmapped_logged: Arc<AtomicBool>,
+}
+
+/// One partition's loop: which stream it reads, and the name its readiness goes by.
+struct Partition {
+    stream: String,
+    part: String,
 }
 
 impl Router {
     pub fn new(shared: Shared, publisher: async_nats::jetstream::Context) -> Router {
-        Router { shared, publisher }
+        Router {
+            shared,
+            publisher,
+            unmapped_logged: Arc::default(),
+        }
     }
 
     /// Envelope limits: the configured ones, always under the publishing server's limit.
@@ -68,18 +90,87 @@ impl Router {
         }
     }
 
+    /// Routes every input partition until cancelled: the configured ones from the start,
+    /// any other partition stream (a retired one, or one a larger count added) once found.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), BusError> {
         let shared = &self.shared;
+        let configured = shared.topology.input_partitions();
+        let mut routing = BTreeSet::new();
+        let mut loops = JoinSet::new();
+        let mut found: BTreeSet<u16> = (0..configured).collect();
+        loop {
+            for number in found {
+                if !routing.insert(number) {
+                    continue;
+                }
+                if number >= configured {
+                    tracing::warn!(
+                        stream = %shared.topology.partition_stream(number),
+                        input_partitions = configured,
+                        "routing a retired input partition stream until it is empty; \
+                         `alarm-digest partitions prune` deletes it once the server's \
+                         mapping no longer sends to it"
+                    );
+                }
+                let router = self.clone();
+                let cancel = cancel.clone();
+                loops.spawn(async move {
+                    let ended = router.run_partition(number, cancel).await;
+                    (number, ended)
+                });
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Some(joined) = loops.join_next(), if !loops.is_empty() => {
+                    match joined {
+                        Ok((number, Err(error))) => {
+                            tracing::error!(partition = number, %error, "a partition's router stopped");
+                            routing.remove(&number);
+                        }
+                        Ok((number, Ok(()))) => {
+                            routing.remove(&number);
+                        }
+                        Err(error) => tracing::error!(%error, "a partition's router panicked"),
+                    }
+                }
+                _ = tokio::time::sleep(DISCOVER_EVERY) => {}
+            }
+            found = match shared.topology.existing_partitions(&shared.js).await {
+                Ok(existing) => existing.into_iter().chain(0..configured).collect(),
+                Err(error) => {
+                    tracing::debug!(%error, "input partitions not listed; looking again later");
+                    BTreeSet::new()
+                }
+            };
+        }
+        while let Some(joined) = loops.join_next().await {
+            if let Ok((number, Err(error))) = joined {
+                tracing::error!(partition = number, %error, "a partition's router failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Routes one input partition until cancelled, or until its stream is gone and it is
+    /// beyond the configured count (a pruned retired partition).
+    async fn run_partition(&self, number: u16, cancel: CancellationToken) -> Result<(), BusError> {
+        let shared = &self.shared;
         let tuning = &shared.config.tuning;
-        shared.readiness.set("router", false);
-        let Some(mut consumer) = until_ok("binding the router consumer", &cancel, || {
-            shared.topology.router_consumer(&shared.js, tuning)
-        })
-        .await?
+        let partition = Partition {
+            stream: shared.topology.partition_stream(number),
+            part: match number {
+                0 => "router".to_string(),
+                n => format!("router.{n}"),
+            },
+        };
+        let retired = number >= shared.topology.input_partitions();
+        shared.readiness.set(&partition.part, false);
+        let bind = || shared.topology.router_consumer(&shared.js, tuning, number);
+        let Some(mut consumer) = until_ok("binding the router consumer", &cancel, bind).await?
         else {
             return Ok(());
         };
-        shared.readiness.set("router", true);
+        shared.readiness.set(&partition.part, true);
 
         let (to_acker, from_router) = mpsc::channel::<Pending>(1);
         let acker = tokio::spawn(ack_routed(from_router, self.shared.clone()));
@@ -92,23 +183,33 @@ impl Router {
             match fetched {
                 Ok(messages) => {
                     backoff.reset();
-                    shared.readiness.set("router", true);
+                    shared.readiness.set(&partition.part, true);
                     if messages.is_empty() {
                         continue;
                     }
-                    let pending = self.route_round(&consumer, messages).await;
+                    let pending = self.route_round(&partition, &consumer, messages).await;
                     if to_acker.send(pending).await.is_err() {
                         break;
                     }
                 }
                 Err(error) => {
-                    shared.readiness.set("router", false);
-                    tracing::warn!(message = "router fetch failed; retrying", %error);
+                    if retired
+                        && matches!(
+                            bus::lookup_stream(&shared.js, &partition.stream).await,
+                            Ok(None)
+                        )
+                    {
+                        tracing::info!(stream = %partition.stream, "retired input partition stream deleted; no longer routing it");
+                        shared.readiness.remove(&partition.part);
+                        break;
+                    }
+                    shared.readiness.set(&partition.part, false);
+                    tracing::warn!(message = "router fetch failed; retrying", stream = %partition.stream, %error);
                     if !backoff.wait(&cancel).await {
                         break;
                     }
                     // The consumer may be gone (broker restarted on a fresh store).
-                    if let Ok(rebound) = shared.topology.router_consumer(&shared.js, tuning).await {
+                    if let Ok(rebound) = bind().await {
                         consumer = rebound;
                     }
                 }
@@ -127,13 +228,14 @@ impl Router {
     /// PubAcks a round holds), then seals every open envelope.
     async fn route_round(
         &self,
+        partition: &Partition,
         consumer: &async_nats::jetstream::consumer::PullConsumer,
         messages: Vec<Message>,
     ) -> Pending {
         let tuning = &self.shared.config.tuning;
         let mut packer = Packer::new(self.shared.topology.shard_count, self.envelope_limits());
         let mut taken = messages.len();
-        let mut pending = self.route(messages, &mut packer).await;
+        let mut pending = self.route(partition, messages, &mut packer).await;
         let linger = tuning.envelope_linger();
         if !linger.is_zero() {
             let deadline = Instant::now() + linger;
@@ -151,7 +253,7 @@ impl Router {
                     continue;
                 }
                 taken += more.len();
-                let routed = self.route(more, &mut packer).await;
+                let routed = self.route(partition, more, &mut packer).await;
                 pending.extend(routed);
             }
         }
@@ -164,7 +266,12 @@ impl Router {
     /// Validates every message of a batch: status changes go into their shard's envelope
     /// (publishing the ones that fill up), digest requests out as single messages after their
     /// shard's open envelope, invalid input to the dead-letter stream. No PubAck is awaited.
-    async fn route(&self, messages: Vec<Message>, packer: &mut Packer<Message>) -> Pending {
+    async fn route(
+        &self,
+        partition: &Partition,
+        messages: Vec<Message>,
+        packer: &mut Packer<Message>,
+    ) -> Pending {
         let shared = &self.shared;
         let streams = &shared.config.streams;
         let mut pending = Vec::new();
@@ -174,9 +281,13 @@ impl Router {
         let max_skew = shared.config.limits.max_future_skew();
         for message in messages {
             let sequence = shared.note_delivery(&message);
-            let decoded = match shared.topology.input_kind(&message.subject) {
-                Some(kind) => wire::decode(
-                    kind,
+            let origin = shared.topology.input_origin(&message.subject);
+            if let Some(origin) = origin.filter(|o| o.plain) {
+                self.note_unmapped(origin.kind);
+            }
+            let decoded = match origin {
+                Some(origin) => wire::decode(
+                    origin.kind,
                     &message.payload,
                     shared.config.limits.max_payload_bytes,
                 ),
@@ -206,7 +317,8 @@ impl Router {
                     if let Some(before) = packer.seal(shard) {
                         pending.push(self.publish_envelope(before).await);
                     }
-                    let outgoing = self.request_message(shard, &message, sequence);
+                    let outgoing =
+                        self.request_message(shard, &partition.stream, &message, sequence);
                     let published = self.publish(outgoing).await;
                     pending.push((published, vec![message], Routed::ToShard));
                 }
@@ -223,7 +335,7 @@ impl Router {
                         reason: rejection.code(),
                         error: &rejection.to_string(),
                         original_subject: &message.subject,
-                        stream: &streams.input_stream,
+                        stream: &partition.stream,
                         stream_sequence: sequence,
                     };
                     let outgoing =
@@ -264,10 +376,17 @@ impl Router {
 
     /// A digest request republished twice (router crash between PubAck and ack) would be
     /// answered twice; the stable Msg-Id lets JetStream drop the copy.
-    fn request_message(&self, shard: u16, message: &Message, input_sequence: u64) -> Outgoing {
+    /// The id names the partition stream: sequences of different partitions overlap.
+    fn request_message(
+        &self,
+        shard: u16,
+        input_stream: &str,
+        message: &Message,
+        input_sequence: u64,
+    ) -> Outgoing {
         let shared = &self.shared;
         let mut headers = HeaderMap::new();
-        let id = format!("{}:{input_sequence}", shared.config.streams.input_stream);
+        let id = format!("{input_stream}:{input_sequence}");
         headers.insert(NATS_MESSAGE_ID, id.as_str());
         Outgoing {
             subject: shared
@@ -275,6 +394,29 @@ impl Router {
                 .shard_subject(InputKind::DigestRequest, shard),
             headers,
             payload: message.payload.clone(),
+        }
+    }
+}
+
+impl Router {
+    /// An input on a plain subject while there are several partitions: the server has no
+    /// (or not this) mapping. It is routed all the same, through partition 0; counted, and
+    /// logged once.
+    fn note_unmapped(&self, kind: InputKind) {
+        let topology = &self.shared.topology;
+        if topology.input_partitions() <= 1 {
+            return;
+        }
+        self.shared.metrics.unmapped_inputs.inc();
+        if !self.unmapped_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                subject = topology.input_subject(kind),
+                input_partitions = topology.input_partitions(),
+                "input arrives on a plain subject: the server does not spread it over the \
+                 partitions (no mapping, or another one). It is processed through partition 0 \
+                 alone; include `alarm-digest nats-mappings` in the server's config and reload \
+                 it. Counted in alarm_digest_unmapped_inputs_total; logged once."
+            );
         }
     }
 }

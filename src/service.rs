@@ -1,8 +1,8 @@
 //! Starting and stopping one instance: the library entry point the binary and the tests share.
 //!
 //! Order: open the store and check it, bind HTTP (so `/livez` answers while NATS is still
-//! away), connect (retrying), create or check the streams, then start the router and one
-//! shard worker per owned shard. One root cancellation token stops them all.
+//! away), connect (retrying), agree on the shard and partition counts, create or check the
+//! streams, then start the router and one shard worker per owned shard. One root cancellation token stops them all.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -195,6 +195,13 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
         router_client,
         config.tuning.router_batch * (router::QUEUED_BATCHES + 2) + 64,
     );
+    // Ownership records go through a context without publish backpressure: a lease
+    // renewal must never queue behind digests. Joining first agrees on the shard and
+    // partition counts, so an instance with another count creates no stream for it.
+    let kv_js = async_nats::jetstream::new(client.clone());
+    let Some(cluster) = Cluster::join(&kv_js, config, parts.member.clone(), shutdown).await? else {
+        return Ok(());
+    };
     let ensured = until_ok("creating the streams", shutdown, || {
         parts.topology.ensure_streams(&js)
     })
@@ -202,12 +209,6 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
     if ensured.is_none() {
         return Ok(());
     }
-    // Ownership records go through a context without publish backpressure: a lease
-    // renewal must never queue behind digests.
-    let kv_js = async_nats::jetstream::new(client.clone());
-    let Some(cluster) = Cluster::join(&kv_js, config, parts.member.clone(), shutdown).await? else {
-        return Ok(());
-    };
     parts.readiness.set("streams", true);
     // For systemd (Type=notify): started means connected, streams checked and the shard
     // count agreed with the cluster. Per-shard readiness is /readyz's business.

@@ -5,6 +5,7 @@ mod connect;
 mod dead_letter;
 pub mod envelope;
 pub mod ownership;
+mod partitions;
 mod publish;
 pub mod snapshots;
 mod topology;
@@ -15,6 +16,7 @@ pub use connect::{
 };
 pub use dead_letter::{DeadLetter, DeadLetterHeaders};
 pub use ownership::{Cluster, Member};
+pub use partitions::InputOrigin;
 pub use publish::{
     publish_windowed, Outgoing, DIGEST_ID_HEADER, DIGEST_PART_HEADER, PUBLISH_WINDOW,
 };
@@ -270,6 +272,17 @@ pub enum BusError {
          'Changing shards.count')"
     )]
     ShardCountMismatch {
+        recorded: u16,
+        configured: u16,
+        bucket: String,
+    },
+    #[error(
+        "the cluster's streams.input_partitions is {recorded} (recorded in key-value bucket \
+         {bucket}) but this instance has streams.input_partitions = {configured}; set \
+         streams.input_partitions = {recorded}, or change the cluster's count first with \
+         `alarm-digest partitions set --count {configured}` (README, 'Input partitions')"
+    )]
+    PartitionCountMismatch {
         recorded: u16,
         configured: u16,
         bucket: String,

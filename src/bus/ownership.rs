@@ -5,6 +5,7 @@
 //! | bucket         | key            | value                                   | expires |
 //! |----------------|----------------|-----------------------------------------|---------|
 //! | shards         | `shards.count` | the cluster's shard count (JSON number) | never   |
+//! | shards         | `input.partitions` | the cluster's input partition count (JSON number) | never |
 //! | shards         | `home.N`       | the previous release's [`Member`] holding shard N (read by the upgrade only, then deleted) | never |
 //! | leases         | `shard.N`      | [`LeaseRecord`] of the process applying | max age |
 //!
@@ -32,6 +33,7 @@ use crate::config::Config;
 use crate::retry::until_ok;
 
 const COUNT_KEY: &str = "shards.count";
+const PARTITIONS_KEY: &str = "input.partitions";
 
 /// The header a key-value delete or purge carries (`DEL`, `PURGE`); a put carries none.
 const KV_OPERATION: &str = "KV-Operation";
@@ -211,6 +213,13 @@ impl Cluster {
             cluster.agree_shard_count(config.shards.count)
         })
         .await?;
+        if agreed.is_none() {
+            return Ok(None);
+        }
+        let agreed = until_ok("agreeing on streams.input_partitions", cancel, || {
+            cluster.agree_input_partitions(config.streams.input_partitions)
+        })
+        .await?;
         Ok(agreed.map(|()| cluster))
     }
 
@@ -257,6 +266,74 @@ impl Cluster {
                 }
             }
             Err(error) => Err(BusError::transient("recording the shard count", error)),
+        }
+    }
+
+    /// Records the input partition count on first start (a deployment of the release before
+    /// records its one partition then); refuses another one later: `partitions set` changes
+    /// it.
+    pub async fn agree_input_partitions(&self, configured: u16) -> Result<(), BusError> {
+        match self
+            .shards
+            .create(PARTITIONS_KEY, to_json(&configured))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
+                match self.recorded_input_partitions().await? {
+                    Some(recorded) if recorded == configured => Ok(()),
+                    Some(recorded) => Err(BusError::PartitionCountMismatch {
+                        recorded,
+                        configured,
+                        bucket: self.shards_bucket.clone(),
+                    }),
+                    None => Err(BusError::transient(
+                        "reading the cluster's input partition count",
+                        "the record vanished",
+                    )),
+                }
+            }
+            Err(error) => Err(BusError::transient(
+                "recording the input partition count",
+                error,
+            )),
+        }
+    }
+
+    pub async fn recorded_input_partitions(&self) -> Result<Option<u16>, BusError> {
+        read_json(
+            &self.shards,
+            PARTITIONS_KEY,
+            "reading the cluster's input partition count",
+        )
+        .await
+    }
+
+    /// Records a new input partition count (compare-and-set on the one read), for
+    /// `partitions set`. Returns the count it replaced (`None`: none was recorded).
+    pub async fn set_input_partitions(&self, to: u16) -> Result<Option<u16>, BusError> {
+        let context = "recording the new input partition count";
+        let entry = self
+            .shards
+            .entry(PARTITIONS_KEY)
+            .await
+            .map_err(|e| BusError::transient(context, e))?;
+        match entry.filter(|e| e.operation == kv::Operation::Put) {
+            Some(entry) => {
+                let before: Option<u16> = serde_json::from_slice(&entry.value).ok();
+                self.shards
+                    .update(PARTITIONS_KEY, to_json(&to), entry.revision)
+                    .await
+                    .map_err(|e| BusError::transient(context, e))?;
+                Ok(before)
+            }
+            None => {
+                self.shards
+                    .create(PARTITIONS_KEY, to_json(&to))
+                    .await
+                    .map_err(|e| BusError::transient(context, e))?;
+                Ok(None)
+            }
         }
     }
 

@@ -19,6 +19,8 @@ pub struct Topology {
     /// Per shard, the status and request subjects: built once, since the router and the
     /// workers need one for every message (a `Subject` clone is a reference count).
     shard_subjects: Vec<[Subject; 2]>,
+    /// The configured input partitions' stream names, for dead-letter records per event.
+    pub(super) partition_streams: Vec<String>,
 }
 
 impl Topology {
@@ -31,10 +33,17 @@ impl Topology {
                 ]
             })
             .collect();
+        let partition_streams = (0..streams.input_partitions)
+            .map(|partition| match partition {
+                0 => streams.input_stream.clone(),
+                p => format!("{}_{p}", streams.input_stream),
+            })
+            .collect();
         Topology {
             streams,
             shard_count,
             shard_subjects,
+            partition_streams,
         }
     }
 
@@ -78,11 +87,9 @@ impl Topology {
         }
     }
 
-    /// What an input-stream subject carries.
+    /// What an input subject carries (a plain one, or a partition's `.in.<p>`).
     pub fn input_kind(&self, subject: &str) -> Option<InputKind> {
-        [InputKind::StatusChange, InputKind::DigestRequest]
-            .into_iter()
-            .find(|kind| subject == self.input_subject(*kind))
+        self.input_origin(subject).map(|origin| origin.kind)
     }
 
     /// What a shard-stream subject carries, if it belongs to `shard`.
@@ -117,15 +124,9 @@ impl Topology {
 
     fn stream_configs(&self) -> Vec<stream::Config> {
         let s = &self.streams;
-        let mut configs = vec![stream::Config {
-            name: s.input_stream.clone(),
-            description: Some("alarm-digest input: producers publish plain NATS messages".into()),
-            subjects: vec![s.status_subject.clone(), s.digest_request_subject.clone()],
-            retention: RetentionPolicy::WorkQueue,
-            storage: StorageType::File,
-            num_replicas: s.replicas,
-            ..Default::default()
-        }];
+        let mut configs: Vec<stream::Config> = (0..self.input_partitions())
+            .map(|partition| self.partition_stream_config(partition))
+            .collect();
         for shard in 0..self.shard_count {
             configs.push(stream::Config {
                 name: self.shard_stream(shard),
@@ -182,6 +183,23 @@ impl Topology {
         configs
     }
 
+    /// Partition `p`'s input stream: WorkQueue, so what every router acked is gone.
+    pub(super) fn partition_stream_config(&self, partition: u16) -> stream::Config {
+        let s = &self.streams;
+        stream::Config {
+            name: self.partition_stream(partition),
+            description: Some(match partition {
+                0 => "alarm-digest input: producers publish plain NATS messages".into(),
+                p => format!("alarm-digest input partition {p}"),
+            }),
+            subjects: self.partition_subjects(partition),
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            num_replicas: s.replicas,
+            ..Default::default()
+        }
+    }
+
     /// Creates every stream, or checks that an existing one has the retention and subjects
     /// this service relies on. Safe to run from every instance at once.
     pub async fn ensure_streams(&self, js: &Context) -> Result<(), BusError> {
@@ -194,7 +212,14 @@ impl Topology {
             {
                 self.retire_legacy_shard_stream(js, shard).await?;
             }
-            ensure_stream(js, config).await?;
+            // Partition 0 gains its `.in.0` subjects in place when partitions are added, and
+            // keeps them when they are removed again: a server still mapping there loses
+            // nothing.
+            let may_keep = match self.partition_of_stream(&config.name) {
+                Some(0) => self.spread_subjects(0),
+                _ => Vec::new(),
+            };
+            ensure_stream(js, config, &may_keep).await?;
         }
         Ok(())
     }
@@ -353,17 +378,20 @@ impl Topology {
         Ok(())
     }
 
+    /// The routers' durable consumer of input partition `partition` (same name on every
+    /// partition stream).
     pub async fn router_consumer(
         &self,
         js: &Context,
         tuning: &TuningConfig,
+        partition: u16,
     ) -> Result<PullConsumer, BusError> {
         // Every instance's router pulls through this one consumer; leave room for all of
         // their batches (the server's default of 1000 would stall the router silently).
         let max_ack_pending = (tuning.router_batch * 16).max(10_000);
         durable_consumer(
             js,
-            &self.streams.input_stream,
+            &self.partition_stream(partition),
             &self.streams.router_consumer,
             tuning,
             max_ack_pending,
@@ -473,7 +501,11 @@ impl Topology {
     }
 }
 
-async fn ensure_stream(js: &Context, wanted: stream::Config) -> Result<(), BusError> {
+async fn ensure_stream(
+    js: &Context,
+    wanted: stream::Config,
+    may_keep: &[String],
+) -> Result<(), BusError> {
     let name = wanted.name.clone();
     let Some(mut existing) = super::lookup_stream(js, &name).await? else {
         return match js.create_stream(wanted).await {
@@ -493,10 +525,11 @@ async fn ensure_stream(js: &Context, wanted: stream::Config) -> Result<(), BusEr
         .info()
         .await
         .map_err(|e| BusError::transient(format!("reading stream {name}"), e))?;
-    let update = reconcile(&info.config, &wanted).map_err(|problem| BusError::StreamMismatch {
-        stream: name.clone(),
-        problem,
-    })?;
+    let update =
+        reconcile(&info.config, &wanted, may_keep).map_err(|problem| BusError::StreamMismatch {
+            stream: name.clone(),
+            problem,
+        })?;
     let Some(update) = update else {
         return Ok(());
     };
@@ -529,12 +562,17 @@ async fn durables_names(stream: &stream::Stream) -> Vec<String> {
 
 /// Compares an existing stream with what this release needs. `Ok(None)`: nothing to do;
 /// `Ok(Some(config))`: update it in place to `config` (the existing one with this release's
-/// duplicate window; everything else an operator tuned is kept); `Err`: a stream this service
-/// must not use as it is, with what is wrong. nats-server cannot change a stream's RePublish
-/// in place, so a different one is refused, not updated.
+/// duplicate window, and the subjects it lacks; everything else an operator tuned is kept);
+/// `Err`: a stream this service must not use as it is, with what is wrong. nats-server cannot
+/// change a stream's RePublish in place, so a different one is refused, not updated.
+///
+/// `may_keep`: subjects the stream may capture beyond `wanted`'s; only a stream with such
+/// subjects (input partition 0) gains missing ones in place, every other one must capture
+/// exactly `wanted`'s.
 fn reconcile(
     have: &stream::Config,
     wanted: &stream::Config,
+    may_keep: &[String],
 ) -> Result<Option<stream::Config>, String> {
     if have.retention != wanted.retention {
         return Err(format!(
@@ -544,11 +582,31 @@ fn reconcile(
     }
     let have_subjects: BTreeSet<&String> = have.subjects.iter().collect();
     let want_subjects: BTreeSet<&String> = wanted.subjects.iter().collect();
-    if have_subjects != want_subjects {
+    let foreign = have_subjects
+        .difference(&want_subjects)
+        .any(|subject| !may_keep.contains(subject));
+    let missing: Vec<String> = want_subjects
+        .difference(&have_subjects)
+        .map(|subject| subject.to_string())
+        .collect();
+    if foreign || (!missing.is_empty() && may_keep.is_empty()) {
         return Err(format!(
             "captures {:?}, this service needs {:?}",
             have.subjects, wanted.subjects
         ));
+    }
+    if !missing.is_empty() {
+        let mut subjects = have.subjects.clone();
+        subjects.extend(missing);
+        return Ok(Some(stream::Config {
+            subjects,
+            duplicate_window: if wanted.duplicate_window.is_zero() {
+                have.duplicate_window
+            } else {
+                wanted.duplicate_window
+            },
+            ..have.clone()
+        }));
     }
     if have.republish != wanted.republish {
         let describe = |republish: &Option<Republish>| match republish {
@@ -642,7 +700,7 @@ mod tests {
     #[test]
     fn a_new_duplicate_window_updates_the_stream_keeping_what_operators_tuned() {
         let (_, wanted) = output_configs();
-        assert_eq!(reconcile(&wanted, &wanted), Ok(None));
+        assert_eq!(reconcile(&wanted, &wanted, &[]), Ok(None));
         let tuned = stream::Config {
             max_bytes: 1 << 30,
             ..wanted.clone()
@@ -651,12 +709,14 @@ mod tests {
             duplicate_window: Duration::from_secs(600),
             ..wanted.clone()
         };
-        let update = reconcile(&tuned, &longer).expect("ok").expect("an update");
+        let update = reconcile(&tuned, &longer, &[])
+            .expect("ok")
+            .expect("an update");
         let server_default = stream::Config {
             duplicate_window: Duration::ZERO,
             ..wanted.clone()
         };
-        assert_eq!(reconcile(&wanted, &server_default), Ok(None));
+        assert_eq!(reconcile(&wanted, &server_default, &[]), Ok(None));
         assert_eq!(update.duplicate_window, Duration::from_secs(600));
         assert_eq!(update.max_bytes, 1 << 30, "the operator's limit stays");
     }
@@ -668,14 +728,14 @@ mod tests {
             subjects: vec!["Other.>".into()],
             ..wanted.clone()
         };
-        assert!(reconcile(&foreign, &wanted)
+        assert!(reconcile(&foreign, &wanted, &[])
             .expect_err("foreign")
             .contains("captures"));
         let work_queue = stream::Config {
             retention: RetentionPolicy::WorkQueue,
             ..wanted.clone()
         };
-        assert!(reconcile(&work_queue, &wanted)
+        assert!(reconcile(&work_queue, &wanted, &[])
             .expect_err("retention")
             .contains("retention"));
         let elsewhere = stream::Config {
@@ -686,11 +746,39 @@ mod tests {
             }),
             ..wanted.clone()
         };
-        let error = reconcile(&elsewhere, &wanted).expect_err("republish");
+        let error = reconcile(&elsewhere, &wanted, &[]).expect_err("republish");
         assert!(
             error.contains("to Elsewhere") && error.contains("to AlarmDigest"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_first_input_partition_gains_and_keeps_its_partition_subjects_in_place() {
+        let single = Topology::new(StreamsConfig::default(), 4);
+        let four = Topology::new(
+            StreamsConfig {
+                input_partitions: 4,
+                ..StreamsConfig::default()
+            },
+            4,
+        );
+        let (today, wanted) = (
+            single.partition_stream_config(0),
+            four.partition_stream_config(0),
+        );
+        let zero: Vec<String> = ["AlarmStatusChanged.in.0", "SendAlarmDigest.in.0"]
+            .map(String::from)
+            .to_vec();
+        let grown = reconcile(&today, &wanted, &zero)
+            .expect("ok")
+            .expect("update");
+        assert_eq!(grown.subjects.len(), 4);
+        assert_eq!(grown.retention, RetentionPolicy::WorkQueue);
+        // Back to one partition: the `.in.0` subjects stay, nothing to do.
+        assert_eq!(reconcile(&wanted, &today, &zero), Ok(None));
+        // Any other stream must capture exactly what it needs.
+        assert!(reconcile(&today, &wanted, &[]).is_err());
     }
 
     #[test]

@@ -45,9 +45,10 @@ pub struct BenchArgs {
     /// The service's pid for RSS (default: the one local `alarm-digest run`, if any).
     #[arg(long)]
     pub service_pid: Option<u32>,
-    /// The broker's pid, to report the CPU it spends per event (when it is local).
-    #[arg(long)]
-    pub broker_pid: Option<u32>,
+    /// The broker's pid, to report the CPU it spends per event (when it is local); for a
+    /// cluster, every node's, comma-separated (summed).
+    #[arg(long, value_delimiter = ',')]
+    pub broker_pid: Vec<u32>,
     /// The service's data dir for bytes per alarm (default: storage.path).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -58,9 +59,13 @@ pub struct BenchArgs {
     /// the broker, nothing more drained, no digest arriving.
     #[arg(long, default_value_t = 30)]
     pub give_up_secs: u64,
-    /// Publishes waiting for their PubAck at once.
+    /// Publishes waiting for their PubAck at once, per producer.
     #[arg(long, default_value_t = 2048)]
     pub window: usize,
+    /// Producer connections publishing the events at once, each its share of them (enough
+    /// that the tool is not the limit; the input partition count comes from the config).
+    #[arg(long, default_value_t = 4)]
+    pub producers: usize,
 }
 
 pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
@@ -73,22 +78,28 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         .await?;
     let timeout = Duration::from_secs(args.timeout_secs);
     let give_up = Duration::from_secs(args.give_up_secs.max(1));
-    let producer = Producer::new(
-        &client,
-        ProducerOptions {
-            window: args.window.max(1),
-            give_up_after: give_up,
-            ..ProducerOptions::default()
-        },
-        std::sync::Arc::new(ProducerStats::default()),
-    );
+    let options = ProducerOptions {
+        window: args.window.max(1),
+        give_up_after: give_up,
+        ..ProducerOptions::default()
+    };
+    let stats = std::sync::Arc::new(ProducerStats::default());
+    let producer = Producer::new(&client, options, stats.clone());
+    // The first producer shares the control connection; every other one has its own.
+    let mut producers = vec![producer.clone()];
+    for _ in 1..args.producers.max(1) {
+        let Some(own) = bus::connect(&config.nats, &CancellationToken::new()).await? else {
+            return Ok(ExitCode::from(130));
+        };
+        producers.push(Producer::new(&own, options, stats.clone()));
+    }
     let workload = Workload {
         events: args.events,
         users: args.users.max(1),
         alarms: args.alarms.max(1),
     };
     println!(
-        "alarm-digest bench  {}  events={} users={} alarms={} rate={} shards={}",
+        "alarm-digest bench  {}  events={} users={} alarms={} rate={} shards={} input_partitions={} producers={}",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         workload.events,
         workload.users,
@@ -99,15 +110,23 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             args.rate.to_string()
         },
         config.shards.count,
+        config.streams.input_partitions,
+        producers.len(),
     );
 
     let service_pid = args.service_pid.or_else(load::find_service_pid);
-    let meter = CpuMeter::new(args.broker_pid, service_pid);
+    let meter = CpuMeter::new(&args.broker_pid, service_pid);
 
     let ceiling = if args.broker_ceiling && workload.events > 0 {
         let cpu = meter.start();
-        let elapsed =
-            ceiling::measure(&producer, &config, &workload, args.rate, (timeout, give_up)).await?;
+        let elapsed = ceiling::measure(
+            &producers,
+            &config,
+            &workload,
+            args.rate,
+            (timeout, give_up),
+        )
+        .await?;
         let rate = report_rate(
             "broker ceiling  ",
             workload.events,
@@ -146,15 +165,18 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     };
 
     if workload.events > 0 {
-        let input = &config.streams.input_stream;
-        let first = load::last_sequence(&js, input).await?;
+        let inputs = load::input_streams(&config);
+        let first = load::inputs_stored(&js, &inputs).await?;
         let cpu = meter.start();
         let started = Instant::now();
-        let subject = config.streams.status_subject.clone();
+        // Producers publish the plain subject, as producers do: the server's mapping spreads
+        // it over the partitions.
+        let subject = |_| config.streams.status_subject.clone();
         let progress = load::report_progress(&producer, workload.events);
-        let published = load::publish_events(
-            &producer,
-            &subject,
+        let published = load::publish_spread(
+            &producers,
+            producers.len(),
+            subject,
             &workload,
             0..workload.events,
             args.rate,
@@ -165,7 +187,7 @@ pub async fn run(config: Config, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         let consumers = load::service_consumers(&config);
         load::wait_drained(
             &js,
-            (input, first + workload.events),
+            (&inputs, first + workload.events),
             &consumers,
             (timeout, give_up),
         )
@@ -274,21 +296,25 @@ fn report_rate(label: &str, events: u64, elapsed: Duration, what: &str) -> f64 {
 /// a steadier figure than a rate on a shared machine, and the one that says where an event's
 /// cost goes (README, Performance).
 struct CpuMeter {
-    processes: Vec<(&'static str, u32)>,
+    /// Each name with the processes its figure sums.
+    processes: Vec<(&'static str, Vec<u32>)>,
 }
 
 impl CpuMeter {
-    fn new(broker: Option<u32>, service: Option<u32>) -> CpuMeter {
-        let mut processes = vec![("bench", std::process::id())];
-        processes.extend(broker.map(|pid| ("broker", pid)));
-        processes.extend(service.map(|pid| ("service", pid)));
+    fn new(brokers: &[u32], service: Option<u32>) -> CpuMeter {
+        let mut processes = vec![("bench", vec![std::process::id()])];
+        if !brokers.is_empty() {
+            processes.push(("broker", brokers.to_vec()));
+        }
+        processes.extend(service.map(|pid| ("service", vec![pid])));
         CpuMeter { processes }
     }
 
+    /// CPU used so far by each name's processes; `None` when one of them cannot be read.
     fn start(&self) -> Vec<Option<Duration>> {
         self.processes
             .iter()
-            .map(|(_, pid)| load::cpu_time(*pid))
+            .map(|(_, pids)| pids.iter().map(|pid| load::cpu_time(*pid)).sum())
             .collect()
     }
 
@@ -296,8 +322,10 @@ impl CpuMeter {
     fn report(&self, started: &[Option<Duration>], events: u64, bench_is: &str) -> f64 {
         let mut parts = Vec::new();
         let mut total = 0.0;
-        for ((name, pid), before) in self.processes.iter().zip(started) {
-            if let (Some(before), Some(after)) = (before, load::cpu_time(*pid)) {
+        for ((name, _), (before, after)) in
+            self.processes.iter().zip(started.iter().zip(self.start()))
+        {
+            if let (Some(before), Some(after)) = (before, after) {
                 let micros = after.saturating_sub(*before).as_secs_f64() * 1e6 / events as f64;
                 parts.push(format!("{name} {micros:.1}"));
                 total += micros;

@@ -3,6 +3,8 @@
 pub mod bench;
 pub mod dlq;
 pub mod inspect;
+pub mod nats_mappings;
+pub mod partitions;
 pub mod publish;
 pub mod run;
 pub mod setup;

@@ -22,6 +22,15 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let js = bus::jetstream(client.clone(), 1024);
     let topology = Topology::new(config.streams.clone(), config.shards.count);
     let tuning = &config.tuning;
+    // The ownership buckets, and the cluster's shard and partition counts if none are
+    // recorded yet (a different count is refused before any stream is made for it).
+    let observer = Member::here("setup".into(), &config);
+    if Cluster::join(&js, &config, observer, &cancel)
+        .await?
+        .is_none()
+    {
+        return Ok(ExitCode::from(130));
+    }
     if until_ok("creating the streams", &cancel, || {
         topology.ensure_streams(&js)
     })
@@ -30,21 +39,18 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     {
         return Ok(ExitCode::from(130));
     }
-    // The ownership buckets, and the cluster's shard count if none is recorded yet.
-    let observer = Member::here("setup".into(), &config);
-    if Cluster::join(&js, &config, observer, &cancel)
-        .await?
-        .is_none()
-    {
-        return Ok(ExitCode::from(130));
-    }
     // Shard consumers are created by whoever takes a shard, at the sequence its state needs.
-    topology.router_consumer(&js, tuning).await?;
+    for partition in 0..topology.input_partitions() {
+        topology.router_consumer(&js, tuning, partition).await?;
+    }
     let s = &config.streams;
-    println!(
-        "input stream       {} <- {}, {}",
-        s.input_stream, s.status_subject, s.digest_request_subject
-    );
+    for partition in 0..topology.input_partitions() {
+        println!(
+            "input stream       {} <- {}",
+            topology.partition_stream(partition),
+            topology.partition_subjects(partition).join(", ")
+        );
+    }
     println!(
         "shard streams      {}_LOG_0 .. {}_LOG_{} <- {}.shard.N, {}.shard.N",
         s.shard_stream_prefix,

@@ -349,7 +349,7 @@ async fn status(config: &Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn connect_cluster(
+pub(crate) async fn connect_cluster(
     config: &Config,
     me: Member,
 ) -> anyhow::Result<(async_nats::Client, Cluster)> {

@@ -23,6 +23,9 @@ pub use shards::{OwnedShards, ShardsConfig};
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "ALARM_DIGEST_CONFIG";
 const ENV_PREFIX: &str = "ALARM_DIGEST_";
+/// At most this many input partitions: the server's weighted mapping gives each a whole
+/// percent.
+pub const MAX_INPUT_PARTITIONS: u16 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -82,7 +82,12 @@ pub struct StreamsConfig {
     /// dropped by the duplicate window never reaches a subscriber.
     pub output_subject: String,
     pub dead_letter_subject: String,
+    /// Partition 0's stream of the input subjects; partition p > 0 is `<input_stream>_<p>`.
     pub input_stream: String,
+    /// Input partitions: 1 keeps one input stream fed by the plain subjects. With more, the
+    /// server's weighted mapping (`alarm-digest nats-mappings`) spreads the input subjects
+    /// over `<subject>.in.<p>`, each captured by its own stream and routed by every instance.
+    pub input_partitions: u16,
     pub shard_stream_prefix: String,
     pub output_stream: String,
     pub dead_letter_stream: String,
@@ -115,6 +120,7 @@ impl Default for StreamsConfig {
             output_subject: "alarm-digest.output".into(),
             dead_letter_subject: "AlarmDigest.DeadLetter".into(),
             input_stream: "ALARM_DIGEST_INPUT".into(),
+            input_partitions: 1,
             shard_stream_prefix: "ALARM_DIGEST_SHARD".into(),
             output_stream: "ALARM_DIGEST_OUTPUT".into(),
             dead_letter_stream: "ALARM_DIGEST_DEAD_LETTER".into(),

@@ -182,6 +182,15 @@ impl Config {
                 "must differ from streams.shards_bucket (leases expire, homes must not)",
             ));
         }
+        if !(1..=MAX_INPUT_PARTITIONS).contains(&s.input_partitions) {
+            return Err(invalid(
+                "streams.input_partitions",
+                format!(
+                    "must be between 1 and {MAX_INPUT_PARTITIONS} (the server's mapping weighs \
+                     each partition in whole percent)"
+                ),
+            ));
+        }
         if !(1..=5).contains(&s.replicas) {
             return Err(invalid("streams.replicas", "must be between 1 and 5"));
         }

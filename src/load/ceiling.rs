@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::producer::Producer;
-use super::{publish_events, wait_drained, Workload};
+use super::{publish_spread, wait_drained, Workload};
 use crate::bus::envelope::{self, Packer};
 use crate::bus::{self, Topology};
 use crate::config::{Config, StreamsConfig};
@@ -36,12 +36,14 @@ fn ceiling_streams(base: &StreamsConfig) -> StreamsConfig {
 
 async fn delete_streams(js: &Context, topology: &Topology) {
     let s = &topology.streams;
-    let mut names = vec![
-        s.input_stream.clone(),
+    let mut names: Vec<String> = (0..topology.input_partitions())
+        .map(|partition| topology.partition_stream(partition))
+        .collect();
+    names.extend([
         s.output_stream.clone(),
         s.dead_letter_stream.clone(),
         s.snapshot_stream.clone(),
-    ];
+    ]);
     names.extend((0..topology.shard_count).map(|shard| topology.shard_stream(shard)));
     for name in names {
         let _ = js.delete_stream(&name).await;
@@ -49,9 +51,11 @@ async fn delete_streams(js: &Context, topology: &Topology) {
 }
 
 /// Returns how long the broker alone took to move `workload` through the topology, with the
-/// events published meanwhile by `producer` at `rate`.
+/// events published meanwhile by `producers` at `rate`. With several input partitions the
+/// events are spread over them by the producers themselves (the ceiling's subjects are not
+/// the ones the server's mapping spreads).
 pub async fn measure(
-    producer: &Producer,
+    producers: &[Producer],
     config: &Config,
     workload: &Workload,
     rate: u64,
@@ -74,14 +78,18 @@ pub async fn measure(
 
     let cancel = CancellationToken::new();
     let mut tasks = Vec::new();
-    let router = topology.router_consumer(&js, &config.tuning).await?;
-    tasks.push(tokio::spawn(route(
-        router,
-        publisher,
-        topology.clone(),
-        config.tuning.clone(),
-        cancel.clone(),
-    )));
+    for partition in 0..topology.input_partitions() {
+        let router = topology
+            .router_consumer(&js, &config.tuning, partition)
+            .await?;
+        tasks.push(tokio::spawn(route(
+            router,
+            publisher.clone(),
+            topology.clone(),
+            config.tuning.clone(),
+            cancel.clone(),
+        )));
+    }
     for shard in 0..topology.shard_count {
         let consumer = topology
             .worker_consumer_from(&js, shard, &config.tuning, 1)
@@ -94,17 +102,26 @@ pub async fn measure(
         )));
     }
 
-    let input = topology.streams.input_stream.clone();
-    let first = super::last_sequence(&js, &input).await?;
-    let started = Instant::now();
-    let subject = topology.input_subject(InputKind::StatusChange).to_string();
-    publish_events(producer, &subject, workload, 0..workload.events, rate).await?;
-    let consumers = super::service_consumers(&Config {
+    let ceiling_config = Config {
         streams: topology.streams.clone(),
         shards: config.shards.clone(),
         ..Config::default()
-    });
-    wait_drained(&js, (&input, first + workload.events), &consumers, limits).await?;
+    };
+    let inputs = super::input_streams(&ceiling_config);
+    let first = super::inputs_stored(&js, &inputs).await?;
+    let started = Instant::now();
+    let partitions = usize::from(topology.input_partitions());
+    let subject = |chunk: usize| match partitions {
+        1 => topology.input_subject(InputKind::StatusChange).to_string(),
+        // Lossless: below the partition count, a u16.
+        _ => topology.partition_subject(InputKind::StatusChange, (chunk % partitions) as u16),
+    };
+    let chunks = producers.len().max(partitions);
+    let range = 0..workload.events;
+    publish_spread(producers, chunks, subject, workload, range, rate).await?;
+    let consumers = super::service_consumers(&ceiling_config);
+    let stored = (&inputs[..], first + workload.events);
+    wait_drained(&js, stored, &consumers, limits).await?;
     let elapsed = started.elapsed();
 
     cancel.cancel();

@@ -108,6 +108,34 @@ pub async fn publish_events(
         .await
 }
 
+/// Publishes events `range` in `chunks` contiguous parts at once, chunk `c` through
+/// `producers[c % producers.len()]` to `subject(c)`, each paced to its share of `rate`: several
+/// connections and partitions loaded together, so the tool is not what limits a run.
+pub async fn publish_spread(
+    producers: &[Producer],
+    chunks: usize,
+    subject: impl Fn(usize) -> String,
+    workload: &Workload,
+    range: std::ops::Range<u64>,
+    rate: u64,
+) -> anyhow::Result<()> {
+    let chunks = chunks.max(1);
+    if producers.is_empty() {
+        bail!("no producer to publish with");
+    }
+    let (start, total) = (range.start, range.end.saturating_sub(range.start));
+    let part = |c: u64| start + total * c / chunks as u64;
+    let rate = rate.div_ceil(chunks as u64);
+    let runs = (0..chunks).map(|c| {
+        let producer = &producers[c % producers.len()];
+        let subject = subject(c);
+        let range = part(c as u64)..part(c as u64 + 1);
+        async move { publish_events(producer, &subject, workload, range, rate).await }
+    });
+    futures::future::try_join_all(runs).await?;
+    Ok(())
+}
+
 /// Prints, every few seconds until dropped, how many of `total` messages the broker has
 /// acknowledged, the retries and the rate so far.
 pub fn report_progress(producer: &Producer, total: u64) -> tokio::task::JoinHandle<()> {
@@ -127,18 +155,17 @@ pub fn report_progress(producer: &Producer, total: u64) -> tokio::task::JoinHand
     })
 }
 
-/// Waits until `stream` holds at least `last_sequence`, and every named consumer has
-/// nothing pending or unacknowledged. Says what it waits for every few seconds; fails when
-/// that has not changed for `give_up_after` (the deployment stopped making progress), or
-/// after `timeout` in all.
+/// Waits until the input streams hold at least `stored` messages in all (counted by their
+/// last sequences), and every named consumer has nothing pending or unacknowledged. Says what
+/// it waits for every few seconds; fails when that has not changed for `give_up_after` (the
+/// deployment stopped making progress), or after `timeout` in all.
 pub async fn wait_drained(
     js: &Context,
-    input: (&str, u64),
+    inputs: (&[String], u64),
     consumers: &[(String, String)],
     (timeout, give_up_after): (Duration, Duration),
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let (input_stream, last_sequence) = input;
     // A broker answering slowly (a loaded machine, a leader election) is no answer yet: keep
     // asking until the deadline, and say what was last seen.
     let mut last_problem = String::from("nothing read yet");
@@ -151,7 +178,7 @@ pub async fn wait_drained(
         if changed.elapsed() > give_up_after {
             bail!("no progress for {give_up_after:?}, the deployment is stuck: {last_problem}");
         }
-        let problem = match drained(js, input_stream, last_sequence, consumers).await {
+        let problem = match drained(js, inputs, consumers).await {
             Ok(None) => return Ok(()),
             Ok(Some(waiting)) => waiting,
             Err(error) => format!("{error:#}"),
@@ -168,19 +195,17 @@ pub async fn wait_drained(
     }
 }
 
-/// `None` once the input holds `last_sequence` and no consumer has anything pending or
+/// `None` once the inputs hold `stored` messages and no consumer has anything pending or
 /// unacknowledged; else what is still waiting.
 async fn drained(
     js: &Context,
-    input_stream: &str,
-    last_sequence: u64,
+    (inputs, stored): (&[String], u64),
     consumers: &[(String, String)],
 ) -> anyhow::Result<Option<String>> {
-    let mut stream = js.get_stream(input_stream).await?;
-    let stored = stream.info().await?.state.last_sequence;
-    if stored < last_sequence {
+    let have = inputs_stored(js, inputs).await?;
+    if have < stored {
         return Ok(Some(format!(
-            "{input_stream} holds {stored} of {last_sequence} messages"
+            "the input streams hold {have} of {stored} messages"
         )));
     }
     for (stream_name, consumer_name) in consumers {
@@ -199,13 +224,21 @@ async fn drained(
     Ok(None)
 }
 
-/// The service's consumers: the router's and every shard worker's.
+/// The configured input partition streams.
+pub fn input_streams(config: &Config) -> Vec<String> {
+    let topology = Topology::new(config.streams.clone(), config.shards.count);
+    (0..topology.input_partitions())
+        .map(|partition| topology.partition_stream(partition))
+        .collect()
+}
+
+/// The service's consumers: the routers' (one per input partition) and every shard worker's.
 pub fn service_consumers(config: &Config) -> Vec<(String, String)> {
     let topology = Topology::new(config.streams.clone(), config.shards.count);
-    let mut consumers = vec![(
-        config.streams.input_stream.clone(),
-        config.streams.router_consumer.clone(),
-    )];
+    let mut consumers: Vec<(String, String)> = input_streams(config)
+        .into_iter()
+        .map(|stream| (stream, config.streams.router_consumer.clone()))
+        .collect();
     consumers.extend((0..config.shards.count).map(|shard| {
         (
             topology.shard_stream(shard),
@@ -215,9 +248,18 @@ pub fn service_consumers(config: &Config) -> Vec<(String, String)> {
     consumers
 }
 
-pub async fn last_sequence(js: &Context, stream: &str) -> anyhow::Result<u64> {
-    let mut stream = js.get_stream(stream).await?;
-    Ok(stream.info().await?.state.last_sequence)
+/// Messages the input streams have stored in all, by their last sequences (a WorkQueue
+/// stream deletes what is acked, its sequence stays).
+pub async fn inputs_stored(js: &Context, streams: &[String]) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for name in streams {
+        let mut stream = js
+            .get_stream(name)
+            .await
+            .with_context(|| format!("stream {name}"))?;
+        total += stream.info().await?.state.last_sequence;
+    }
+    Ok(total)
 }
 
 /// Sends `count` digest requests at `rate` per second for users spread over the workload and

@@ -105,6 +105,7 @@ pub struct Metrics {
     pub digests_skipped_empty: Counter,
     pub duplicate_requests: Counter,
     pub routed: Counter,
+    pub unmapped_inputs: Counter,
     pub redeliveries: Counter,
     pub publish_failures: Counter,
     pub store_failures: Counter,
@@ -177,6 +178,7 @@ impl Metrics {
             digests_skipped_empty: Counter::default(),
             duplicate_requests: Counter::default(),
             routed: Counter::default(),
+            unmapped_inputs: Counter::default(),
             redeliveries: Counter::default(),
             publish_failures: Counter::default(),
             store_failures: Counter::default(),
@@ -221,7 +223,7 @@ impl Metrics {
         let mut root = Registry::default();
         root.register_collector(Box::new(process::ProcessCollector));
         let ours = root.sub_registry_with_prefix("alarm_digest");
-        let counters: [(&str, &str, &Counter); 20] = [
+        let counters: [(&str, &str, &Counter); 21] = [
             ("events_applied", "Status changes that changed stored state.", &self.events_applied),
             ("events_unchanged", "Status changes that were stale or duplicates.", &self.events_unchanged),
             ("digest_requests", "Digest requests answered.", &self.digest_requests),
@@ -233,6 +235,11 @@ impl Metrics {
             ("digests_skipped_empty", "Empty digests not sent (digest.skip_empty).", &self.digests_skipped_empty),
             ("duplicate_requests", "Redelivered digest requests answered before.", &self.duplicate_requests),
             ("routed", "Input messages republished to a shard stream.", &self.routed),
+            (
+                "unmapped_inputs",
+                "Inputs on a plain subject while streams.input_partitions > 1: the server's mapping did not spread them (processed through partition 0).",
+                &self.unmapped_inputs,
+            ),
             ("redeliveries", "Messages delivered more than once.", &self.redeliveries),
             ("publish_failures", "Publishes without a PubAck (retried).", &self.publish_failures),
             ("store_failures", "Batches the store could not apply or flush (retried).", &self.store_failures),

@@ -175,7 +175,6 @@ impl ShardWorker {
             written_at: chrono::Utc::now(),
         };
         let shard_stream = shared.topology.shard_stream(shard);
-        let input_stream = shared.config.streams.input_stream.clone();
         let mut dispositions = Vec::with_capacity(messages.len());
         let mut counts = BatchCounts::default();
         let mut newest_seen = self.sweep.newest_seen;
@@ -217,8 +216,12 @@ impl ShardWorker {
                     Ok(entries) => {
                         let mut rejected = Vec::new();
                         for entry in entries {
+                            let origin = shared.topology.input_origin(entry.subject);
+                            let input_stream = shared
+                                .topology
+                                .partition_stream_name(origin.map_or(0, |o| o.partition));
                             let item = Item {
-                                kind: shared.topology.input_kind(entry.subject),
+                                kind: origin.map(|o| o.kind),
                                 subject: entry.subject,
                                 payload: entry.payload,
                                 stream: &input_stream,

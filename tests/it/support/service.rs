@@ -284,14 +284,28 @@ impl TestClient {
     /// pending and nothing unacknowledged. Judged from consumer state, not stream sizes: a
     /// broker killed mid-write can keep a WorkQueue message whose ack it already recorded.
     pub async fn wait_drained(&self) {
-        let input = &self.config.streams.input_stream;
-        let last = load::last_sequence(&self.js, input)
+        // Every input partition stream there is, retired ones included.
+        let topology = Topology::new(self.config.streams.clone(), self.config.shards.count);
+        let inputs: Vec<String> = topology
+            .existing_partitions(&self.js)
             .await
-            .expect("input stream");
-        let consumers = load::service_consumers(&self.config);
+            .expect("listing the input partitions")
+            .into_iter()
+            .map(|partition| topology.partition_stream(partition))
+            .collect();
+        let last = load::inputs_stored(&self.js, &inputs)
+            .await
+            .expect("input streams");
+        let mut consumers = load::service_consumers(&self.config);
+        for input in &inputs {
+            let router = (input.clone(), self.config.streams.router_consumer.clone());
+            if !consumers.contains(&router) {
+                consumers.push(router);
+            }
+        }
         let limit = Duration::from_secs(90);
         if let Err(error) =
-            load::wait_drained(&self.js, (input, last), &consumers, (limit, limit)).await
+            load::wait_drained(&self.js, (&inputs, last), &consumers, (limit, limit)).await
         {
             let mut state = String::new();
             for (stream, consumer) in &consumers {
