@@ -16,6 +16,7 @@ mod failover;
 mod load_tool;
 mod nemesis;
 mod operations;
+mod partitions;
 mod security;
 mod semantics;
 mod server_upgrade;

@@ -112,6 +112,22 @@ impl NatsServer {
         NatsServer::start_with(true, vec!["-c".into(), path.to_string_lossy().into_owned()])
     }
 
+    /// A server with JetStream reading the config file at `path`, which the caller keeps (to
+    /// change it and [`Self::reload`]).
+    pub fn start_with_config_file(path: &Path) -> NatsServer {
+        NatsServer::start_with(true, vec!["-c".into(), path.to_string_lossy().into_owned()])
+    }
+
+    /// Makes the server read its config file again (SIGHUP), as operators reload a mapping.
+    pub fn reload(&self) {
+        let child = self.child.as_ref().expect("a running server");
+        let status = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .expect("kill command");
+        assert!(status.success(), "SIGHUP to nats-server failed");
+    }
+
     pub fn start_with(jetstream: bool, extra_args: Vec<String>) -> NatsServer {
         let store = tempfile::tempdir().expect("temp dir for the JetStream store");
         let mut server = NatsServer {
