@@ -4,6 +4,9 @@
 #   ./scripts/bench.sh --events 200000 --broker-ceiling
 #   INSTANCES=3 ./scripts/bench.sh --events 200000     # shards split s % 3 across 3 instances
 #   STANDBY=1 ./scripts/bench.sh --events 300000 --digests 0   # plus a warm standby of every shard
+#   PARTITIONS=4 NODES=3 INSTANCES=4 ./scripts/bench.sh --events 600000 --users 100000 --digests 0
+#                              # 4 input partitions (the mapping in every node's config), a
+#                              # three-node cluster on loopback, 4 instances: each one's share
 #   ALARM_DIGEST_SHARDS__COUNT=1 MEASURE_RESTORE=1 ./scripts/bench.sh --events 1000000 --users 100000
 #                                                      # one shard of 1M alarms: snapshot, restore
 # Instance logs (snapshots and restores at info) go to $work/instance-<i>.log and are shown at
@@ -12,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 instances="${INSTANCES:-1}"
 shards="${ALARM_DIGEST_SHARDS__COUNT:-16}"
+export ALARM_DIGEST_STREAMS__INPUT_PARTITIONS="${PARTITIONS:-${ALARM_DIGEST_STREAMS__INPUT_PARTITIONS:-1}}"
 
 # shellcheck source=scripts/broker.sh
 . scripts/broker.sh
@@ -19,11 +23,13 @@ setup_work bench TERM
 
 start_broker
 export ALARM_DIGEST_NATS__URL="$url" ALARM_DIGEST_SHARDS__COUNT="$shards"
+first_instance=${#pids[@]}
 
-http0="127.0.0.1:$((20000 + RANDOM % 20000))"
+https=()
+for ((i = 0; i < instances; i++)); do https+=("127.0.0.1:$((20000 + RANDOM % 20000))"); done
+http0="${https[0]}"
 start_instance() {
-  local i="$1" listen=127.0.0.1:0
-  [ "$i" -eq 0 ] && listen="$http0"
+  local i="$1" listen="${https[$1]}"
   # Ordinal ownership, as a StatefulSet runs it: instance i owns shards s % instances == i.
   ALARM_DIGEST_STORAGE__PATH="$work/data-$i" ALARM_DIGEST_HTTP__LISTEN="$listen" \
     ALARM_DIGEST_SHARDS__OWNED=ordinal ALARM_DIGEST_SHARDS__REPLICAS="$instances" \
@@ -84,8 +90,21 @@ if [ "${WATCH_STREAM_BYTES:-0}" = 1 ]; then
 fi
 
 extra=()
-if [ "$instances" -eq 1 ]; then extra=(--service-pid "${pids[1]}" --data-dir "$work/data-0"); fi
-ALARM_DIGEST_STORAGE__PATH="$work/data-0" "$bin" bench --broker-pid "${pids[0]}" "${extra[@]}" "$@"
+if [ "$instances" -eq 1 ]; then extra=(--service-pid "${pids[$first_instance]}" --data-dir "$work/data-0"); fi
+ALARM_DIGEST_STORAGE__PATH="$work/data-0" "$bin" bench --broker-pid "$broker_pids" "${extra[@]}" "$@"
+
+# Each instance's share of the work: inputs it routed, status changes it applied.
+if [ "$instances" -gt 1 ]; then
+  routed=() applied=()
+  for ((i = 0; i < instances; i++)); do
+    routed+=("$(metric_of "${https[$i]}" alarm_digest_routed_total)")
+    applied+=("$(metric_of "${https[$i]}" alarm_digest_events_applied_total)")
+  done
+  total_routed="$(printf '%s\n' "${routed[@]}" | awk '{ t += $1 } END { print t }')"
+  for ((i = 0; i < instances; i++)); do
+    echo "instance $i: routed ${routed[$i]} ($(awk -v a="${routed[$i]}" -v t="$total_routed" 'BEGIN { printf "%.0f", t ? 100 * a / t : 0 }')% of all), applied ${applied[$i]} status changes"
+  done
+fi
 
 if [ "${STANDBY:-0}" = 1 ]; then
   sleep 2
@@ -107,12 +126,12 @@ fi
 # MEASURE_RESTORE=1: stop instance 0 gracefully (its final snapshots), wipe its data dir (a
 # lost volume), start it again: time until every shard is restored, replayed and ready.
 if [ "${MEASURE_RESTORE:-0}" = 1 ]; then
-  kill -TERM "${pids[1]}"
-  wait "${pids[1]}" || true
+  kill -TERM "${pids[$first_instance]}"
+  wait "${pids[$first_instance]}" || true
   rm -rf "$work/data-0"
   started="$(date +%s%N)"
   start_instance 0
-  pids[1]="$!"
+  pids[$first_instance]="$!"
   until ready "$http0"; do sleep 0.01; done
   echo "restore to ready from snapshots $(( ($(date +%s%N) - started) / 1000000 )) ms  (instance 0, wiped data dir, now $(du -sh "$work/data-0" | cut -f1))"
   "$bin" shard status | grep -o '"snapshot":{[^}]*}' | sort | uniq -c | head -5
@@ -120,11 +139,11 @@ fi
 
 # MEASURE_RESTART=1: stop instance 0 gracefully, start it again on its data, time to ready.
 if [ "${MEASURE_RESTART:-0}" = 1 ]; then
-  kill -TERM "${pids[1]}"
-  wait "${pids[1]}" || true
+  kill -TERM "${pids[$first_instance]}"
+  wait "${pids[$first_instance]}" || true
   started="$(date +%s%N)"
   start_instance 0
-  pids[1]="$!"
+  pids[$first_instance]="$!"
   until ready "$http0"; do sleep 0.01; done
   echo "restart to ready $(( ($(date +%s%N) - started) / 1000000 )) ms  (instance 0, $(du -sh "$work/data-0" | cut -f1) data dir)"
 fi

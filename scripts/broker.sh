@@ -31,15 +31,43 @@ cleanup() {
   rm -rf "$work"
 }
 
-# start_broker: sets $url and appends the broker's pid.
+# start_broker: sets $url (every node's, comma-separated), $broker_pids (comma-separated) and
+# appends the brokers' pids. Every node's config includes the mapping `alarm-digest
+# nats-mappings` prints for ALARM_DIGEST_STREAMS__INPUT_PARTITIONS (none for one partition).
+#   NODES=3: a three-node cluster with routes on loopback (JetStream on every node).
+#   NATS_CONFIG: a server config file whose settings every node gets as well (sync_interval,
+#   for example).
 start_broker() {
+  local nodes="${NODES:-1}" i base routes="" node_conf
   mkdir -p "$work/ports"
-  # NATS_CONFIG: a server config file to start it with (sync_interval, for example).
-  "$nats_bin" -a 127.0.0.1 -p -1 --ports_file_dir "$work/ports" -js -sd "$work/nats" \
-    ${NATS_CONFIG:+-c "$NATS_CONFIG"} >"$work/nats.log" 2>&1 &
-  pids+=("$!")
-  for _ in $(seq 100); do ls "$work/ports"/*.ports >/dev/null 2>&1 && break; sleep 0.1; done
-  url="$(grep -o 'nats://[0-9.:]*' "$work/ports"/*.ports | head -1)"
+  "$bin" nats-mappings >"$work/mappings.conf"
+  base=$((20000 + RANDOM % 20000))
+  for ((i = 0; i < nodes; i++)); do routes+="${routes:+, }\"nats-route://127.0.0.1:$((base + 100 + i))\""; done
+  url="" broker_pids=""
+  for ((i = 0; i < nodes; i++)); do
+    node_conf="$work/node-$i.conf"
+    {
+      echo "include \"mappings.conf\""
+      [ -n "${NATS_CONFIG:-}" ] && cat "$NATS_CONFIG"
+      if [ "$nodes" -gt 1 ]; then
+        echo "server_name: node-$i"
+        echo "cluster { name: bench, listen: \"127.0.0.1:$((base + 100 + i))\", routes: [$routes] }"
+      fi
+    } >"$node_conf"
+    local port=-1
+    [ "$nodes" -gt 1 ] && port=$((base + i))
+    "$nats_bin" -a 127.0.0.1 -p "$port" --ports_file_dir "$work/ports" -js -sd "$work/nats-$i" \
+      -c "$node_conf" >"$work/nats-$i.log" 2>&1 &
+    pids+=("$!")
+    broker_pids+="${broker_pids:+,}$!"
+  done
+  for _ in $(seq 100); do
+    [ "$(ls "$work/ports"/*.ports 2>/dev/null | wc -l)" -ge "$nodes" ] && break
+    sleep 0.1
+  done
+  # Each ports file lists the client URL under "nats" (and the route URL under "cluster").
+  url="$(grep -ho '"nats":\["nats://[0-9.:]*' "$work/ports"/*.ports | grep -o 'nats://.*' |
+    paste -sd, -)"
 }
 
 # ready HOST:PORT: whether that instance's /readyz answers 200.
