@@ -400,10 +400,16 @@ fn docker_compose_and_kubernetes_run_the_release_the_suite_tests() {
 }
 
 /// `nats-server -t` parses a config and exits: 0 only for one the server would run with.
+/// The shipped `mappings.conf` sits beside it, as the single-node config includes it.
 fn assert_the_server_accepts(config_text: &str, env: &[(&str, &str)]) {
     let dir = tempdir().unwrap();
     let path = dir.path().join("nats.conf");
     std::fs::write(&path, config_text).unwrap();
+    std::fs::write(
+        dir.path().join("mappings.conf"),
+        read("packaging/nats/mappings.conf"),
+    )
+    .unwrap();
     let output = Command::new(crate::support::nats::binary())
         .arg("-c")
         .arg(&path)
@@ -434,4 +440,61 @@ fn the_shipped_nats_configs_are_valid_and_choose_their_fsync_interval() {
     // The Kubernetes service is where alarm-digest's configmap points.
     let configmap = read("packaging/kubernetes/configmap.yaml");
     assert!(configmap.contains("nats://nats.nats.svc.cluster.local:4222"));
+}
+
+/// What `alarm-digest nats-mappings` prints for this partition count, without its comments.
+fn mapping_block(partitions: u16) -> String {
+    // In process: a figment Jail of a test beside this one may have set ALARM_DIGEST_CONFIG,
+    // which a child process would inherit.
+    let streams = alarm_digest::config::StreamsConfig {
+        input_partitions: partitions,
+        ..Default::default()
+    };
+    without_comments(&alarm_digest::bus::Topology::new(streams, 1).nats_mappings())
+}
+
+fn without_comments(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| line.to_string() + "\n")
+        .collect()
+}
+
+#[test]
+fn every_shipped_server_config_spreads_the_input_over_its_deployments_partitions() {
+    // docker-compose: the instances' count, the mapping mounted beside the server config.
+    let compose = yaml_documents("docker-compose.yml").remove(0);
+    let env = &compose["services"]["alarm-digest-0"]["environment"];
+    let partitions: u16 = env["ALARM_DIGEST_STREAMS__INPUT_PARTITIONS"]
+        .as_str()
+        .and_then(|p| p.parse().ok())
+        .expect("compose sets the partition count");
+    assert!(partitions > 1);
+    assert_eq!(
+        without_comments(&read("packaging/nats/mappings.conf")),
+        mapping_block(partitions),
+        "packaging/nats/mappings.conf is what nats-mappings prints for compose's count"
+    );
+    assert!(format!("{:?}", compose["services"]["nats"]["volumes"])
+        .contains("./packaging/nats/mappings.conf:/etc/nats/mappings.conf"));
+    assert!(read("packaging/nats/nats-server.conf").contains("include \"mappings.conf\""));
+
+    // Kubernetes: the NATS cluster's config carries the mapping for alarm-digest's count.
+    let manifests = kubernetes();
+    let config_text = manifests["ConfigMap"]["data"]["config.toml"]
+        .as_str()
+        .unwrap();
+    let config = load_as_container(&[], config_text);
+    let partitions = config.streams.input_partitions;
+    assert!(partitions > 1);
+    let cluster = yaml_documents("packaging/nats/kubernetes.yaml")
+        .into_iter()
+        .find(|document| document["kind"] == "ConfigMap")
+        .and_then(|map| map["data"]["nats.conf"].as_str().map(String::from))
+        .expect("the cluster's nats.conf");
+    assert!(
+        without_comments(&cluster).contains(&mapping_block(partitions)),
+        "the NATS cluster's config has the mapping for {partitions} partitions:\n{cluster}"
+    );
 }

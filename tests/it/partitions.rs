@@ -122,7 +122,10 @@ async fn four_partitions_keep_the_semantics_across_two_instances() {
         entries(&third),
         [triple("b", "CRITICAL", "2021-06-07T20:41:00Z")]
     );
-    assert_eq!(metric(&a.http, "alarm_digest_unmapped_inputs_total").await, 0.0);
+    assert_eq!(
+        metric(&a.http, "alarm_digest_unmapped_inputs_total").await,
+        0.0
+    );
     drop((a, b));
 }
 
@@ -164,7 +167,10 @@ async fn a_kill_9_and_a_lost_data_dir_lose_nothing_and_every_partition_carries_t
     assert_answered_once(&client, &subscriber, &state, requests, PlainSaw::All).await;
     // Both instances routed: the work is shared.
     for http in [&a.http, &b.http] {
-        assert!(metric(http, "alarm_digest_routed_total").await > 0.0, "{http} routed nothing");
+        assert!(
+            metric(http, "alarm_digest_routed_total").await > 0.0,
+            "{http} routed nothing"
+        );
     }
     drop((a, b));
 }
@@ -312,7 +318,8 @@ async fn the_partition_count_changes_in_place_from_1_to_4_to_2_under_traffic() {
     let (code, out, err) = cli(&["partitions", "prune", "--quiet-secs", "1"], "2");
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
-        out.contains("deleted ALARM_DIGEST_INPUT_2") && out.contains("deleted ALARM_DIGEST_INPUT_3"),
+        out.contains("deleted ALARM_DIGEST_INPUT_2")
+            && out.contains("deleted ALARM_DIGEST_INPUT_3"),
         "{out}"
     );
     let left: Vec<u16> = received_per_partition(&client, &topology)

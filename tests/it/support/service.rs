@@ -561,6 +561,7 @@ impl ServiceProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_alarm-digest"));
         command
             .arg("run")
+            .env_remove("ALARM_DIGEST_CONFIG")
             .env("ALARM_DIGEST_NATS__URL", urls)
             .env("ALARM_DIGEST_STORAGE__PATH", data_dir)
             .env("ALARM_DIGEST_HTTP__LISTEN", &http)
@@ -652,6 +653,8 @@ pub fn cli_against(nats: &NatsServer, args: &[&str]) -> (Option<i32>, String, St
 pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_alarm-digest"))
         .args(args)
+        // A figment Jail in a test beside this one may have set it in this process.
+        .env_remove("ALARM_DIGEST_CONFIG")
         .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
         .output()
