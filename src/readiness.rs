@@ -29,16 +29,6 @@ impl Readiness {
         self.put(part.into(), None, Some(note.into()));
     }
 
-    /// Forgets a part that no longer exists (a pruned input partition's router).
-    pub fn remove(&self, part: &str) {
-        if let Ok(mut notes) = self.notes.lock() {
-            notes.remove(part);
-        }
-        if let Ok(mut parts) = self.parts.lock() {
-            parts.remove(part);
-        }
-    }
-
     fn put(&self, part: String, reason: Option<String>, note: Option<String>) {
         if let Ok(mut notes) = self.notes.lock() {
             match note {

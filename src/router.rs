@@ -61,10 +61,19 @@ pub struct Router {
     unmapped_logged: Arc<AtomicBool>,
 }
 
-/// One partition's loop: which stream it reads, and the name its readiness goes by.
+/// One partition's loop: which stream it reads, and the name its readiness goes by (none
+/// for a retired partition: draining it never makes an instance unready).
 struct Partition {
     stream: String,
-    part: String,
+    part: Option<String>,
+}
+
+impl Partition {
+    fn ready(&self, readiness: &crate::readiness::Readiness, ready: bool) {
+        if let Some(part) = &self.part {
+            readiness.set(part, ready);
+        }
+    }
 }
 
 impl Router {
@@ -156,21 +165,35 @@ impl Router {
     async fn run_partition(&self, number: u16, cancel: CancellationToken) -> Result<(), BusError> {
         let shared = &self.shared;
         let tuning = &shared.config.tuning;
+        let retired = number >= shared.topology.input_partitions();
         let partition = Partition {
             stream: shared.topology.partition_stream(number),
             part: match number {
-                0 => "router".to_string(),
-                n => format!("router.{n}"),
+                _ if retired => None,
+                0 => Some("router".to_string()),
+                n => Some(format!("router.{n}")),
             },
         };
-        let retired = number >= shared.topology.input_partitions();
-        shared.readiness.set(&partition.part, false);
-        let bind = || shared.topology.router_consumer(&shared.js, tuning, number);
-        let Some(mut consumer) = until_ok("binding the router consumer", &cancel, bind).await?
+        partition.ready(&shared.readiness, false);
+        let bind = || async {
+            // A retired partition pruned meanwhile: nothing to bind, nothing to route.
+            if retired
+                && matches!(
+                    bus::lookup_stream(&shared.js, &partition.stream).await,
+                    Ok(None)
+                )
+            {
+                return Ok(None);
+            }
+            let consumer = shared.topology.router_consumer(&shared.js, tuning, number);
+            consumer.await.map(Some)
+        };
+        let Some(Some(mut consumer)) =
+            until_ok("binding the router consumer", &cancel, bind).await?
         else {
             return Ok(());
         };
-        shared.readiness.set(&partition.part, true);
+        partition.ready(&shared.readiness, true);
 
         let (to_acker, from_router) = mpsc::channel::<Pending>(1);
         let acker = tokio::spawn(ack_routed(from_router, self.shared.clone()));
@@ -183,7 +206,7 @@ impl Router {
             match fetched {
                 Ok(messages) => {
                     backoff.reset();
-                    shared.readiness.set(&partition.part, true);
+                    partition.ready(&shared.readiness, true);
                     if messages.is_empty() {
                         continue;
                     }
@@ -200,16 +223,15 @@ impl Router {
                         )
                     {
                         tracing::info!(stream = %partition.stream, "retired input partition stream deleted; no longer routing it");
-                        shared.readiness.remove(&partition.part);
                         break;
                     }
-                    shared.readiness.set(&partition.part, false);
+                    partition.ready(&shared.readiness, false);
                     tracing::warn!(message = "router fetch failed; retrying", stream = %partition.stream, %error);
                     if !backoff.wait(&cancel).await {
                         break;
                     }
                     // The consumer may be gone (broker restarted on a fresh store).
-                    if let Ok(rebound) = bind().await {
+                    if let Ok(Some(rebound)) = bind().await {
                         consumer = rebound;
                     }
                 }
