@@ -248,55 +248,50 @@ impl Cluster {
 
     /// Records the shard count on first start; refuses another one later.
     pub async fn agree_shard_count(&self, configured: u16) -> Result<(), BusError> {
-        match self.shards.create(COUNT_KEY, to_json(&configured)).await {
-            Ok(_) => Ok(()),
-            Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
-                match self.recorded_count().await? {
-                    Some(recorded) if recorded == configured => Ok(()),
-                    Some(recorded) => Err(BusError::ShardCountMismatch {
-                        recorded,
-                        configured,
-                        bucket: self.shards_bucket.clone(),
-                    }),
-                    // Deleted between create and get: try again.
-                    None => Err(BusError::transient(
-                        "reading the cluster's shard count",
-                        "the record vanished",
-                    )),
-                }
-            }
-            Err(error) => Err(BusError::transient("recording the shard count", error)),
-        }
+        let recorded = self
+            .agree_count(COUNT_KEY, "shard count", configured)
+            .await?;
+        recorded.map_err(|recorded| BusError::ShardCountMismatch {
+            recorded,
+            configured,
+            bucket: self.shards_bucket.clone(),
+        })
     }
 
     /// Records the input partition count on first start (a deployment of the release before
     /// records its one partition then); refuses another one later: `partitions set` changes
     /// it.
     pub async fn agree_input_partitions(&self, configured: u16) -> Result<(), BusError> {
-        match self
-            .shards
-            .create(PARTITIONS_KEY, to_json(&configured))
-            .await
-        {
-            Ok(_) => Ok(()),
+        let recorded = self
+            .agree_count(PARTITIONS_KEY, "input partition count", configured)
+            .await?;
+        recorded.map_err(|recorded| BusError::PartitionCountMismatch {
+            recorded,
+            configured,
+            bucket: self.shards_bucket.clone(),
+        })
+    }
+
+    /// Records `configured` under `key` unless a count is recorded there already; `Ok(Err(n))`
+    /// when the recorded count `n` differs.
+    async fn agree_count(
+        &self,
+        key: &str,
+        what: &str,
+        configured: u16,
+    ) -> Result<Result<(), u16>, BusError> {
+        match self.shards.create(key, to_json(&configured)).await {
+            Ok(_) => Ok(Ok(())),
             Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
-                match self.recorded_input_partitions().await? {
-                    Some(recorded) if recorded == configured => Ok(()),
-                    Some(recorded) => Err(BusError::PartitionCountMismatch {
-                        recorded,
-                        configured,
-                        bucket: self.shards_bucket.clone(),
-                    }),
-                    None => Err(BusError::transient(
-                        "reading the cluster's input partition count",
-                        "the record vanished",
-                    )),
+                let context = format!("reading the cluster's {what}");
+                match read_json::<u16>(&self.shards, key, &context).await? {
+                    Some(recorded) if recorded == configured => Ok(Ok(())),
+                    Some(recorded) => Ok(Err(recorded)),
+                    // Deleted between create and get: try again.
+                    None => Err(BusError::transient(context, "the record vanished")),
                 }
             }
-            Err(error) => Err(BusError::transient(
-                "recording the input partition count",
-                error,
-            )),
+            Err(error) => Err(BusError::transient(format!("recording the {what}"), error)),
         }
     }
 
@@ -700,7 +695,7 @@ fn to_json<T: Serialize>(value: &T) -> Bytes {
 async fn read_json<T: for<'de> Deserialize<'de>>(
     store: &kv::Store,
     key: &str,
-    context: &'static str,
+    context: &str,
 ) -> Result<Option<T>, BusError> {
     let Some(bytes) = store
         .get(key)

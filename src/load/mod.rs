@@ -126,13 +126,23 @@ pub async fn publish_spread(
     let (start, total) = (range.start, range.end.saturating_sub(range.start));
     let part = |c: u64| start + total * c / chunks as u64;
     let rate = rate.div_ceil(chunks as u64);
+    let acked_before = producers[0].stats().acked();
+    let first_subject = subject(0);
     let runs = (0..chunks).map(|c| {
         let producer = &producers[c % producers.len()];
         let subject = subject(c);
         let range = part(c as u64)..part(c as u64 + 1);
         async move { publish_events(producer, &subject, workload, range, rate).await }
     });
-    futures::future::try_join_all(runs).await?;
+    // The first chunk to give up ends the run; say what never arrived of all of it.
+    if let Err(error) = futures::future::try_join_all(runs).await {
+        let acked = producers[0].stats().acked() - acked_before;
+        bail!(
+            "{} of {total} messages to {first_subject} were never acknowledged (published by \
+             {chunks} at once); the first to give up: {error:#}",
+            total.saturating_sub(acked)
+        );
+    }
     Ok(())
 }
 

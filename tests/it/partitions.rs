@@ -67,18 +67,46 @@ fn spawn(nats: &NatsServer, dir: &Path, env: &[(&'static str, String)]) -> Servi
     ServiceProcess::spawn(nats, dir, &env)
 }
 
+/// A server running the mapping the project prints for 4 partitions (it must accept it),
+/// two instances sharing the shards by ordinal, and a client.
+struct Partitioned {
+    nats: NatsServer,
+    dirs: [tempfile::TempDir; 2],
+    a: ServiceProcess,
+    b: ServiceProcess,
+    client: TestClient,
+}
+
+impl Partitioned {
+    async fn start() -> Partitioned {
+        let nats = NatsServer::start_with_config(&mappings(4));
+        let dirs = [tempdir().expect("dir"), tempdir().expect("dir")];
+        let a = spawn(&nats, dirs[0].path(), &ordinal_env("0", "4"));
+        let b = spawn(&nats, dirs[1].path(), &ordinal_env("1", "4"));
+        wait_ready(&a.http).await;
+        wait_ready(&b.http).await;
+        let mut config = test_config(&nats, dirs[0].path());
+        config.streams.input_partitions = 4;
+        let client = TestClient::connect(&config).await;
+        Partitioned {
+            nats,
+            dirs,
+            a,
+            b,
+            client,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_partitions_keep_the_semantics_across_two_instances() {
-    // The server runs the mapping the project prints: it must accept it.
-    let nats = NatsServer::start_with_config(&mappings(4));
-    let dirs = [tempdir().expect("dir"), tempdir().expect("dir")];
-    let a = spawn(&nats, dirs[0].path(), &ordinal_env("0", "4"));
-    let b = spawn(&nats, dirs[1].path(), &ordinal_env("1", "4"));
-    wait_ready(&a.http).await;
-    wait_ready(&b.http).await;
-    let mut config = test_config(&nats, dirs[0].path());
-    config.streams.input_partitions = 4;
-    let client = TestClient::connect(&config).await;
+    let Partitioned {
+        nats: _nats,
+        dirs: _dirs,
+        a,
+        b,
+        client,
+    } = Partitioned::start().await;
     let mut digests = client.digests().await;
 
     // Latest wins, whichever partition each change went through; a late change is ignored.
@@ -135,15 +163,14 @@ fn triple(alarm: &str, status: &str, at: &str) -> (String, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_and_a_lost_data_dir_lose_nothing_and_every_partition_carries_traffic() {
-    let nats = NatsServer::start_with_config(&mappings(4));
-    let dirs = [tempdir().expect("dir"), tempdir().expect("dir")];
-    let a = spawn(&nats, dirs[0].path(), &ordinal_env("0", "4"));
-    let b = spawn(&nats, dirs[1].path(), &ordinal_env("1", "4"));
-    wait_ready(&a.http).await;
-    wait_ready(&b.http).await;
-    let mut config = test_config(&nats, dirs[0].path());
-    config.streams.input_partitions = 4;
-    let client = TestClient::connect(&config).await;
+    let Partitioned {
+        nats,
+        dirs,
+        a,
+        b,
+        client,
+    } = Partitioned::start().await;
+    let config = client.config.clone();
     let subscriber = PlainSubscriber::start(&client).await;
     let traffic = Traffic::start(&client, 19, 60);
 

@@ -286,10 +286,19 @@ impl TestClient {
     pub async fn wait_drained(&self) {
         // Every input partition stream there is, retired ones included.
         let topology = Topology::new(self.config.streams.clone(), self.config.shards.count);
-        let inputs: Vec<String> = topology
-            .existing_partitions(&self.js)
-            .await
-            .expect("listing the input partitions")
+        // A cluster that just lost a node may time out a listing: ask again.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let existing = loop {
+            match topology.existing_partitions(&self.js).await {
+                Ok(existing) => break existing,
+                Err(error) if Instant::now() < deadline => {
+                    eprintln!("listing the input partitions: {error}; again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => panic!("listing the input partitions: {error}"),
+            }
+        };
+        let inputs: Vec<String> = existing
             .into_iter()
             .map(|partition| topology.partition_stream(partition))
             .collect();
