@@ -77,11 +77,31 @@ impl Partition {
 }
 
 impl Router {
-    pub fn new(shared: Shared, publisher: async_nats::jetstream::Context) -> Router {
+    /// `publisher`: the connection republishes go out on. Each partition's loop publishes
+    /// through a JetStream context of its own on it, bounded by [`Router::in_flight_bound`].
+    pub fn new(shared: Shared, publisher: async_nats::Client) -> Router {
+        let bound = Router::in_flight_bound(&shared.config.tuning);
         Router {
+            publisher: bus::jetstream(publisher, bound),
             shared,
-            publisher,
             unmapped_logged: Arc::default(),
+        }
+    }
+
+    /// The PubAcks one partition's loop may hold un-awaited: its batches in flight, each up
+    /// to `router_batch` publishes.
+    pub fn in_flight_bound(tuning: &crate::config::TuningConfig) -> usize {
+        tuning.router_batch * (QUEUED_BATCHES + 2) + 64
+    }
+
+    /// This router with a publish context (in-flight permits) of its own, for one partition's
+    /// loop: loops sharing one context's permits could each hold some mid-batch and wait for
+    /// the others' forever.
+    fn with_own_window(&self) -> Router {
+        let bound = Router::in_flight_bound(&self.shared.config.tuning);
+        Router {
+            publisher: bus::jetstream(self.publisher.client(), bound),
+            ..self.clone()
         }
     }
 
@@ -121,7 +141,7 @@ impl Router {
                          mapping no longer sends to it"
                     );
                 }
-                let router = self.clone();
+                let router = self.with_own_window();
                 let cancel = cancel.clone();
                 loops.spawn(async move {
                     let ended = router.run_partition(number, cancel).await;

@@ -19,7 +19,7 @@ use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::retry::until_ok;
-use crate::router::{self, Router};
+use crate::router::Router;
 use crate::shard_worker::ShardWorker;
 use crate::shared::Shared;
 use crate::store::{GroupFlusher, Store};
@@ -183,18 +183,14 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
     let _ = parts.nats.set(client.clone());
     bus::warn_if_single_replica_in_a_cluster(&client.server_info(), config.streams.replicas);
     // Every holder of PubAck futures is bounded: each shard worker by one publish window at
-    // a time, the router (on its own connection) by its queued batches. Each context's
-    // in-flight limit is the sum of its holders' bounds, so no holder ever waits for a
-    // permit that another waiting holder owns.
+    // a time, each partition loop of the router (on its own connection, a context each) by
+    // its queued batches. Each context's in-flight limit is the sum of its holders' bounds,
+    // so no holder ever waits for a permit that another waiting holder owns.
     let owned = config.shards.owned_shards();
     let js = bus::jetstream(client.clone(), owned.len() * bus::PUBLISH_WINDOW + 64);
     let Some(router_client) = bus::connect(&config.nats, shutdown).await? else {
         return Ok(());
     };
-    let router_js = bus::jetstream(
-        router_client,
-        config.tuning.router_batch * (router::QUEUED_BATCHES + 2) + 64,
-    );
     // Ownership records go through a context without publish backpressure: a lease
     // renewal must never queue behind digests. Joining first agrees on the shard and
     // partition counts, so an instance with another count creates no stream for it.
@@ -223,7 +219,7 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
     };
     let (flusher, flusher_task) = GroupFlusher::spawn(parts.store.clone());
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
-    let router = Router::new(shared.clone(), router_js);
+    let router = Router::new(shared.clone(), router_client);
     let routed = run_on_own_thread("alarm-digest-router", router.run(shutdown.clone()))?;
     tasks.spawn(async move {
         match routed.await {

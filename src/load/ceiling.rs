@@ -14,7 +14,7 @@ use super::{publish_spread, wait_drained, Workload};
 use crate::bus::envelope::{self, Packer};
 use crate::bus::{self, Topology};
 use crate::config::{Config, StreamsConfig};
-use crate::router::QUEUED_BATCHES;
+use crate::router::{Router, QUEUED_BATCHES};
 use crate::wire::InputKind;
 
 fn ceiling_streams(base: &StreamsConfig) -> StreamsConfig {
@@ -68,10 +68,6 @@ pub async fn measure(
     let js = bus::jetstream(consumer_client.clone(), 64);
     let publisher_client =
         async_nats::connect(config.nats.servers().map_err(anyhow::Error::msg)?).await?;
-    let publisher = bus::jetstream(
-        publisher_client,
-        config.tuning.router_batch * (QUEUED_BATCHES + 2) + 64,
-    );
     let topology = Topology::new(ceiling_streams(&config.streams), config.shards.count);
     delete_streams(&js, &topology).await;
     topology.ensure_streams(&js).await?;
@@ -84,7 +80,11 @@ pub async fn measure(
             .await?;
         tasks.push(tokio::spawn(route(
             router,
-            publisher.clone(),
+            // A context (in-flight permits) per loop, as the service's router has.
+            bus::jetstream(
+                publisher_client.clone(),
+                Router::in_flight_bound(&config.tuning),
+            ),
             topology.clone(),
             config.tuning.clone(),
             cancel.clone(),
