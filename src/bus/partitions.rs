@@ -29,14 +29,22 @@ pub struct InputOrigin {
 
 const KINDS: [InputKind; 2] = [InputKind::StatusChange, InputKind::DigestRequest];
 
+/// Partition `p`'s stream name: the input stream itself for partition 0 (today's name, so one
+/// partition is exactly the previous release's topology), `<input_stream>_<p>` otherwise.
+pub(super) fn partition_stream_of(input_stream: &str, partition: u16) -> String {
+    match partition {
+        0 => input_stream.to_string(),
+        p => format!("{input_stream}_{p}"),
+    }
+}
+
 impl Topology {
     /// The configured partition count.
     pub fn input_partitions(&self) -> u16 {
         self.streams.input_partitions
     }
 
-    /// Partition `p`'s stream: the input stream itself for partition 0 (today's name, so one
-    /// partition is exactly the previous release's topology).
+    /// Partition `p`'s stream (see [`partition_stream_of`]).
     pub fn partition_stream(&self, partition: u16) -> String {
         self.partition_stream_name(partition).into_owned()
     }
@@ -45,7 +53,7 @@ impl Topology {
     pub fn partition_stream_name(&self, partition: u16) -> Cow<'_, str> {
         match self.partition_streams.get(usize::from(partition)) {
             Some(name) => Cow::Borrowed(name),
-            None => Cow::Owned(format!("{}_{partition}", self.streams.input_stream)),
+            None => Cow::Owned(partition_stream_of(&self.streams.input_stream, partition)),
         }
     }
 
@@ -110,12 +118,6 @@ impl Topology {
                 plain: false,
             })
         })
-    }
-
-    /// The input stream a message on `subject` was stored in (for dead-letter records).
-    pub fn input_stream_of(&self, subject: &str) -> Cow<'_, str> {
-        let partition = self.input_origin(subject).map_or(0, |o| o.partition);
-        self.partition_stream_name(partition)
     }
 
     /// Every input partition stream on the server, retired ones included, in order.
@@ -288,7 +290,8 @@ mod tests {
             assert_eq!(origin(other), None, "{other}");
         }
         assert_eq!(
-            topology.input_stream_of("SendAlarmDigest.in.2"),
+            topology
+                .partition_stream_name(origin("SendAlarmDigest.in.2").map_or(0, |o| o.partition)),
             "ALARM_DIGEST_INPUT_2"
         );
     }

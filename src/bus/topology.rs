@@ -34,9 +34,8 @@ impl Topology {
             })
             .collect();
         let partition_streams = (0..streams.input_partitions)
-            .map(|partition| match partition {
-                0 => streams.input_stream.clone(),
-                p => format!("{}_{p}", streams.input_stream),
+            .map(|partition| {
+                super::partitions::partition_stream_of(&streams.input_stream, partition)
             })
             .collect();
         Topology {

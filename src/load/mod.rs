@@ -236,7 +236,10 @@ async fn drained(
 
 /// The configured input partition streams.
 pub fn input_streams(config: &Config) -> Vec<String> {
-    let topology = Topology::new(config.streams.clone(), config.shards.count);
+    partition_streams(&Topology::new(config.streams.clone(), config.shards.count))
+}
+
+fn partition_streams(topology: &Topology) -> Vec<String> {
     (0..topology.input_partitions())
         .map(|partition| topology.partition_stream(partition))
         .collect()
@@ -245,7 +248,7 @@ pub fn input_streams(config: &Config) -> Vec<String> {
 /// The service's consumers: the routers' (one per input partition) and every shard worker's.
 pub fn service_consumers(config: &Config) -> Vec<(String, String)> {
     let topology = Topology::new(config.streams.clone(), config.shards.count);
-    let mut consumers: Vec<(String, String)> = input_streams(config)
+    let mut consumers: Vec<(String, String)> = partition_streams(&topology)
         .into_iter()
         .map(|stream| (stream, config.streams.router_consumer.clone()))
         .collect();
