@@ -358,3 +358,85 @@ async fn the_partition_count_changes_in_place_from_1_to_4_to_2_under_traffic() {
     assert_answered_once(&client, &subscriber, &state, requests, PlainSaw::All).await;
     drop((a, b));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_of_the_release_before_upgrades_in_place_to_four_partitions() {
+    let server_dir = tempdir().expect("dir");
+    let server_config = server_dir.path().join("nats-server.conf");
+    write_server_config(&server_config, 1);
+    let nats = NatsServer::start_with_config_file(&server_config);
+    let data = tempdir().expect("dir");
+    let env = |count: &str| vec![(PARTITIONS_ENV, count.to_string())];
+    // The release before: one input stream of the plain subjects, and a shards bucket that
+    // records the shard count only (one partition writes exactly those streams; the key the
+    // previous release never wrote is taken away again).
+    let before = spawn(&nats, data.path(), &env("1"));
+    wait_ready(&before.http).await;
+    before.signal("TERM");
+    assert!(before.wait_exit(Duration::from_secs(20)).success());
+    let config = test_config(&nats, data.path());
+    let client = TestClient::connect(&config).await;
+    let mut input = client
+        .js
+        .get_stream(&config.streams.input_stream)
+        .await
+        .expect("input stream");
+    let subjects = input.info().await.expect("info").config.subjects.clone();
+    assert_eq!(subjects, ["AlarmStatusChanged", "SendAlarmDigest"]);
+    let shards = client
+        .js
+        .get_key_value(&config.streams.shards_bucket)
+        .await
+        .expect("shards bucket");
+    shards.purge("input.partitions").await.expect("purge");
+    // Events wait in the input stream while no instance runs.
+    client
+        .status("u1", "a", "CRITICAL", "2021-06-07T20:40:10Z")
+        .await;
+    client
+        .status("u2", "b", "WARNING", "2021-06-07T20:40:11Z")
+        .await;
+
+    // The upgrade: this release's binary on one partition, then the runbook to four.
+    let upgraded = spawn(&nats, data.path(), &env("1"));
+    wait_ready(&upgraded.http).await;
+    let url = nats.url();
+    let (code, out, err) = run_binary(
+        &["partitions", "set", "--count", "4"],
+        &[
+            ("ALARM_DIGEST_NATS__URL", url.as_str()),
+            ("ALARM_DIGEST_SHARDS__COUNT", "4"),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("1 -> 4"), "{out}");
+    upgraded.signal("TERM");
+    assert!(upgraded.wait_exit(Duration::from_secs(20)).success());
+    let upgraded = spawn(&nats, data.path(), &env("4"));
+    wait_ready(&upgraded.http).await;
+    write_server_config(&server_config, 4);
+    nats.reload();
+
+    let mut partitioned = config.clone();
+    partitioned.streams.input_partitions = 4;
+    let client = TestClient::connect(&partitioned).await;
+    let mut digests = client.digests().await;
+    client
+        .status("u1", "c", "WARNING", "2021-06-07T20:40:12Z")
+        .await;
+    client.wait_drained().await;
+    client.request_digest("u1").await;
+    client.request_digest("u2").await;
+    assert_eq!(
+        entries(&digests.next_for("u1").await),
+        [
+            triple("a", "CRITICAL", "2021-06-07T20:40:10Z"),
+            triple("c", "WARNING", "2021-06-07T20:40:12Z"),
+        ]
+    );
+    assert_eq!(
+        entries(&digests.next_for("u2").await),
+        [triple("b", "WARNING", "2021-06-07T20:40:11Z")]
+    );
+    drop(upgraded);
+}
