@@ -115,17 +115,51 @@ pub(crate) async fn assert_nothing_lost(
     client: &TestClient,
     state: &HashMap<(String, String), (i64, usize)>,
 ) -> Vec<AlarmDigest> {
+    final_digests_checked(client, state, None).await
+}
+
+/// [`assert_nothing_lost`]; with `requests` (those sent during the run), it also waits for
+/// that many answers before the final ones.
+async fn final_digests_checked(
+    client: &TestClient,
+    state: &HashMap<(String, String), (i64, usize)>,
+    requests: Option<u64>,
+) -> Vec<AlarmDigest> {
     client.wait_drained().await;
     let mut users: Vec<&String> = state.keys().map(|(user, _)| user).collect();
     users.sort();
     users.dedup();
+    let answered_before = match requests {
+        Some(requests) => requests,
+        None => client.digests_stored().await,
+    };
     for user in &users {
         client.request_digest(user).await;
     }
+    // Every final request answered (a request is answered after its user's earlier events
+    // in the shard log), then nothing left anywhere.
+    client
+        .wait_digests_stored(answered_before + users.len() as u64)
+        .await;
     client.wait_drained().await;
-    let digests = client.digests().await.drain(Duration::from_secs(2)).await;
+    let digests = client.digests().await.drain().await;
     let reported = last_reported(&digests);
-    for ((user, alarm), (_, status)) in state {
+    for ((user, alarm), (changed, status)) in state {
+        if *status > 0
+            && reported
+                .get(&(user.clone(), alarm.clone()))
+                .map(String::as_str)
+                != Some(STATUSES[*status])
+        {
+            // What the user was sent, to tell a change never applied from one sent unseen.
+            eprintln!(
+                "{user}/{alarm}: last change {} at {changed}",
+                STATUSES[*status]
+            );
+            for digest in digests.iter().filter(|digest| &digest.user_id == user) {
+                eprintln!("  digest {:?}", entries(digest));
+            }
+        }
         if *status > 0 {
             assert_eq!(
                 reported
@@ -157,7 +191,7 @@ pub(crate) async fn assert_answered_once(
     requests: u64,
     saw: PlainSaw,
 ) -> Vec<AlarmDigest> {
-    let digests = assert_nothing_lost(client, state).await;
+    let digests = final_digests_checked(client, state, Some(requests)).await;
     let users = state
         .keys()
         .map(|(user, _)| user)
@@ -227,7 +261,7 @@ async fn five_kill_9s_at_random_moments_lose_nothing_and_answer_every_request_on
         .into_iter()
         .map(|r| r.digest)
         .collect();
-    let consumed = durable.drain(Duration::from_secs(2)).await;
+    let consumed = durable.drain().await;
     let alarms: usize = digests.iter().map(|d| d.active_alarms.len()).sum();
     eprintln!(
         "plain subscriber: {} digests; durable consumer: {}; {alarms} alarms",

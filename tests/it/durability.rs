@@ -222,7 +222,7 @@ async fn kill_9_mid_stream_loses_nothing_and_resends_nothing() {
     bed.client.wait_drained().await;
 
     let mut reader = bed.client.digests().await;
-    let digests = reader.drain(Duration::from_secs(2)).await;
+    let digests = reader.drain().await;
     let mut per_user: HashMap<&str, Vec<&alarm_digest::wire::AlarmDigest>> = HashMap::new();
     for digest in &digests {
         per_user
@@ -288,7 +288,7 @@ async fn sigterm_under_load_drains_and_exits_0_without_losing_work() {
     bed.client.wait_drained().await;
     request_all(&bed.client, &storm.users).await;
     let mut reader = bed.client.digests().await;
-    let digests = reader.drain(Duration::from_secs(2)).await;
+    let digests = reader.drain().await;
     assert_eq!(digests.len(), storm.users.len());
     let reported: usize = digests.iter().map(|d| d.active_alarms.len()).sum();
     let expected = storm.final_state().values().filter(|s| **s > 0).count();
@@ -328,7 +328,7 @@ async fn a_burst_of_requests_larger_than_the_publish_window_is_answered_in_full(
     let service = start_service(config).await;
     client.wait_drained().await;
     let mut reader = client.digests().await;
-    let digests = reader.drain(Duration::from_secs(2)).await;
+    let digests = reader.drain().await;
     assert_eq!(digests.len(), users.len(), "every request answered once");
     service.stop().await.expect("clean stop");
 }

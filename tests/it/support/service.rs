@@ -242,6 +242,31 @@ impl TestClient {
             .await;
     }
 
+    /// The output stream's last sequence: how many digest messages were ever stored.
+    pub async fn digests_stored(&self) -> u64 {
+        last_sequence(&self.js, &self.config.streams.output_stream).await
+    }
+
+    /// Waits until the output stream has stored `count` digest messages in all. Consumer
+    /// state alone does not show that every shard applied its log: a cluster that just lost
+    /// a node was seen answering `0 pending, 0 unacknowledged` for a shard consumer whose
+    /// worker was 1,000 messages behind, so an end-of-run check waits for the answers
+    /// themselves.
+    pub async fn wait_digests_stored(&self, count: u64) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let stored = self.digests_stored().await;
+            if stored >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the output stream holds {stored} digests, not {count}, after 120s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Reads every digest in the output stream from the start, in publish order.
     pub async fn digests(&self) -> DigestReader {
         self.reader(pull::Config {
@@ -277,6 +302,9 @@ impl TestClient {
             .expect("output consumer");
         DigestReader {
             messages: consumer.messages().await.expect("output messages"),
+            js: self.js.clone(),
+            stream: self.config.streams.output_stream.clone(),
+            reached: 0,
         }
     }
 
@@ -364,8 +392,28 @@ pub fn status_payload(user: &str, alarm: &str, status: &str, changed_at: &str) -
     )
 }
 
+/// A stream's last sequence, asking again while a cluster that just lost a node times out.
+async fn last_sequence(js: &Context, stream: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match js.get_stream(stream).await {
+            Ok(stream) => return stream.cached_info().state.last_sequence,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("reading stream {stream}'s info: {error}; again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => panic!("stream {stream}'s info: {error}"),
+        }
+    }
+}
+
 pub struct DigestReader {
     messages: pull::Stream,
+    js: Context,
+    /// The output stream's name.
+    stream: String,
+    /// The highest output stream sequence read.
+    reached: u64,
 }
 
 impl DigestReader {
@@ -375,6 +423,9 @@ impl DigestReader {
             .expect("a digest within the wait")
             .expect("output stream open")
             .expect("digest message");
+        if let Ok(info) = message.info() {
+            self.reached = self.reached.max(info.stream_sequence);
+        }
         serde_json::from_slice(&message.payload).expect("digest is valid JSON")
     }
 
@@ -398,12 +449,37 @@ impl DigestReader {
         }
     }
 
-    /// Reads digests until none arrives for `quiet`.
-    pub async fn drain(&mut self, quiet: Duration) -> Vec<AlarmDigest> {
+    /// Reads every digest the output stream holds now that this reader has not read yet.
+    ///
+    /// Judged by the stream's last sequence, never by a quiet spell: on a loaded machine or a
+    /// cluster that just lost a node, deliveries can pause for seconds, and the consumer's
+    /// stream can yield a transient error (a missed heartbeat, a leader change) mid-way.
+    pub async fn drain(&mut self) -> Vec<AlarmDigest> {
+        let last = last_sequence(&self.js, &self.stream).await;
+        let deadline = Instant::now() + Duration::from_secs(90);
         let mut digests = Vec::new();
-        while let Ok(Some(Ok(message))) = tokio::time::timeout(quiet, self.messages.next()).await {
-            digests.push(serde_json::from_slice(&message.payload).expect("digest is valid JSON"));
+        let mut reached = self.reached;
+        while reached < last {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.messages.next()).await {
+                Ok(Some(Ok(message))) => {
+                    if let Ok(info) = message.info() {
+                        reached = reached.max(info.stream_sequence);
+                    }
+                    digests.push(
+                        serde_json::from_slice(&message.payload).expect("digest is valid JSON"),
+                    );
+                }
+                Ok(Some(Err(error))) => eprintln!("reading digests: {error}; reading on"),
+                Ok(None) => panic!("the output consumer ended at sequence {reached} of {last}"),
+                Err(_) => panic!(
+                    "read the output stream up to sequence {reached} of {last} within 90s \
+                     ({} digests)",
+                    digests.len()
+                ),
+            }
         }
+        self.reached = reached;
         digests
     }
 }
@@ -577,9 +653,18 @@ impl ServiceProcess {
             .env("ALARM_DIGEST_SHARDS__COUNT", "4")
             .env("ALARM_DIGEST_SHARDS__LEASE_SECS", "3")
             .env("ALARM_DIGEST_TUNING__ACK_WAIT_SECS", "5")
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("SERVICE_TEST_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        // A hunt for a rare failure keeps each process's log in a file of its own.
+        if let Ok(dir) = std::env::var("SERVICE_TEST_LOGS") {
+            let name = format!("{}-{}.log", data_dir.display(), http).replace('/', "_");
+            let file = std::fs::File::create(Path::new(&dir).join(name)).expect("log file");
+            command.stderr(file);
+        }
         for (key, value) in extra_env {
             command.env(key, value);
         }
