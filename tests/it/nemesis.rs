@@ -18,6 +18,7 @@ use crate::drills::{assert_answered_once, PlainSaw, Traffic};
 use crate::support::*;
 
 const INSTANCES: usize = 3;
+const MIN_FAULTS: usize = 10;
 
 /// One fault, healed before the next one starts.
 #[derive(Debug)]
@@ -103,7 +104,9 @@ async fn a_seeded_schedule_of_crashes_pauses_restarts_and_broker_node_losses_los
 
     let until = Instant::now() + Duration::from_secs(secs);
     let mut schedule = Vec::new();
-    while Instant::now() < until {
+    // At least ten faults however long they take (pauses and downtimes are random, and a
+    // loaded machine stretches them): a shorter schedule proves little.
+    while Instant::now() < until || schedule.len() < MIN_FAULTS {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(500..3_000))).await;
         let fault = Fault::pick(&mut rng);
         eprintln!("nemesis: {fault:?}");
@@ -166,9 +169,4 @@ async fn a_seeded_schedule_of_crashes_pauses_restarts_and_broker_node_losses_los
         PlainSaw::NoMoreThanStored,
     )
     .await;
-    assert!(
-        schedule.len() >= 10,
-        "seed {seed}: only {} faults",
-        schedule.len()
-    );
 }
