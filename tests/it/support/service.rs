@@ -314,18 +314,10 @@ impl TestClient {
     pub async fn wait_drained(&self) {
         // Every input partition stream there is, retired ones included.
         let topology = Topology::new(self.config.streams.clone(), self.config.shards.count);
-        // A cluster that just lost a node may time out a listing: ask again.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let existing = loop {
-            match topology.existing_partitions(&self.js).await {
-                Ok(existing) => break existing,
-                Err(error) if Instant::now() < deadline => {
-                    eprintln!("listing the input partitions: {error}; again");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(error) => panic!("listing the input partitions: {error}"),
-            }
-        };
+        let existing = asking_again("listing the input partitions", || {
+            topology.existing_partitions(&self.js)
+        })
+        .await;
         let inputs: Vec<String> = existing
             .into_iter()
             .map(|partition| topology.partition_stream(partition))
@@ -392,19 +384,30 @@ pub fn status_payload(user: &str, alarm: &str, status: &str, changed_at: &str) -
     )
 }
 
-/// A stream's last sequence, asking again while a cluster that just lost a node times out.
-async fn last_sequence(js: &Context, stream: &str) -> u64 {
+/// Asks the broker `ask` again for up to 60 s while it fails: a cluster that just lost a
+/// node times out requests for a while.
+async fn asking_again<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    ask: impl Fn() -> F,
+) -> T {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match js.get_stream(stream).await {
-            Ok(stream) => return stream.cached_info().state.last_sequence,
+        match ask().await {
+            Ok(answer) => return answer,
             Err(error) if Instant::now() < deadline => {
-                eprintln!("reading stream {stream}'s info: {error}; again");
+                eprintln!("{what}: {error}; again");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(error) => panic!("stream {stream}'s info: {error}"),
+            Err(error) => panic!("{what}: {error}"),
         }
     }
+}
+
+/// A stream's last sequence.
+async fn last_sequence(js: &Context, stream: &str) -> u64 {
+    let what = format!("reading stream {stream}'s info");
+    let stream = asking_again(&what, || js.get_stream(stream)).await;
+    stream.cached_info().state.last_sequence
 }
 
 pub struct DigestReader {
