@@ -287,6 +287,8 @@ async fn sigterm_under_load_drains_and_exits_0_without_losing_work() {
     wait_ready(&service.http).await;
     bed.client.wait_drained().await;
     request_all(&bed.client, &storm.users).await;
+    // Every request answered before reading what is stored.
+    bed.client.wait_drained().await;
     let mut reader = bed.client.digests().await;
     let digests = reader.drain().await;
     assert_eq!(digests.len(), storm.users.len());
