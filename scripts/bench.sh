@@ -9,6 +9,14 @@
 #                              # three-node cluster on loopback, 4 instances: each one's share
 #   ALARM_DIGEST_SHARDS__COUNT=1 MEASURE_RESTORE=1 ./scripts/bench.sh --events 1000000 --users 100000
 #                                                      # one shard of 1M alarms: snapshot, restore
+#   NODES=3 REPLICAS=1 PARTITIONS=3 INSTANCES=3 CAP_NODE=0.25 CAP_INSTANCE=0.4 \
+#     ./scripts/bench.sh --events 100000 --digests 0
+#                              # each node and instance capped at a CPU quota of its own: a
+#                              # cluster of small machines on one box (scripts/scaling.sh runs
+#                              # the whole curve). With NODES > 1 and one replica, streams are
+#                              # placed by node tag (PLACEMENT=broker: as JetStream likes)
+# With NODES > 1 it prints the CPU each node and instance used during the run and how many
+# streams each node leads.
 # Instance logs (snapshots and restores at info) go to $work/instance-<i>.log and are shown at
 # the end. Everything it starts is stopped and removed on exit.
 set -euo pipefail
@@ -16,6 +24,7 @@ cd "$(dirname "$0")/.."
 instances="${INSTANCES:-1}"
 shards="${ALARM_DIGEST_SHARDS__COUNT:-16}"
 export ALARM_DIGEST_STREAMS__INPUT_PARTITIONS="${PARTITIONS:-${ALARM_DIGEST_STREAMS__INPUT_PARTITIONS:-1}}"
+export ALARM_DIGEST_STREAMS__REPLICAS="${REPLICAS:-${ALARM_DIGEST_STREAMS__REPLICAS:-1}}"
 
 # shellcheck source=scripts/broker.sh
 . scripts/broker.sh
@@ -23,6 +32,9 @@ setup_work bench TERM
 
 start_broker
 export ALARM_DIGEST_NATS__URL="$url" ALARM_DIGEST_SHARDS__COUNT="$shards"
+if [ "${NODES:-1}" -gt 1 ] && [ "${PLACEMENT:-tags}" = tags ]; then
+  export ALARM_DIGEST_STREAMS__NODE_TAGS="$node_tags"
+fi
 first_instance=${#pids[@]}
 
 https=()
@@ -34,7 +46,7 @@ start_instance() {
   ALARM_DIGEST_STORAGE__PATH="$work/data-$i" ALARM_DIGEST_HTTP__LISTEN="$listen" \
     ALARM_DIGEST_SHARDS__OWNED=ordinal ALARM_DIGEST_SHARDS__REPLICAS="$instances" \
     ALARM_DIGEST_SHARDS__ORDINAL="$i" RUST_LOG="warn,alarm_digest::shard_worker=info" \
-    "$bin" run 2>>"$work/instance-$i.log" &
+    capped "${CAP_INSTANCE:-}" "$bin" run 2>>"$work/instance-$i.log"
 }
 for ((i = 0; i < instances; i++)); do
   start_instance "$i"
@@ -91,7 +103,31 @@ fi
 
 extra=()
 if [ "$instances" -eq 1 ]; then extra=(--service-pid "${pids[$first_instance]}" --data-dir "$work/data-0"); fi
+# Every instance ready (each holds its shards) before the clock starts.
+for ((i = 0; i < instances; i++)); do until ready "${https[$i]}"; do sleep 0.1; done; done
+# Replicated streams on a cluster: leaders moved to the plan before the clock starts (the
+# instances would do it within streams.balance_every_secs anyway).
+if [ "${NODES:-1}" -gt 1 ] && [ "$ALARM_DIGEST_STREAMS__REPLICAS" -gt 1 ]; then
+  for _ in 1 2 3 4 5 6; do
+    "$bin" streams balance | grep -q "where the plan wants it" && break
+    sleep 2
+  done
+fi
+cpu_before=()
+for pid in "${pids[@]}"; do cpu_before+=("$(cpu_seconds "$pid")"); done
 ALARM_DIGEST_STORAGE__PATH="$work/data-0" "$bin" bench --broker-pid "$broker_pids" "${extra[@]}" "$@"
+
+# In a cluster: CPU per node and per instance during the run, and the streams each node leads.
+if [ "${NODES:-1}" -gt 1 ]; then
+  line="cpu during the run (s):"
+  for ((i = 0; i < ${#pids[@]}; i++)); do
+    used="$(awk -v a="$(cpu_seconds "${pids[$i]}")" -v b="${cpu_before[$i]}" 'BEGIN { printf "%.2f", a - b }')"
+    if ((i < first_instance)); then line+=" node-$i $used"; else line+=" instance-$((i - first_instance)) $used"; fi
+  done
+  echo "$line"
+  "$bin" streams status | grep '"node"' | sed -E 's/,"streams":\[[^]]*\]//' |
+    awk '{ printf "%s%s", sep, $0; sep = "  " } END { print "" }' | sed 's/^/leaders: /'
+fi
 
 # Each instance's share of the work: inputs it routed, status changes it applied.
 if [ "$instances" -gt 1 ]; then

@@ -29,7 +29,55 @@ cleanup() {
     wait "${pids[$i]}" 2>/dev/null || true
   done
   rm -rf "$work"
+  cap_cleanup
 }
+
+# CPU caps, to stand one small machine in for several: CAP_NODE=0.25 runs every broker node
+# and CAP_INSTANCE=0.4 every instance in a cgroup of its own capped at that many cores
+# (cgroup v1's cpu controller or v2's cpu.max, whichever the machine has; root only). A 10 ms
+# period keeps throttling stalls short. The quotas should add up to less than the machine,
+# leaving room for the load tool, which runs uncapped.
+cgroup_root=""
+cap_setup() {
+  if [ -d /sys/fs/cgroup/cpu ] && [ -w /sys/fs/cgroup/cpu ]; then
+    cgroup_root=/sys/fs/cgroup/cpu/alarm-digest-bench-$$
+    mkdir -p "$cgroup_root"
+  elif [ -f /sys/fs/cgroup/cgroup.controllers ] && grep -qw cpu /sys/fs/cgroup/cgroup.controllers; then
+    cgroup_root=/sys/fs/cgroup/alarm-digest-bench-$$
+    mkdir -p "$cgroup_root"
+    echo +cpu >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || true
+    echo +cpu >"$cgroup_root/cgroup.subtree_control"
+  else
+    echo "$0: CAP_NODE / CAP_INSTANCE need a cgroup cpu controller (v1 /sys/fs/cgroup/cpu or v2) and root" >&2
+    exit 1
+  fi
+}
+# capped CORES COMMAND...: runs COMMAND in the background in a new cgroup capped at CORES
+# (empty: uncapped); $! is its pid, as with a plain `COMMAND &`.
+capped() {
+  local cores="$1"; shift
+  if [ -z "$cores" ]; then "$@" & return; fi
+  [ -n "$cgroup_root" ] || cap_setup
+  local group quota
+  group="$(mktemp -u "$cgroup_root/p.XXXXXX")"
+  mkdir "$group"
+  quota="$(awk -v c="$cores" 'BEGIN { printf "%d", c * 10000 }')"
+  if [ -f "$group/cpu.max" ]; then
+    echo "$quota 10000" >"$group/cpu.max"
+  else
+    echo 10000 >"$group/cpu.cfs_period_us"
+    echo "$quota" >"$group/cpu.cfs_quota_us"
+  fi
+  (echo "$BASHPID" >"$group/cgroup.procs" && exec "$@") &
+}
+cap_cleanup() {
+  [ -n "$cgroup_root" ] || return 0
+  sleep 0.2
+  for group in "$cgroup_root"/p.*; do rmdir "$group" 2>/dev/null || true; done
+  rmdir "$cgroup_root" 2>/dev/null || true
+}
+# CPU seconds a process has used so far (user + system).
+cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
 # start_broker: sets $url (every node's, comma-separated), $broker_pids (comma-separated) and
 # appends the brokers' pids. Every node's config includes the mapping `alarm-digest
@@ -37,13 +85,17 @@ cleanup() {
 #   NODES=3: a three-node cluster with routes on loopback (JetStream on every node).
 #   NATS_CONFIG: a server config file whose settings every node gets as well (sync_interval,
 #   for example).
+# In a cluster, node i carries the server tag `alarm-digest:node-<i>`, and $node_tags lists
+# them as streams.node_tags takes them.
 start_broker() {
   local nodes="${NODES:-1}" i base routes="" node_conf
   mkdir -p "$work/ports"
   "$bin" nats-mappings >"$work/mappings.conf"
   base=$((20000 + RANDOM % 20000))
   for ((i = 0; i < nodes; i++)); do routes+="${routes:+, }\"nats-route://127.0.0.1:$((base + 100 + i))\""; done
-  url="" broker_pids=""
+  url="" broker_pids="" node_tags=""
+  for ((i = 0; i < nodes; i++)); do node_tags+="${node_tags:+,}\"alarm-digest:node-$i\""; done
+  node_tags="[$node_tags]"
   for ((i = 0; i < nodes; i++)); do
     node_conf="$work/node-$i.conf"
     {
@@ -51,13 +103,14 @@ start_broker() {
       [ -n "${NATS_CONFIG:-}" ] && cat "$NATS_CONFIG"
       if [ "$nodes" -gt 1 ]; then
         echo "server_name: node-$i"
+        echo "server_tags: [\"alarm-digest:node-$i\"]"
         echo "cluster { name: bench, listen: \"127.0.0.1:$((base + 100 + i))\", routes: [$routes] }"
       fi
     } >"$node_conf"
     local port=-1
     [ "$nodes" -gt 1 ] && port=$((base + i))
-    "$nats_bin" -a 127.0.0.1 -p "$port" --ports_file_dir "$work/ports" -js -sd "$work/nats-$i" \
-      -c "$node_conf" >"$work/nats-$i.log" 2>&1 &
+    capped "${CAP_NODE:-}" "$nats_bin" -a 127.0.0.1 -p "$port" --ports_file_dir "$work/ports" \
+      -js -sd "$work/nats-$i" -c "$node_conf" >"$work/nats-$i.log" 2>&1
     pids+=("$!")
     broker_pids+="${broker_pids:+,}$!"
   done

@@ -72,6 +72,11 @@ pub enum Command {
         #[command(subcommand)]
         action: crate::cmd::partitions::PartitionsAction,
     },
+    /// Show which broker node leads each stream; move streams to the placement plan.
+    Streams {
+        #[command(subcommand)]
+        action: crate::cmd::streams::StreamsAction,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md for the map; `domain` holds the rules and imports no I/O crate.
 
+pub mod balancer;
 pub mod bus;
 pub mod cli;
 pub mod cmd;

@@ -62,6 +62,7 @@ fn main() -> ExitCode {
             Command::Shard { action } => cmd::shard::run(config, action).await,
             Command::NatsMappings(args) => cmd::nats_mappings::run(&config, args),
             Command::Partitions { action } => cmd::partitions::run(config, action).await,
+            Command::Streams { action } => cmd::streams::run(config, action).await,
         }
     });
     // Blocking threads still inside a store call (a failed disk) must not hold the exit.

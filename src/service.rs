@@ -241,6 +241,11 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
         stats.await;
         Ok(())
     });
+    let balancer = crate::balancer::run(shared.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        balancer.await;
+        Ok(())
+    });
     for shard in owned {
         let store = parts.store.shard(shard)?;
         let worker = ShardWorker::new(shared.clone(), cluster.clone(), store, flusher.clone());

@@ -1,11 +1,13 @@
 //! The JetStream adapter: connecting, the stream topology, and the publishing helpers. It
 //! knows subjects and headers; it knows nothing of alarms beyond routing by UserID.
 
+pub mod balance;
 mod connect;
 mod dead_letter;
 pub mod envelope;
 pub mod ownership;
 mod partitions;
+pub mod placement;
 mod publish;
 pub mod snapshots;
 mod topology;

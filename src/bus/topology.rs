@@ -121,7 +121,32 @@ impl Topology {
         }
     }
 
+    /// Where a single-replica stream is created when `streams.node_tags` names the nodes: the
+    /// tag the placement plan gives it (`bus/placement.rs`). `None`: the broker chooses (no
+    /// tags, replicated streams, or a stream outside the plan).
+    pub fn placement_of(&self, name: &str) -> Option<stream::Placement> {
+        if self.streams.replicas != 1 || self.streams.node_tags.is_empty() {
+            return None;
+        }
+        let order = super::placement::ordered_streams(self);
+        let index = order.iter().position(|stream| stream == name)?;
+        let tag = super::placement::tags_in_order(order.len(), &self.streams.node_tags)
+            .swap_remove(index)?;
+        Some(stream::Placement {
+            cluster: None,
+            tags: vec![tag],
+        })
+    }
+
     fn stream_configs(&self) -> Vec<stream::Config> {
+        let mut configs = self.unplaced_stream_configs();
+        for config in &mut configs {
+            config.placement = self.placement_of(&config.name);
+        }
+        configs
+    }
+
+    fn unplaced_stream_configs(&self) -> Vec<stream::Config> {
         let s = &self.streams;
         let mut configs: Vec<stream::Config> = (0..self.input_partitions())
             .map(|partition| self.partition_stream_config(partition))
@@ -185,8 +210,10 @@ impl Topology {
     /// Partition `p`'s input stream: WorkQueue, so what every router acked is gone.
     pub(super) fn partition_stream_config(&self, partition: u16) -> stream::Config {
         let s = &self.streams;
+        let name = self.partition_stream(partition);
         stream::Config {
-            name: self.partition_stream(partition),
+            placement: self.placement_of(&name),
+            name,
             description: Some(match partition {
                 0 => "alarm-digest input: producers publish plain NATS messages".into(),
                 p => format!("alarm-digest input partition {p}"),

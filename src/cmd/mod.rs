@@ -9,4 +9,5 @@ pub mod publish;
 pub mod run;
 pub mod setup;
 pub mod shard;
+pub mod streams;
 pub mod watch;

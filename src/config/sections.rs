@@ -103,6 +103,13 @@ pub struct StreamsConfig {
     pub leases_bucket: String,
     /// Stream replicas; production runs 3 (see README, Guarantees).
     pub replicas: usize,
+    /// With `replicas = 1`: one `server_tags` entry per broker node (each node's config carries
+    /// its own). Each stream is placed on the node whose tag the plan gives it, so the nodes
+    /// share the work (`bus/placement.rs`). Empty: the broker places streams as it likes.
+    pub node_tags: Vec<String>,
+    /// How often each instance checks that the replicated streams' leaders match the plan and
+    /// moves the ones that do not (a few per round); 0 turns the automatic moves off.
+    pub balance_every_secs: u64,
     pub output_max_age_hours: u64,
     /// How long the output and shard streams remember a Msg-Id. A digest republished after a
     /// crash within this window is dropped; the broker keeps every id of the window in memory.
@@ -131,6 +138,8 @@ impl Default for StreamsConfig {
             shards_bucket: "alarm_digest_shards".into(),
             leases_bucket: "alarm_digest_leases".into(),
             replicas: 1,
+            node_tags: Vec::new(),
+            balance_every_secs: 30,
             output_max_age_hours: 24 * 7,
             duplicate_window_secs: 120,
             dead_letter_max_age_hours: 24 * 14,

@@ -194,6 +194,21 @@ impl Config {
         if !(1..=5).contains(&s.replicas) {
             return Err(invalid("streams.replicas", "must be between 1 and 5"));
         }
+        let mut tags = BTreeSet::new();
+        for tag in &s.node_tags {
+            if tag.is_empty() || tag.contains(char::is_whitespace) || !tags.insert(tag) {
+                return Err(invalid(
+                    "streams.node_tags",
+                    "must be distinct server tags without spaces, one per broker node",
+                ));
+            }
+        }
+        if s.balance_every_secs > 86_400 {
+            return Err(invalid(
+                "streams.balance_every_secs",
+                "must be at most 86400 (0 turns the automatic leader moves off)",
+            ));
+        }
         if !s.snapshot_subject.split('.').all(is_valid_name) {
             return Err(invalid(
                 "streams.snapshot_subject",

@@ -1,7 +1,10 @@
 //! The instance's metrics, kept in `prometheus-client` types and rendered as OpenMetrics text.
 //! Labels are only low-cardinality reasons and shard numbers; a user ID is never a label.
 
+mod leadership;
 mod process;
+
+pub use leadership::Led;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -158,6 +161,9 @@ pub struct Metrics {
     rejected_all: Counter,
     batch_latency: Histogram,
     outbox: Arc<OutboxGauges>,
+    /// Leader step-downs and placement moves this instance asked for (`balancer.rs`).
+    pub leader_moves: Counter,
+    leadership: Arc<leadership::LeadershipGauges>,
     registry: Registry,
 }
 
@@ -212,6 +218,8 @@ impl Metrics {
             rejected_all: Counter::default(),
             batch_latency: histogram(),
             outbox: Arc::new(OutboxGauges::default()),
+            leader_moves: Counter::default(),
+            leadership: Arc::default(),
             registry: Registry::default(),
         };
         metrics.registered()
@@ -380,7 +388,13 @@ impl Metrics {
             "The running build.",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        ours.register(
+            "leader_moves",
+            "Stream and consumer leader moves (and single-replica placement moves) this instance asked the broker for, to follow the placement plan.",
+            self.leader_moves.clone(),
+        );
         ours.register_collector(Box::new(self.outbox.clone()));
+        ours.register_collector(Box::new(self.leadership.clone()));
         self.registry = root;
         self
     }
@@ -402,6 +416,11 @@ impl Metrics {
         if let Ok(mut outbox) = self.outbox.shards.lock() {
             outbox.insert(shard, (entries, oldest_written_ms));
         }
+    }
+
+    /// Who leads each of the service's streams, as the balancer's last survey saw it.
+    pub fn set_leadership(&self, streams: Vec<Led>) {
+        self.leadership.set(streams);
     }
 
     pub fn set_phase(&self, shard: u16, phase: Phase) {

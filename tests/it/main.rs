@@ -17,6 +17,7 @@ mod load_tool;
 mod nemesis;
 mod operations;
 mod partitions;
+mod placement;
 mod security;
 mod semantics;
 mod server_upgrade;

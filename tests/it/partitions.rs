@@ -14,7 +14,7 @@ use crate::support::*;
 const PARTITIONS_ENV: &str = "ALARM_DIGEST_STREAMS__INPUT_PARTITIONS";
 
 /// What `alarm-digest nats-mappings` prints for `count` partitions.
-fn mappings(count: u16) -> String {
+pub(crate) fn mappings(count: u16) -> String {
     let count = count.to_string();
     let (code, out, err) = run_binary(&["nats-mappings"], &[(PARTITIONS_ENV, count.as_str())]);
     assert_eq!(code, Some(0), "nats-mappings failed: {err}");

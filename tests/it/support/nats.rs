@@ -261,6 +261,10 @@ pub struct NatsCluster {
     pub nodes: Vec<NatsServer>,
     client_ports: Vec<u16>,
     route_ports: Vec<u16>,
+    /// Each node's config file: its server tag (`alarm-digest:node-<i>`, see [`Self::tags`])
+    /// and [`Self::with_config`]'s text.
+    configs: TempDir,
+    extra_config: String,
 }
 
 impl NatsCluster {
@@ -270,7 +274,27 @@ impl NatsCluster {
             nodes: Vec::new(),
             client_ports: (0..size).map(|_| free_port()).collect(),
             route_ports: (0..size).map(|_| free_port()).collect(),
+            configs: tempfile::tempdir().expect("temp dir for the nodes' configs"),
+            extra_config: String::new(),
         }
+    }
+
+    /// Every node's config gets `text` too (a mapping, say).
+    pub fn with_config(mut self, text: &str) -> NatsCluster {
+        self.extra_config = text.to_string();
+        self
+    }
+
+    /// Each node's server tag, in node order, as `streams.node_tags` lists them.
+    pub fn tags(&self) -> Vec<String> {
+        (0..self.client_ports.len())
+            .map(|index| format!("alarm-digest:node-{index}"))
+            .collect()
+    }
+
+    /// Node `index`'s server name, as stream info reports leaders.
+    pub fn name(index: usize) -> String {
+        format!("alarm-digest-test-{index}")
     }
 
     /// Every node's client URL, comma-separated, as `nats.url` takes them.
@@ -293,9 +317,21 @@ impl NatsCluster {
                 .map(|(_, route)| format!("nats://127.0.0.1:{route}"))
                 .collect::<Vec<_>>()
                 .join(",");
+            let config = self.configs.path().join(format!("node-{index}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "server_tags: [\"{}\"]\n{}\n",
+                    self.tags()[index],
+                    self.extra_config
+                ),
+            )
+            .expect("write a node's config");
             let args = vec![
+                "-c".into(),
+                config.to_string_lossy().into_owned(),
                 "--name".into(),
-                format!("alarm-digest-test-{index}"),
+                NatsCluster::name(index),
                 "--cluster_name".into(),
                 "alarm-digest-test".into(),
                 "--cluster".into(),

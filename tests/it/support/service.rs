@@ -386,7 +386,11 @@ pub fn status_payload(user: &str, alarm: &str, status: &str, changed_at: &str) -
 
 /// Asks the broker `ask` again for up to 60 s while it fails: a cluster that just lost a
 /// node times out requests for a while.
-async fn asking_again<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+pub async fn asking_again<
+    T,
+    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+>(
     what: &str,
     ask: impl Fn() -> F,
 ) -> T {
