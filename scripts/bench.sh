@@ -14,7 +14,9 @@
 #                              # each node and instance capped at a CPU quota of its own: a
 #                              # cluster of small machines on one box (scripts/scaling.sh runs
 #                              # the whole curve). With NODES > 1 and one replica, streams are
-#                              # placed by node tag (PLACEMENT=broker: as JetStream likes)
+#                              # placed by node tag (PLACEMENT=broker: as JetStream likes);
+#                              # replicated leaders are balanced first (unless
+#                              # ALARM_DIGEST_STREAMS__BALANCE_EVERY_SECS=0: as elected)
 # With NODES > 1 it prints the CPU each node and instance used during the run and how many
 # streams each node leads.
 # Instance logs (snapshots and restores at info) go to $work/instance-<i>.log and are shown at
@@ -107,7 +109,8 @@ if [ "$instances" -eq 1 ]; then extra=(--service-pid "${pids[$first_instance]}" 
 for ((i = 0; i < instances; i++)); do until ready "${https[$i]}"; do sleep 0.1; done; done
 # Replicated streams on a cluster: leaders moved to the plan before the clock starts (the
 # instances would do it within streams.balance_every_secs anyway).
-if [ "${NODES:-1}" -gt 1 ] && [ "$ALARM_DIGEST_STREAMS__REPLICAS" -gt 1 ]; then
+if [ "${NODES:-1}" -gt 1 ] && [ "$ALARM_DIGEST_STREAMS__REPLICAS" -gt 1 ] &&
+  [ "${ALARM_DIGEST_STREAMS__BALANCE_EVERY_SECS:-30}" != 0 ]; then
   for _ in 1 2 3 4 5 6; do
     "$bin" streams balance | grep -q "where the plan wants it" && break
     sleep 2

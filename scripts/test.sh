@@ -10,8 +10,9 @@
 #
 # Also installs what the tests run for real, when it is missing and we are root: the Debian
 # packages `nats-server` (2.9.10, what deployments of the release before ran: the broker
-# upgrade test starts from it), `systemd` (systemd-analyze) and `prometheus` (prometheus and
-# promtool), and `kubernetes-validate` from PyPI. Without them the tests that need them fail
+# upgrade test starts from it), `systemd` (systemd-analyze), `faketime` (libfaketime, for
+# an instance whose clock is wrong) and `prometheus` (prometheus and promtool), and
+# `kubernetes-validate` from PyPI. Without them the tests that need them fail
 # with an install hint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,13 @@ if ! command -v systemd-analyze >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
   echo "test: installing systemd for systemd-analyze" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+fi
+
+# An instance with a wrong clock runs under Debian's libfaketime.
+if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ] && [ "$(id -u)" -eq 0 ]; then
+  echo "test: installing faketime (libfaketime, for the wrong-clock test)" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null
 fi
 
 # Alert rules, the /metrics lint and a real scrape use Prometheus' own binaries.

@@ -43,6 +43,24 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     for partition in 0..topology.input_partitions() {
         topology.router_consumer(&js, tuning, partition).await?;
     }
+    // Replicated streams: their leaders to the placement plan now, rather than at the
+    // instances' first balancing round. Best effort: a leader not elected yet moves later.
+    if config.streams.replicas > 1 {
+        let moves = match bus::balance::survey(&js, &topology).await {
+            Ok(survey) => bus::balance::leader_moves(&survey),
+            Err(_) => Vec::new(),
+        };
+        let mut moved = 0;
+        for step in &moves {
+            if bus::balance::carry_out(&js, &topology, step).await.is_ok() {
+                moved += 1;
+            }
+        }
+        println!(
+            "leaders            {moved} of {} moved to the placement plan",
+            moves.len()
+        );
+    }
     let s = &config.streams;
     for partition in 0..topology.input_partitions() {
         println!(
