@@ -5,6 +5,7 @@
 pub mod balancer;
 pub mod bus;
 pub mod cli;
+pub mod clock_watch;
 pub mod cmd;
 pub mod config;
 pub mod consumer_stats;

@@ -12,6 +12,9 @@ pub struct Readiness {
     parts: Arc<Mutex<BTreeMap<String, Option<String>>>>,
     /// Ready parts with something to say: standbys.
     notes: Arc<Mutex<BTreeMap<String, String>>>,
+    /// What an operator should know that does not make the instance unready (a clock off
+    /// the broker's), by topic.
+    warnings: Arc<Mutex<BTreeMap<String, String>>>,
 }
 
 impl Readiness {
@@ -39,6 +42,29 @@ impl Readiness {
         if let Ok(mut parts) = self.parts.lock() {
             parts.insert(part, reason);
         }
+    }
+
+    /// Says `text` under `topic` in `/readyz` while ready (`None` takes it back).
+    pub fn warn(&self, topic: impl Into<String>, text: Option<String>) {
+        if let Ok(mut warnings) = self.warnings.lock() {
+            match text {
+                Some(text) => warnings.insert(topic.into(), text),
+                None => warnings.remove(&topic.into()),
+            };
+        }
+    }
+
+    /// The warnings in force, each with its topic.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings
+            .lock()
+            .map(|warnings| {
+                warnings
+                    .iter()
+                    .map(|(topic, text)| format!("{topic}: {text}"))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The standbys, each with its note.

@@ -317,12 +317,14 @@ impl Router {
         let shared = &self.shared;
         let streams = &shared.config.streams;
         let mut pending = Vec::new();
-        // One reading of the clock per batch: the future-time check is the only place the
-        // wall clock decides anything, and it happens here, where events enter.
-        let now = chrono::Utc::now();
+        // The future-time check compares an event with the time the broker stored it, never
+        // with this machine's clock: every instance decides every event the same way.
         let max_skew = shared.config.limits.max_future_skew();
+        let read_at = chrono::Utc::now();
         for message in messages {
             let sequence = shared.note_delivery(&message);
+            // A message without JetStream metadata (none is expected) is judged by our clock.
+            let now = bus::clock::stored_at(&message).unwrap_or(read_at);
             let origin = shared.topology.input_origin(&message.subject);
             if let Some(origin) = origin.filter(|o| o.plain) {
                 self.note_unmapped(origin.kind);

@@ -246,6 +246,11 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
         balancer.await;
         Ok(())
     });
+    let clock = crate::clock_watch::run(shared.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        clock.await;
+        Ok(())
+    });
     for shard in owned {
         let store = parts.store.shard(shard)?;
         let worker = ShardWorker::new(shared.clone(), cluster.clone(), store, flusher.clone());

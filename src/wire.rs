@@ -35,8 +35,8 @@ pub enum Rejection {
     #[error("subject {0:?} is not an input subject")]
     UnknownSubject(String),
     #[error(
-        "ChangedAt {changed_at} is more than {max_skew_secs} s ahead of this service's clock \
-         ({now}; limits.max_future_skew_secs)"
+        "ChangedAt {changed_at} is more than {max_skew_secs} s ahead of the time the broker \
+         stored the event ({now}; limits.max_future_skew_secs)"
     )]
     FutureTime {
         changed_at: String,
@@ -110,7 +110,9 @@ pub enum InputKind {
 }
 
 /// Refuses a status change stamped further ahead of `now` than `max_skew`. The router checks
-/// this once, where an event enters, so replaying a shard stream never depends on the clock.
+/// this once, where an event enters, with `now` the time the broker stored the input: one
+/// clock for every instance, so whichever router takes an event decides it the same way, and
+/// replaying a shard stream never depends on a clock.
 pub fn check_clock(
     input: Input,
     now: DateTime<Utc>,

@@ -2,6 +2,7 @@
 //! knows subjects and headers; it knows nothing of alarms beyond routing by UserID.
 
 pub mod balance;
+pub mod clock;
 mod connect;
 mod dead_letter;
 pub mod envelope;

@@ -68,8 +68,11 @@ async fn read_state(
         .await
         .ok()
         .map(|c| (c.num_pending, c.num_ack_pending as u64));
+    // Quiet by the broker's clock, which stamped the newest message: a wrong clock on the
+    // operator's host must not make a live partition look quiet.
+    let broker_now = bus::clock::read(js, &name).await?.broker_now;
     let newest_ms = info.state.last_timestamp.unix_timestamp_nanos() / 1_000_000;
-    let quiet_ms = i128::from(chrono::Utc::now().timestamp_millis()) - newest_ms;
+    let quiet_ms = i128::from(broker_now.timestamp_millis()) - newest_ms;
     let quiet_for = Duration::from_millis(u64::try_from(quiet_ms).unwrap_or(0));
     Ok(Some(PartitionState {
         stream: name,

@@ -162,8 +162,9 @@ pub struct LimitsConfig {
     /// A status change that would create one alarm more than this for its user is
     /// dead-lettered (`too_many_alarms`): one producer cannot grow a user without bound.
     pub max_alarms_per_user: usize,
-    /// How far a ChangedAt may lie ahead of this service's clock. A later one is dead-lettered
-    /// (`future_time`) by the router: newest-wins would let it outrank every honest event.
+    /// How far a ChangedAt may lie ahead of the time the broker stored the event. A later one
+    /// is dead-lettered (`future_time`) by the router: newest-wins would let it outrank every
+    /// honest event.
     pub max_future_skew_secs: u64,
 }
 

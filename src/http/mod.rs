@@ -94,6 +94,13 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     } else {
         format!("standby for: {}\n", standbys.join(", "))
     };
+    let warnings: String = state
+        .readiness
+        .warnings()
+        .into_iter()
+        .map(|warning| format!("warning: {warning}\n"))
+        .collect();
+    let standbys = standbys + &warnings;
     if waiting.is_empty() {
         (StatusCode::OK, format!("ready\n{standbys}")).into_response()
     } else {

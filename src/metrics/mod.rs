@@ -7,6 +7,7 @@ mod process;
 pub use leadership::Led;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -163,6 +164,8 @@ pub struct Metrics {
     outbox: Arc<OutboxGauges>,
     /// Leader step-downs and placement moves this instance asked for (`balancer.rs`).
     pub leader_moves: Counter,
+    /// This host's clock minus the broker's (`clock_watch.rs`).
+    pub clock_skew: Gauge<f64, AtomicU64>,
     leadership: Arc<leadership::LeadershipGauges>,
     registry: Registry,
 }
@@ -219,6 +222,7 @@ impl Metrics {
             batch_latency: histogram(),
             outbox: Arc::new(OutboxGauges::default()),
             leader_moves: Counter::default(),
+            clock_skew: Gauge::default(),
             leadership: Arc::default(),
             registry: Registry::default(),
         };
@@ -392,6 +396,11 @@ impl Metrics {
             "leader_moves",
             "Stream and consumer leader moves (and single-replica placement moves) this instance asked the broker for, to follow the placement plan.",
             self.leader_moves.clone(),
+        );
+        ours.register(
+            "clock_skew_seconds",
+            "This host's clock minus the broker's, read every 10 s (negative: behind). Decisions use the broker's time; a large skew only skews this host's logs and ages.",
+            self.clock_skew.clone(),
         );
         ours.register_collector(Box::new(self.outbox.clone()));
         ours.register_collector(Box::new(self.leadership.clone()));

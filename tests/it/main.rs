@@ -5,6 +5,7 @@ mod support;
 
 mod artifacts;
 mod cli;
+mod clock;
 mod cluster;
 mod dead_letter;
 mod delivery;
