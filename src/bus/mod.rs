@@ -209,15 +209,41 @@ enum Wait {
     ForFirst,
 }
 
-/// One pull request. `expires` is set even on `no_wait` pulls: the client only arms its own
-/// timer (expires + 5 s) when it is, and without it a pull lost in a broker restart would
-/// wait forever.
+/// How long past a pull's expiry the client gives up on an answer it never got (a pull lost
+/// in a broker restart), as async-nats does for the pulls it times itself.
+const LOST_PULL_GRACE: Duration = Duration::from_secs(5);
+
+/// One pull request.
+///
+/// A `Wait::No` pull carries no expiry: nats-server treats a `no_wait` pull *with* an expiry
+/// as a one-shot that waits for the next message, or the expiry, when nothing is queued. After
+/// the single-message pull that waits for the first, the pull for "whatever else is queued"
+/// then sat out the whole expiry (1 s) whenever nothing followed: every digest at low request
+/// rates waited a second. Without an expiry the server answers at once (`404 No Messages`),
+/// and this side bounds the wait itself.
 async fn pull(
     consumer: &PullConsumer,
     limit: Limit,
     expires: Duration,
     wait: Wait,
 ) -> Result<Vec<Message>, BusError> {
+    let mut messages = Vec::with_capacity(limit.messages);
+    let answer = pull_answer(consumer, limit, expires, wait, &mut messages);
+    match tokio::time::timeout(expires + LOST_PULL_GRACE, answer).await {
+        Ok(result) => result.map(|()| messages),
+        // The server never ended the pull: keep what came, as at an expiry; the next pull
+        // asks again.
+        Err(_) => Ok(messages),
+    }
+}
+
+async fn pull_answer(
+    consumer: &PullConsumer,
+    limit: Limit,
+    expires: Duration,
+    wait: Wait,
+    messages: &mut Vec<Message>,
+) -> Result<(), BusError> {
     let max = limit.messages;
     let mut batch = match wait {
         Wait::No => {
@@ -225,7 +251,6 @@ async fn pull(
                 .fetch()
                 .max_messages(max)
                 .max_bytes(limit.bytes)
-                .expires(expires)
                 .messages()
                 .await
         }
@@ -240,7 +265,6 @@ async fn pull(
         }
     }
     .map_err(|e| BusError::transient("requesting a batch", e))?;
-    let mut messages = Vec::with_capacity(max);
     while let Some(item) = batch.next().await {
         match item {
             Ok(message) => messages.push(message),
@@ -252,7 +276,7 @@ async fn pull(
             Err(error) => return Err(BusError::transient("receiving a batch", error)),
         }
     }
-    Ok(messages)
+    Ok(())
 }
 
 /// Transient errors are retried with backoff; fatal ones stop the instance with a message

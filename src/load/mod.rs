@@ -301,6 +301,15 @@ pub async fn digest_latencies(
             else {
                 break;
             };
+            // A request is answered when its first part arrives; later parts answer nothing.
+            let later_part = message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get(crate::bus::DIGEST_PART_HEADER))
+                .is_some_and(|part| !part.as_str().starts_with("1/"));
+            if later_part {
+                continue;
+            }
             let Ok(digest) = serde_json::from_slice::<AlarmDigest>(&message.payload) else {
                 continue;
             };

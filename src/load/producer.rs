@@ -170,7 +170,21 @@ impl Producer {
             sent(index);
             tally.waiting.insert(index);
             in_flight.push(self.publish_one(subject, index, payload(index)));
-            pacer.pace(count as u64).await;
+            // Drive what is in flight while waiting for the next one's time: a publish is a
+            // future, and one never polled is never sent. (Unpolled until the window filled,
+            // paced requests all went out at the end of the run, and their latencies grew
+            // with their place in it.)
+            let pace = pacer.pace(count as u64);
+            tokio::pin!(pace);
+            loop {
+                tokio::select! {
+                    biased;
+                    () = &mut pace => break,
+                    Some(done) = in_flight.next() => {
+                        self.settle(Some(done), &mut tally, (subject, total))?;
+                    }
+                }
+            }
         }
         while let Some(done) = in_flight.next().await {
             self.settle(Some(done), &mut tally, (subject, total))?;

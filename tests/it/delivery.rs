@@ -466,3 +466,35 @@ async fn a_part_the_stream_refuses_for_good_blocks_nobody_and_its_alarms_come_in
     assert_eq!(alarm_ids(&parts), ids, "no alarm lost to the refusal");
     service.stop().await.expect("clean stop");
 }
+
+/// A digest never waits for a pull to expire. With `tuning.fetch_expires_ms` at 5 s and a
+/// quiet spell longer than that before each request (so every pull has expired once and
+/// waits for a first message), a lone request to an idle service is answered long before an
+/// expiry, and so is a second one. (Before the fix, the pull for "whatever else is queued"
+/// after that first message sat out a whole expiry, in the router and again in the shard.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_request_to_an_idle_service_is_answered_without_waiting_for_a_pull_to_expire() {
+    let expiry = Duration::from_secs(5);
+    let bed = TestBed::start_with(|config| {
+        config.tuning.fetch_expires_ms = expiry.as_millis() as u64;
+    })
+    .await;
+    let service = start_service(bed.config.clone()).await;
+    let mut digests = bed.client.digests().await;
+    bed.client
+        .status("u", "a", "CRITICAL", "2021-06-07T20:00:01Z")
+        .await;
+    bed.client.wait_drained().await;
+    for round in 0..2 {
+        tokio::time::sleep(expiry + Duration::from_secs(1)).await;
+        let asked = std::time::Instant::now();
+        bed.client.request_digest("u").await;
+        let answered = tokio::time::timeout(expiry / 2, digests.next_for("u")).await;
+        assert!(
+            answered.is_ok(),
+            "request {round} unanswered after {:?} (the pull expiry is {expiry:?})",
+            asked.elapsed()
+        );
+    }
+    service.stop().await.expect("clean stop");
+}
