@@ -3,7 +3,8 @@
 //! the broker to move up to [`MOVES_PER_ROUND`] leaders (and their durable consumers'
 //! leaders) to the placement plan (`bus/placement.rs`). Every instance runs it; the plan is
 //! the same for all, so two rounds at once ask for the same moves and never undo each other.
-//! A node that comes back, or joins, gets its share within a round or two.
+//! A node that comes back, or joins, gets its share within a round or two; the first round
+//! comes one period after start.
 
 use std::time::Duration;
 
@@ -29,8 +30,10 @@ pub async fn run(shared: Shared, cancel: CancellationToken) {
     } else {
         Duration::from_secs(every_secs)
     };
-    // The first round soon after start (the streams were just made), spread over instances.
-    let mut wait = Duration::from_secs(2) + every.mul_f64(rand::random::<f64>() / 4.0);
+    // The first round one period after start, spread over instances: a starting cluster
+    // (leaders still being elected, shards being taken) settles first; `setup` and
+    // `streams balance` move leaders at once when asked.
+    let mut wait = every + every.mul_f64(rand::random::<f64>() / 4.0);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
