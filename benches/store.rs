@@ -6,7 +6,8 @@ use chrono::DateTime;
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion};
 
 use alarm_digest::domain::{Observation, Status, StatusChange};
-use alarm_digest::store::{DigestOptions, ShardStore, Store};
+use alarm_digest::shard_worker::answer::{answer, DigestOptions};
+use alarm_digest::store::{ShardStore, Store};
 
 fn change(user: u64, alarm: u64, status: Status, nanos: i64) -> StatusChange {
     StatusChange {
@@ -71,7 +72,8 @@ fn batch_with_flush(c: &mut Criterion) {
                     );
                 }
                 for i in 0..50u64 {
-                    let _ = write.digest(
+                    let _ = answer(
+                        &mut write,
                         &format!("bench-user-{:08}", (round * 50 + i) % 10_000),
                         round * 50 + i,
                         &options,
@@ -144,7 +146,8 @@ fn digest_among_a_million(c: &mut Criterion) {
             sequence += 1;
             let mut write = shard.begin();
             // Not committed: every iteration reads the same state.
-            black_box(write.digest(
+            black_box(answer(
+                &mut write,
                 &format!("bench-user-{:08}", (sequence * 7_919) % 100_000),
                 sequence,
                 &options,

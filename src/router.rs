@@ -13,10 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{AckKind, Message};
-use async_nats::HeaderMap;
 use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -31,9 +29,6 @@ use crate::wire::{self, Input, InputKind, Rejection};
 
 /// How long JetStream waits before redelivering an input whose republish failed.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
-
-/// Room left in an envelope message for its headers, under the server's `max_payload`.
-const HEADER_ROOM: usize = 512;
 
 /// How often the supervisor looks for input partition streams it does not route yet.
 const DISCOVER_EVERY: Duration = Duration::from_secs(5);
@@ -112,7 +107,7 @@ impl Router {
             .publisher
             .client()
             .max_payload()
-            .saturating_sub(HEADER_ROOM);
+            .saturating_sub(bus::HEADER_ROOM);
         envelope::Limits {
             max_entries: tuning.envelope_max_events,
             max_bytes: tuning.envelope_max_bytes.min(server),
@@ -315,7 +310,6 @@ impl Router {
         packer: &mut Packer<Message>,
     ) -> Pending {
         let shared = &self.shared;
-        let streams = &shared.config.streams;
         let mut pending = Vec::new();
         // The future-time check compares an event with the time the broker stored it, never
         // with this machine's clock: every instance decides every event the same way.
@@ -367,14 +361,6 @@ impl Router {
                     pending.push((published, vec![message], Routed::ToShard));
                 }
                 Err(rejection) => {
-                    shared.metrics.rejected(rejection.code());
-                    tracing::warn!(
-                        message = "rejected input; dead-lettering it",
-                        reason = rejection.code(),
-                        error = %rejection,
-                        subject = %message.subject,
-                        stream_sequence = sequence,
-                    );
                     let record = DeadLetter {
                         reason: rejection.code(),
                         error: &rejection.to_string(),
@@ -382,8 +368,7 @@ impl Router {
                         stream: &partition.stream,
                         stream_sequence: sequence,
                     };
-                    let outgoing =
-                        record.outgoing(&streams.dead_letter_subject, message.payload.clone());
+                    let outgoing = shared.dead_letter(&record, message.payload.clone());
                     let published = self.publish(outgoing).await;
                     pending.push((published, vec![message], Routed::DeadLettered));
                 }
@@ -403,18 +388,11 @@ impl Router {
         &self,
         sealed: Sealed<Message>,
     ) -> (Result<PublishAckFuture, BusError>, Vec<Message>, Routed) {
-        let mut headers = HeaderMap::new();
-        headers.insert(envelope::FRAME_HEADER, envelope::ENVELOPE_V1);
-        // Applying a status change twice is harmless: envelopes carry no Msg-Id, which would
-        // cost the shard stream memory for nothing.
-        let outgoing = Outgoing {
-            subject: self
-                .shared
-                .topology
-                .shard_subject(InputKind::StatusChange, sealed.shard),
-            headers,
-            payload: sealed.payload,
-        };
+        let subject = self
+            .shared
+            .topology
+            .shard_subject(InputKind::StatusChange, sealed.shard);
+        let outgoing = Outgoing::envelope(subject, sealed.payload);
         (self.publish(outgoing).await, sealed.tags, Routed::ToShard)
     }
 
@@ -428,17 +406,12 @@ impl Router {
         message: &Message,
         input_sequence: u64,
     ) -> Outgoing {
-        let shared = &self.shared;
-        let mut headers = HeaderMap::new();
+        let subject = self
+            .shared
+            .topology
+            .shard_subject(InputKind::DigestRequest, shard);
         let id = format!("{input_stream}:{input_sequence}");
-        headers.insert(NATS_MESSAGE_ID, id.as_str());
-        Outgoing {
-            subject: shared
-                .topology
-                .shard_subject(InputKind::DigestRequest, shard),
-            headers,
-            payload: message.payload.clone(),
-        }
+        Outgoing::digest_request(subject, &id, message.payload.clone())
     }
 }
 

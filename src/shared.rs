@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use async_nats::jetstream::{Context, Message};
+use bytes::Bytes;
 
-use crate::bus::Topology;
+use crate::bus::{DeadLetter, Outgoing, Topology};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
@@ -31,5 +32,21 @@ impl Shared {
             }
             Err(_) => 0,
         }
+    }
+
+    /// The dead-letter record of one rejected input, counted under its reason and logged
+    /// with where it came from (the router's and the shard worker's rejections alike). The
+    /// caller acks the input only after the record's PubAck.
+    pub fn dead_letter(&self, record: &DeadLetter<'_>, payload: Bytes) -> Outgoing {
+        self.metrics.rejected(record.reason);
+        tracing::warn!(
+            message = "rejected input; dead-lettering it",
+            reason = record.reason,
+            error = %record.error,
+            subject = %record.original_subject,
+            stream = %record.stream,
+            stream_sequence = record.stream_sequence,
+        );
+        record.outgoing(&self.config.streams.dead_letter_subject, payload)
     }
 }

@@ -18,7 +18,7 @@ impl DeadLetterHeaders {
 
 /// Why and from where a message is dead-lettered.
 pub struct DeadLetter<'a> {
-    pub reason: &'a str,
+    pub reason: &'static str,
     pub error: &'a str,
     pub original_subject: &'a str,
     pub stream: &'a str,

@@ -21,7 +21,8 @@ pub use dead_letter::{DeadLetter, DeadLetterHeaders};
 pub use ownership::{Cluster, Member};
 pub use partitions::InputOrigin;
 pub use publish::{
-    publish_windowed, Outgoing, DIGEST_ID_HEADER, DIGEST_PART_HEADER, PUBLISH_WINDOW,
+    publish_windowed, Outgoing, PartHeaders, DIGEST_ID_HEADER, DIGEST_PART_HEADER, HEADER_ROOM,
+    PUBLISH_WINDOW,
 };
 pub use snapshots::Snapshots;
 pub use topology::Topology;

@@ -17,11 +17,70 @@ pub const DIGEST_ID_HEADER: &str = "Alarm-Digest-Id";
 /// A part's place in its digest, `i/n` from 1: part 1 holds the oldest alarms.
 pub const DIGEST_PART_HEADER: &str = "Alarm-Digest-Part";
 
+/// Room left in every message this service publishes for its headers, so payload plus
+/// headers stay within the server's `max_payload`: an envelope's frame header, a digest
+/// part's Msg-Id, digest id and part (about 150 bytes).
+pub const HEADER_ROOM: usize = 512;
+
 /// One JetStream publish.
 pub struct Outgoing {
     pub subject: Subject,
     pub headers: HeaderMap,
     pub payload: Bytes,
+}
+
+/// What tells a digest part apart on the output stream.
+pub struct PartHeaders<'a> {
+    /// The part's own Msg-Id: a second publish of it is dropped by the stream.
+    pub msg_id: &'a str,
+    /// The same on every part of one digest.
+    pub digest_id: &'a str,
+    /// The part's place, from 1, and how many the digest has.
+    pub part: u32,
+    pub parts: u32,
+}
+
+impl Outgoing {
+    /// An envelope of status changes for a shard log. Applying a status change twice is
+    /// harmless: envelopes carry no Msg-Id, which would cost the shard stream memory for
+    /// nothing.
+    pub fn envelope(subject: impl Into<Subject>, payload: Bytes) -> Outgoing {
+        let mut headers = HeaderMap::new();
+        headers.insert(super::envelope::FRAME_HEADER, super::envelope::ENVELOPE_V1);
+        Outgoing {
+            subject: subject.into(),
+            headers,
+            payload,
+        }
+    }
+
+    /// A digest request for a shard log, under a Msg-Id stable across republishing (a
+    /// request republished twice would be answered twice).
+    pub fn digest_request(subject: impl Into<Subject>, msg_id: &str, payload: Bytes) -> Outgoing {
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+        Outgoing {
+            subject: subject.into(),
+            headers,
+            payload,
+        }
+    }
+
+    /// One part of a digest for the output stream.
+    pub fn digest_part(subject: &str, part: PartHeaders<'_>, payload: Bytes) -> Outgoing {
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, part.msg_id);
+        headers.insert(DIGEST_ID_HEADER, part.digest_id);
+        headers.insert(
+            DIGEST_PART_HEADER,
+            format!("{}/{}", part.part, part.parts).as_str(),
+        );
+        Outgoing {
+            subject: Subject::from(subject),
+            headers,
+            payload,
+        }
+    }
 }
 
 /// Publishes in order with at most [`PUBLISH_WINDOW`] PubAcks outstanding, and returns each

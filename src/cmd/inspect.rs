@@ -8,7 +8,8 @@ use anyhow::{bail, Context};
 use crate::bus::Topology;
 use crate::config::Config;
 use crate::http;
-use crate::store::{Store, UserReport};
+use crate::store::Store;
+use crate::wire::UserReport;
 
 pub async fn run(config: Config, user_id: &str) -> anyhow::Result<ExitCode> {
     let report = match from_running_instance(config.http.inspect_addr(), user_id).await {
@@ -25,7 +26,13 @@ fn from_data_dir(config: &Config, user_id: &str) -> anyhow::Result<UserReport> {
         .context("no instance answered on its inspect address, so reading the data dir directly")?;
     store.check_shard_count(config.shards.count)?;
     let shard = Topology::new(config.streams.clone(), config.shards.count).shard_of(user_id);
-    Ok(store.inspect_user(shard, user_id)?)
+    let stored = store.inspect_user(shard, user_id)?;
+    Ok(UserReport::new(
+        user_id,
+        shard,
+        &stored.alarms,
+        stored.pending_digests,
+    ))
 }
 
 /// `Ok(None)` when nothing listens there.

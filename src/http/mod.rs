@@ -22,6 +22,7 @@ use crate::bus::Topology;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::store::Store;
+use crate::wire::UserReport;
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -152,7 +153,16 @@ async fn inspect_user(
     let shard = state.topology.shard_of(user_id);
     let store = state.store.clone();
     let user_id = user_id.clone();
-    match tokio::task::spawn_blocking(move || store.inspect_user(shard, &user_id)).await {
+    let read = move || {
+        let stored = store.inspect_user(shard, &user_id)?;
+        Ok::<_, crate::store::StoreError>(UserReport::new(
+            &user_id,
+            shard,
+            &stored.alarms,
+            stored.pending_digests,
+        ))
+    };
+    match tokio::task::spawn_blocking(read).await {
         Ok(Ok(report)) => Json(report).into_response(),
         Ok(Err(error)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response(),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response(),

@@ -5,14 +5,13 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, Context, Message};
-use async_nats::HeaderMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::producer::Producer;
 use super::{publish_spread, wait_drained, Workload};
 use crate::bus::envelope::{self, Packer};
-use crate::bus::{self, Topology};
+use crate::bus::{self, Outgoing, Topology};
 use crate::config::{Config, StreamsConfig};
 use crate::router::{Router, QUEUED_BATCHES};
 use crate::wire::InputKind;
@@ -188,11 +187,10 @@ async fn route(
         sealed.extend(packer.seal_all());
         let mut batch = Vec::with_capacity(sealed.len());
         for envelope in sealed {
-            let mut headers = HeaderMap::new();
-            headers.insert(envelope::FRAME_HEADER, envelope::ENVELOPE_V1);
             let subject = topology.shard_subject(InputKind::StatusChange, envelope.shard);
+            let outgoing = Outgoing::envelope(subject, envelope.payload);
             let published = js
-                .publish_with_headers(subject, headers, envelope.payload)
+                .publish_with_headers(outgoing.subject, outgoing.headers, outgoing.payload)
                 .await
                 .map_err(Into::into);
             batch.push((published, envelope.tags));

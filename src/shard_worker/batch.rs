@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
 
+use super::answer::{answer, DigestOptions, DigestOutcome};
 use super::{ack, Continuity, ShardWorker};
 use crate::bus::envelope::{self, ENVELOPE_V1, FRAME_HEADER};
 use crate::bus::{self, DeadLetter};
-use crate::store::{Applied, DigestOptions, DigestOutcome, OutboxEntry, ShardWrite, StoreError};
+use crate::store::{Applied, OutboxEntry, ShardWrite, StoreError};
 use crate::wire::{self, Input, InputKind, Rejection};
 
 /// Redelivery delay for a batch the store could not take.
@@ -85,31 +86,20 @@ impl ShardWorker {
         self.sweep.newest_seen = staged.newest_seen;
         self.tail_bytes += staged.tail_bytes;
         staged.counts.record(&shared.metrics);
-        self.outbox.extend(staged.queued);
-        self.note_outbox();
         let gap_at = staged.gap_at;
         let dispositions = staged.dispositions;
 
         // Every record with the index of the message it belongs to.
         let mut records = Vec::new();
+        let mut answered = Vec::new();
         let mut waiting: Vec<(Message, usize)> = Vec::new();
         for (message, disposition) in messages.into_iter().zip(dispositions) {
             match disposition {
                 Disposition::Ack => ack(&message).await,
-                Disposition::AfterDigest => self.held.push(message),
+                Disposition::AfterDigest => answered.push(message),
                 Disposition::DeadLetters(rejected) => {
                     let index = waiting.len();
                     for one in &rejected {
-                        shared.metrics.rejected(one.code);
-                        tracing::warn!(
-                            message = "rejected shard input; dead-lettering it",
-                            shard,
-                            reason = one.code,
-                            error = %one.error,
-                            subject = %one.subject,
-                            stream = %one.stream,
-                            stream_sequence = one.sequence,
-                        );
                         let record = DeadLetter {
                             reason: one.code,
                             error: &one.error,
@@ -117,17 +107,14 @@ impl ShardWorker {
                             stream: &one.stream,
                             stream_sequence: one.sequence,
                         };
-                        let outgoing = record.outgoing(
-                            &shared.config.streams.dead_letter_subject,
-                            one.payload.clone(),
-                        );
-                        records.push((outgoing, index));
+                        records.push((shared.dead_letter(&record, one.payload.clone()), index));
                     }
                     waiting.push((message, rejected.len()));
                 }
             }
         }
-        if let Err(error) = self.publish_outbox().await {
+        self.outbox.add(staged.queued, answered, &shared);
+        if let Err(error) = self.outbox.publish(&shared, &self.store).await {
             // The digests are durable in the outbox; the loop retries before taking more.
             tracing::warn!(shard, %error, "digest publish failed; will retry");
         }
@@ -171,7 +158,7 @@ impl ShardWorker {
         let shard = self.store.shard();
         let options = DigestOptions {
             skip_empty: shared.config.digest.skip_empty,
-            max_part_bytes: self.part_limit(),
+            max_part_bytes: self.outbox.part_limit(&shared),
             written_at: chrono::Utc::now(),
         };
         let shard_stream = shared.topology.shard_stream(shard);
@@ -378,10 +365,7 @@ impl Apply<'_, '_> {
                 }
             }
             Input::DigestRequest(request) => {
-                match self
-                    .write
-                    .digest(&request.user_id, item.sequence, self.options)
-                {
+                match answer(self.write, &request.user_id, item.sequence, self.options) {
                     Ok(DigestOutcome::Queued { parts, .. }) => {
                         self.counts.requests += 1;
                         if parts > 1 {

@@ -124,7 +124,7 @@ impl ShardWorker {
         let mut backoff = Backoff::default();
         loop {
             if !self.outbox.is_empty() {
-                if let Err(error) = self.publish_outbox().await {
+                if let Err(error) = self.outbox.publish(&self.shared, &self.store).await {
                     tracing::warn!(shard, %error, "digests not published yet; retrying");
                     if !backoff.wait(cancel).await {
                         return Ok(false);
@@ -144,7 +144,7 @@ impl ShardWorker {
             };
             match fetched {
                 Ok(messages) if messages.is_empty() => {
-                    if self.held.is_empty() && self.legacy_stream_is_empty().await? {
+                    if !self.outbox.holds_requests() && self.legacy_stream_is_empty().await? {
                         return Ok(true);
                     }
                 }

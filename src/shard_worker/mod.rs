@@ -5,6 +5,8 @@
 //! - `mod.rs` (here): the life of a worker (admit, restore, consume, hand off), binding.
 //! - `legacy.rs`: the upgrade: drains the previous release's WorkQueue shard stream first.
 //! - `restore.rs`: local state, or the newest good snapshot, as the base to replay from.
+//! - `answer.rs`: answering a digest request: what is due (`domain`), rendered (`wire`),
+//!   queued in the batch's overlay.
 //! - `batch.rs`: one fetched batch → one [`crate::store::ShardWrite`] overlay → one atomic
 //!   sled batch (with the shard stream sequence it reaches) → one group flush → acks and dead
 //!   letters. Envelopes are unpacked here.
@@ -20,6 +22,7 @@
 //! the lease again like any owner, restoring from the newest snapshot if that is newer than
 //! its own data dir.
 
+pub mod answer;
 mod batch;
 mod health;
 mod legacy;
@@ -41,8 +44,9 @@ use crate::bus::snapshots::Stored;
 use crate::bus::{self, BusError, Cluster, Snapshots};
 use crate::retry::{until_ok, Backoff};
 use crate::shared::Shared;
-use crate::store::{GroupFlusher, OutboxEntry, ShardStore};
+use crate::store::{GroupFlusher, ShardStore};
 use health::{Idle, Progress};
+use outbox::Outbox;
 use standby::Standby;
 use sweep::Sweep;
 use waiting::Waiting;
@@ -55,15 +59,9 @@ pub struct ShardWorker {
     cluster: Cluster,
     store: ShardStore,
     flusher: GroupFlusher,
-    /// Digests written but not yet acknowledged by JetStream (mirrors the stored outbox).
-    outbox: Vec<(u64, OutboxEntry)>,
-    /// Digest requests whose digests are in `outbox`; acked once it is empty.
-    held: Vec<Message>,
+    outbox: Outbox,
     part: String,
     sweep: Sweep,
-    /// The output stream's `max_msg_size`, if it has one: read when consuming starts and again
-    /// after a refusal, so the next digest is split to fit it.
-    stream_limit: Option<usize>,
     snapshots: Snapshots,
     /// The shard's newest snapshot (whoever took it), once known.
     newest_snapshot: Option<Stored>,
@@ -126,7 +124,8 @@ impl ShardWorker {
         store: ShardStore,
         flusher: GroupFlusher,
     ) -> ShardWorker {
-        let part = format!("shard {}", store.shard());
+        let shard = store.shard();
+        let part = format!("shard {shard}");
         let snapshots = Snapshots::new(
             shared.js.clone(),
             shared.config.streams.snapshot_stream.clone(),
@@ -158,10 +157,8 @@ impl ShardWorker {
             cluster,
             store,
             flusher,
-            outbox: Vec::new(),
-            held: Vec::new(),
+            outbox: Outbox::new(shard),
             part,
-            stream_limit: None,
             sweep: Sweep {
                 cursor: None,
                 // The first pass starts once events have shown what time it is.
@@ -217,7 +214,7 @@ impl ShardWorker {
         if !self.take_manifests(cancel).await? {
             return Ok(Tenure::Stopped);
         }
-        self.load_outbox();
+        self.outbox.load(&self.store, &self.shared);
         let drained = self.drain_previous_release(lease, cancel).await?;
         if self.fenced || lease.is_lost() {
             return Ok(Tenure::LeaseLost);
@@ -237,8 +234,7 @@ impl ShardWorker {
     /// at once to the next holder, whose consumer starts at its state's sequence).
     fn forget_tenure(&mut self) {
         self.fenced = false;
-        self.held.clear();
-        self.outbox.clear();
+        self.outbox.forget();
         self.newest_snapshot = None;
         self.replay_target = 0;
         self.tail_bytes = 0;
@@ -316,24 +312,6 @@ impl ShardWorker {
         }
     }
 
-    /// Digests stored before a crash go out before anything new is taken.
-    fn load_outbox(&mut self) {
-        match self.store.pending_outbox() {
-            Ok(mut pending) => {
-                // Records of the release before parts carry no time: count from now.
-                let now = chrono::Utc::now().timestamp_millis();
-                for (_, entry) in &mut pending {
-                    entry.written_at_ms.get_or_insert(now);
-                }
-                self.outbox = pending;
-                self.note_outbox();
-            }
-            Err(error) => {
-                tracing::error!(shard = self.store.shard(), %error, "cannot read the outbox")
-            }
-        }
-    }
-
     /// Applies the shard log until cancelled or the lease is lost. Only the lease holder
     /// creates (or deletes) the shard's consumer, and only while its lease is fresh.
     async fn consume(
@@ -345,7 +323,7 @@ impl ShardWorker {
         let Some(mut consumer) = self.bind(cancel).await? else {
             return Ok(Tenure::Stopped);
         };
-        self.read_stream_limit().await;
+        self.outbox.read_stream_limit(&self.shared).await;
         let mut backoff = Backoff::default();
         let mut last_prune = Instant::now();
         let mut progress = Progress::new(self.store.applied());
@@ -375,8 +353,8 @@ impl ShardWorker {
                 rebind = false;
             }
             if !self.outbox.is_empty() {
-                if let Err(error) = self.publish_outbox().await {
-                    let waiting = self.outbox_wait_reason(&error);
+                if let Err(error) = self.outbox.publish(&self.shared, &self.store).await {
+                    let waiting = self.outbox.wait_reason(&error);
                     self.report(Phase::Stalled, waiting.clone());
                     tracing::warn!(shard, %error, "{waiting}; holding new work");
                     if !backoff.wait(cancel).await {
@@ -473,7 +451,7 @@ impl ShardWorker {
         // Finish what this worker owes before stopping: digests of acked work, while the
         // shard is still this process's.
         if !self.outbox.is_empty() && lease.is_fresh() {
-            if let Err(error) = self.publish_outbox().await {
+            if let Err(error) = self.outbox.publish(&self.shared, &self.store).await {
                 tracing::warn!(shard, %error, "digests left in the outbox; sent on next start");
             }
         }
@@ -505,8 +483,7 @@ impl ShardWorker {
             epoch: self.store.digest_epoch(),
             below: self
                 .outbox
-                .first()
-                .map(|(sequence, _)| *sequence)
+                .first_sequence()
                 .unwrap_or_else(|| self.store.next_outbox()),
         }
     }

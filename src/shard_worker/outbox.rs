@@ -1,53 +1,126 @@
-//! Publishing the outbox: every digest part with its Msg-Id and part headers, pipelined; the
-//! PubAck'd ones dropped, the refused ones returned to unsent, the held requests acked once
-//! nothing is left.
+//! The outbox: digest parts written to the store but not yet acknowledged by JetStream, and
+//! the digest requests they answer.
+//!
+//! Invariants, kept by [`Outbox`] alone:
+//! - `parts` mirrors the store's outbox entries of this tenure, in outbox sequence order: a
+//!   part leaves it only once JetStream acknowledged it (and it was dropped from the store) or
+//!   refused it for good (and its alarms went back to unsent in the same store write).
+//! - A held request is acked only once `parts` is empty: its digest is then acknowledged.
+//! - Every part is published with its Msg-Id (`alarm-digest:<shard>:<epoch>:<sequence>`), so
+//!   publishing again after a crash or a lost PubAck stores nothing twice.
 
-use async_nats::header::NATS_MESSAGE_ID;
-use async_nats::{HeaderMap, Subject};
+use async_nats::jetstream::Message;
 use bytes::Bytes;
 
-use super::{ack, ShardWorker};
-use crate::bus::{self, BusError, Outgoing, DIGEST_ID_HEADER, DIGEST_PART_HEADER};
+use super::ack;
+use super::answer::refused_part;
+use crate::bus::{self, BusError, Outgoing, PartHeaders};
+use crate::shared::Shared;
+use crate::store::{OutboxEntry, ShardStore};
 
-/// Room left in every digest message for its headers (Msg-Id, digest id and part: about 150
-/// bytes), so payload plus headers stay within the server's `max_payload`.
-const HEADER_ROOM: usize = 512;
+/// Digest parts on their way out, and the requests waiting for them.
+pub(super) struct Outbox {
+    shard: u16,
+    /// Digests written but not yet acknowledged by JetStream (mirrors the stored outbox).
+    parts: Vec<(u64, OutboxEntry)>,
+    /// Digest requests whose digests are in `parts`; acked once it is empty.
+    held: Vec<Message>,
+    /// The output stream's `max_msg_size`, if it has one: read when consuming starts and again
+    /// after a refusal, so the next digest is split to fit it.
+    stream_limit: Option<usize>,
+}
 
-impl ShardWorker {
-    /// Publishes every outbox entry (pipelined) to the output subject, drops the acknowledged
-    /// ones, returns the ones the broker refuses for good (their alarms become unsent again),
-    /// and acks the held requests once the outbox is empty.
-    pub(super) async fn publish_outbox(&mut self) -> Result<(), BusError> {
-        let shared = &self.shared;
-        let subject = Subject::from(shared.config.streams.output_subject.as_str());
+impl Outbox {
+    pub(super) fn new(shard: u16) -> Outbox {
+        Outbox {
+            shard,
+            parts: Vec::new(),
+            held: Vec::new(),
+            stream_limit: None,
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// Whether requests still wait for their digests' PubAcks.
+    pub(super) fn holds_requests(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// The oldest part not yet acknowledged.
+    pub(super) fn first_sequence(&self) -> Option<u64> {
+        self.parts.first().map(|(sequence, _)| *sequence)
+    }
+
+    /// Digests stored before a crash go out before anything new is taken.
+    pub(super) fn load(&mut self, store: &ShardStore, shared: &Shared) {
+        match store.pending_outbox() {
+            Ok(mut pending) => {
+                // Records of the release before parts carry no time: count from now.
+                let now = chrono::Utc::now().timestamp_millis();
+                for (_, entry) in &mut pending {
+                    entry.written_at_ms.get_or_insert(now);
+                }
+                self.parts = pending;
+                self.note(shared);
+            }
+            Err(error) => tracing::error!(shard = self.shard, %error, "cannot read the outbox"),
+        }
+    }
+
+    /// Parts a durable batch queued, and the requests they answer.
+    pub(super) fn add(
+        &mut self,
+        queued: Vec<(u64, OutboxEntry)>,
+        requests: Vec<Message>,
+        shared: &Shared,
+    ) {
+        self.parts.extend(queued);
+        self.held.extend(requests);
+        self.note(shared);
+    }
+
+    /// Forgets everything in memory: a tenure ended, or a standby's copy queued parts that are
+    /// its holder's to publish. Unacked requests come back from JetStream.
+    pub(super) fn forget(&mut self) {
+        self.parts.clear();
+        self.held.clear();
+    }
+
+    /// Publishes every part (pipelined) to the output subject, drops the acknowledged ones,
+    /// returns the ones the broker refuses for good (their alarms become unsent again), and
+    /// acks the held requests once nothing is left.
+    pub(super) async fn publish(
+        &mut self,
+        shared: &Shared,
+        store: &ShardStore,
+    ) -> Result<(), BusError> {
+        let subject = shared.config.streams.output_subject.as_str();
         let outgoing = self
-            .outbox
+            .parts
             .iter()
             .map(|(_, entry)| {
-                let mut headers = HeaderMap::new();
-                headers.insert(NATS_MESSAGE_ID, entry.msg_id.as_str());
-                headers.insert(DIGEST_ID_HEADER, entry.digest_id.as_str());
-                headers.insert(
-                    DIGEST_PART_HEADER,
-                    format!("{}/{}", entry.part, entry.parts).as_str(),
-                );
-                Outgoing {
-                    subject: subject.clone(),
-                    headers,
-                    payload: Bytes::from(entry.payload.clone()),
-                }
+                let headers = PartHeaders {
+                    msg_id: &entry.msg_id,
+                    digest_id: &entry.digest_id,
+                    part: entry.part,
+                    parts: entry.parts,
+                };
+                Outgoing::digest_part(subject, headers, Bytes::from(entry.payload.clone()))
             })
             .collect();
         let outcomes = bus::publish_windowed(&shared.js, outgoing).await;
         let mut delivered = Vec::with_capacity(outcomes.len());
         let mut refused = Vec::new();
         let mut first_error = None;
-        for ((sequence, entry), outcome) in self.outbox.iter().zip(outcomes) {
+        for ((sequence, entry), outcome) in self.parts.iter().zip(outcomes) {
             match outcome {
                 Ok(_) => delivered.push(*sequence),
                 Err(error) if error.is_refused() => {
                     tracing::error!(
-                        shard = self.store.shard(),
+                        shard = self.shard,
                         digest = %entry.digest_id,
                         part = entry.part,
                         parts = entry.parts,
@@ -68,14 +141,14 @@ impl ShardWorker {
             .metrics
             .digests_published
             .inc_by(delivered.len() as u64);
-        if let Err(error) = self.store.remove_outbox(&delivered) {
+        if let Err(error) = store.remove_outbox(&delivered) {
             // They would be published again with the same Msg-Id; JetStream drops copies.
-            tracing::warn!(shard = self.store.shard(), %error, "cannot drop published digests");
+            tracing::warn!(shard = self.shard, %error, "cannot drop published digests");
         }
         let mut done = delivered;
         if !refused.is_empty() {
-            match self.store.return_to_unsent(&refused) {
-                Ok(_) => {
+            match return_to_unsent(store, &refused) {
+                Ok(()) => {
                     shared
                         .metrics
                         .digest_parts_refused
@@ -90,41 +163,46 @@ impl ShardWorker {
                 }
             }
         }
-        self.outbox.retain(|(sequence, _)| !done.contains(sequence));
-        self.note_outbox();
+        self.parts.retain(|(sequence, _)| !done.contains(sequence));
+        self.note(shared);
         if !refused.is_empty() {
             // The stream's limit may have changed under us: fit the next digest to it.
-            self.read_stream_limit().await;
+            self.read_stream_limit(shared).await;
         }
         if let Some(error) = first_error {
             return Err(error);
         }
+        self.ack_held(shared).await;
+        Ok(())
+    }
+
+    /// Acks the requests whose digests are all acknowledged, timing each from its request
+    /// stored in the shard stream (the broker's clock) to now.
+    async fn ack_held(&mut self, shared: &Shared) {
         let now_nanos = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
         for message in self.held.drain(..) {
-            // Request stored in the shard stream (the broker's clock) → digest acknowledged.
             if let Ok(info) = message.info() {
                 let stored = i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0);
                 let seconds = (now_nanos.saturating_sub(stored)).max(0) as f64 / 1e9;
-                self.shared.metrics.digest_latency.observe(seconds);
+                shared.metrics.digest_latency.observe(seconds);
             }
             ack(&message).await;
         }
-        Ok(())
     }
 
     /// The most a digest part's payload may weigh: the connected server's `max_payload` (read
     /// per batch: it can differ per server of a cluster) or the output stream's
     /// `max_msg_size`, whichever is smaller, less room for the headers.
-    pub(super) fn part_limit(&self) -> usize {
-        let server = self.shared.js.client().max_payload();
+    pub(super) fn part_limit(&self, shared: &Shared) -> usize {
+        let server = shared.js.client().max_payload();
         self.stream_limit
             .map_or(server, |stream| stream.min(server))
-            .saturating_sub(HEADER_ROOM)
+            .saturating_sub(bus::HEADER_ROOM)
     }
 
-    pub(super) async fn read_stream_limit(&mut self) {
-        let output = &self.shared.config.streams.output_stream;
-        match self.shared.js.get_stream(output).await {
+    pub(super) async fn read_stream_limit(&mut self, shared: &Shared) {
+        let output = &shared.config.streams.output_stream;
+        match shared.js.get_stream(output).await {
             Ok(stream) => {
                 let limit = stream.cached_info().config.max_message_size;
                 self.stream_limit = usize::try_from(limit).ok().filter(|limit| *limit > 0);
@@ -135,30 +213,40 @@ impl ShardWorker {
     }
 
     /// Publishes the outbox's depth and its oldest entry's age (gauges, per shard).
-    pub(super) fn note_outbox(&self) {
-        let oldest = self
-            .outbox
-            .iter()
-            .filter_map(|(_, entry)| entry.written_at_ms)
-            .min();
-        self.shared
+    fn note(&self, shared: &Shared) {
+        shared
             .metrics
-            .set_outbox(self.store.shard(), self.outbox.len(), oldest);
+            .set_outbox(self.shard, self.parts.len(), self.oldest_written_ms());
     }
 
-    /// Why this shard takes no new work, for `/readyz`.
-    pub(super) fn outbox_wait_reason(&self, error: &BusError) -> String {
-        let now = chrono::Utc::now().timestamp_millis();
-        let oldest = self
-            .outbox
+    fn oldest_written_ms(&self) -> Option<i64> {
+        self.parts
             .iter()
             .filter_map(|(_, entry)| entry.written_at_ms)
             .min()
-            .unwrap_or(now);
+    }
+
+    /// Why this shard takes no new work, for `/readyz`.
+    pub(super) fn wait_reason(&self, error: &BusError) -> String {
+        let now = chrono::Utc::now().timestamp_millis();
+        let oldest = self.oldest_written_ms().unwrap_or(now);
         format!(
             "{} digest part(s) unpublished, oldest for {}s: {error}",
-            self.outbox.len(),
+            self.parts.len(),
             (now - oldest).max(0) / 1000
         )
     }
+}
+
+/// Takes refused parts out of the store's outbox and their alarms back to unsent.
+fn return_to_unsent(store: &ShardStore, refused: &[(u64, OutboxEntry)]) -> Result<(), String> {
+    let parts = refused
+        .iter()
+        .map(|(sequence, entry)| refused_part(*sequence, entry))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("a refused part's payload is unreadable: {error}"))?;
+    store
+        .return_to_unsent(&parts)
+        .map(|_| ())
+        .map_err(|error| error.to_string())
 }

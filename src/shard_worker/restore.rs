@@ -223,7 +223,7 @@ impl ShardWorker {
             .await
             .map_err(|e| BusError::transient("flushing a restored snapshot", e))?;
         // The restored outbox (digests not yet acknowledged when it was taken) goes out first.
-        self.load_outbox();
+        self.outbox.load(&self.store, &self.shared);
         tracing::info!(
             shard = self.store.shard(),
             covers = stored.manifest.covers,

@@ -59,7 +59,7 @@ impl ShardWorker {
                 Ok(_) => {
                     standby.based = true;
                     // The copy's outbox is the holder's to publish while it holds the shard.
-                    self.outbox.clear();
+                    self.outbox.forget();
                     self.drop_published(published);
                 }
                 Err(no_base) => {

@@ -22,8 +22,6 @@ pub enum CodecError {
     Corrupt(#[from] bincode::Error),
     #[error("stored instant is out of range")]
     BadInstant,
-    #[error("stored digest is not valid JSON: {0}")]
-    Payload(String),
 }
 
 #[derive(Serialize, Deserialize)]

@@ -3,7 +3,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::*;
+use super::{
+    codec, keys, read_u64, DataDirHealth, Encoder, OutboxEntry, ShardExport, ShardWrite, StoreError,
+};
+use crate::domain::AlarmRecord;
 
 /// One shard's tree. Owned by exactly one shard worker, which is its only writer.
 pub struct ShardStore {
@@ -72,6 +75,14 @@ impl Iterator for ExportChunks {
     }
 }
 
+/// An outbox entry the broker refused for good, with the alarms its payload carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedPart {
+    pub sequence: u64,
+    pub user_id: String,
+    pub alarm_ids: Vec<String>,
+}
+
 /// Result of applying one status change inside a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -80,28 +91,6 @@ pub enum Applied {
     Unchanged,
     /// It would create an alarm beyond `limits.max_alarms_per_user`.
     TooManyAlarms,
-}
-
-/// How digests are written.
-#[derive(Debug, Clone)]
-pub struct DigestOptions {
-    /// Nothing to report: write nothing (`digest.skip_empty`).
-    pub skip_empty: bool,
-    /// The most one part's payload may weigh: what the broker accepts, less room for headers.
-    pub max_part_bytes: usize,
-    /// Recorded with each part, for the outbox age gauge.
-    pub written_at: chrono::DateTime<chrono::Utc>,
-}
-
-/// Result of answering one digest request inside a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DigestOutcome {
-    /// A digest was written to the outbox, in this many parts.
-    Queued { alarms: usize, parts: usize },
-    /// Nothing to report and `digest.skip_empty` is on.
-    SkippedEmpty,
-    /// This request (same shard stream sequence) was answered before: a redelivery.
-    AlreadyAnswered,
 }
 
 impl ShardStore {
@@ -327,15 +316,12 @@ impl ShardStore {
     /// unsent again, in one atomic write: the user's next digest carries them (split for the
     /// limit then in force), so a refusal never loses an alarm. Returns how many alarms came
     /// back. Not flushed: if the write is lost in a crash, the parts are refused again.
-    pub fn return_to_unsent(&self, refused: &[(u64, OutboxEntry)]) -> Result<usize, StoreError> {
+    pub fn return_to_unsent(&self, refused: &[RefusedPart]) -> Result<usize, StoreError> {
         let mut batch = sled::Batch::default();
         let mut returned = 0;
-        for (sequence, entry) in refused {
-            let outbox_key = keys::sequence_key(keys::OUTBOX, *sequence);
-            let digest = wire::decode_digest(&entry.payload)
-                .map_err(|e| StoreError::codec(&outbox_key, CodecError::Payload(e.to_string())))?;
-            for alarm in &digest.active_alarms {
-                let key = keys::alarm_key(&entry.user_id, &alarm.alarm_id);
+        for part in refused {
+            for alarm_id in &part.alarm_ids {
+                let key = keys::alarm_key(&part.user_id, alarm_id);
                 // A record swept meanwhile was CLEARED: nothing left to tell.
                 let Some(bytes) = self.tree.get(&key)? else {
                     continue;
@@ -346,7 +332,7 @@ impl ShardStore {
                 batch.insert(key, codec::encode_record(&record));
                 returned += 1;
             }
-            batch.remove(&outbox_key[..]);
+            batch.remove(&keys::sequence_key(keys::OUTBOX, part.sequence)[..]);
         }
         self.tree.apply_batch(batch)?;
         Ok(returned)

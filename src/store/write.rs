@@ -3,7 +3,15 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::*;
+use super::{codec, keys, AlarmRecord, OutboxEntry, ShardStore, StatusChange, StoreError};
+use crate::store::Applied;
+
+/// One digest part as the outbox stores it: the rendered payload and how many alarms it
+/// carries.
+pub struct QueuedPart {
+    pub payload: Vec<u8>,
+    pub alarms: usize,
+}
 
 /// The pending writes of one batch. Reads see the batch's own earlier writes first.
 pub struct ShardWrite<'s> {
@@ -93,20 +101,14 @@ impl ShardWrite<'_> {
         Ok(count)
     }
 
-    /// Answers a digest request: selects what is due, marks it sent and queues the digest in
-    /// the outbox, split into parts that each fit `options.max_part_bytes`, all in this batch.
-    /// `request_sequence` is the request's shard stream sequence, remembered so a redelivery
-    /// is not answered twice.
-    pub fn digest(
-        &mut self,
-        user_id: &str,
-        request_sequence: u64,
-        options: &DigestOptions,
-    ) -> Result<DigestOutcome, StoreError> {
+    /// Whether the request at this shard stream sequence was answered before (a redelivery).
+    pub fn is_answered(&self, request_sequence: u64) -> Result<bool, StoreError> {
         let marker = keys::sequence_key(keys::REQUEST, request_sequence);
-        if self.answered.contains(&request_sequence) || self.store.tree.contains_key(marker)? {
-            return Ok(DigestOutcome::AlreadyAnswered);
-        }
+        Ok(self.answered.contains(&request_sequence) || self.store.tree.contains_key(marker)?)
+    }
+
+    /// The user's alarms as this batch sees them (its own writes first), in AlarmID order.
+    pub fn user_alarms(&self, user_id: &str) -> Result<Vec<(String, AlarmRecord)>, StoreError> {
         let prefix = keys::user_prefix(user_id);
         let mut merged: BTreeMap<Vec<u8>, AlarmRecord> = BTreeMap::new();
         for item in self.store.tree.scan_prefix(&prefix) {
@@ -120,30 +122,36 @@ impl ShardWrite<'_> {
             }
             merged.insert(key.clone(), *record);
         }
-        let mut alarms: Vec<(String, AlarmRecord)> = merged
-            .iter()
+        Ok(merged
+            .into_iter()
             .map(|(key, record)| {
                 (
                     String::from_utf8_lossy(&key[prefix.len()..]).into_owned(),
-                    *record,
+                    record,
                 )
             })
-            .collect();
-        let (entries, changed) = domain::take_digest(&mut alarms);
-        if entries.is_empty() && options.skip_empty {
-            return Ok(DigestOutcome::SkippedEmpty);
-        }
-        for index in changed {
-            let (alarm_id, record) = &alarms[index];
-            self.alarms
-                .insert(keys::alarm_key(user_id, alarm_id), *record);
-        }
-        let payloads = wire::encode_digest_parts(user_id, &entries, options.max_part_bytes);
-        let count = payloads.len();
-        let parts = u32::try_from(count).unwrap_or(u32::MAX);
+            .collect())
+    }
+
+    /// Writes one alarm's record as it is now (a digest marked it sent).
+    pub fn put(&mut self, user_id: &str, alarm_id: &str, record: AlarmRecord) {
+        self.alarms
+            .insert(keys::alarm_key(user_id, alarm_id), record);
+    }
+
+    /// Queues a digest's parts in the outbox, in order, under one digest id, and remembers
+    /// the request (its shard stream sequence) as answered.
+    pub fn queue_digest(
+        &mut self,
+        user_id: &str,
+        request_sequence: u64,
+        parts: Vec<QueuedPart>,
+        written_at_ms: i64,
+    ) {
+        let count = u32::try_from(parts.len()).unwrap_or(u32::MAX);
         let first = self.store.next_outbox + self.outbox.len() as u64;
         let digest_id = self.store.message_id(first);
-        for (index, part) in payloads.into_iter().enumerate() {
+        for (index, part) in parts.into_iter().enumerate() {
             let sequence = first + index as u64;
             self.outbox.push((
                 sequence,
@@ -154,16 +162,12 @@ impl ShardWrite<'_> {
                     alarm_count: u32::try_from(part.alarms).unwrap_or(u32::MAX),
                     digest_id: digest_id.clone(),
                     part: u32::try_from(index + 1).unwrap_or(u32::MAX),
-                    parts,
-                    written_at_ms: Some(options.written_at.timestamp_millis()),
+                    parts: count,
+                    written_at_ms: Some(written_at_ms),
                 },
             ));
         }
         self.answered.insert(request_sequence);
-        Ok(DigestOutcome::Queued {
-            alarms: entries.len(),
-            parts: count,
-        })
     }
 
     /// Writes the whole batch atomically (not yet durable: flush next). Returns the digests
@@ -203,7 +207,7 @@ impl ShardWrite<'_> {
 
 #[cfg(test)]
 impl ShardWrite<'_> {
-    pub(super) fn apply_unlimited(&mut self, change: &StatusChange) -> Result<Applied, StoreError> {
+    pub(crate) fn apply_unlimited(&mut self, change: &StatusChange) -> Result<Applied, StoreError> {
         self.apply(change, usize::MAX)
     }
 }

@@ -155,7 +155,7 @@ async fn inspect_reads_a_running_instance_over_http_and_a_stopped_one_from_disk(
     ];
     let (code, online, stderr) = run_binary(&["inspect", "user", "u/1 é"], &env);
     assert_eq!(code, Some(0), "{stderr}");
-    let report: alarm_digest::store::UserReport =
+    let report: alarm_digest::wire::UserReport =
         serde_json::from_str(&online).expect("JSON report");
     assert_eq!(report.alarms.len(), 1);
     assert_eq!(report.alarms[0].status, "CRITICAL");
@@ -166,7 +166,7 @@ async fn inspect_reads_a_running_instance_over_http_and_a_stopped_one_from_disk(
     assert_eq!(service.wait_exit(Duration::from_secs(15)).code(), Some(0));
     let (code, offline, stderr) = run_binary(&["inspect", "user", "u/1 é"], &env);
     assert_eq!(code, Some(0), "{stderr}");
-    let offline: alarm_digest::store::UserReport =
+    let offline: alarm_digest::wire::UserReport =
         serde_json::from_str(&offline).expect("JSON report");
     assert_eq!(offline, report, "the same state, read from disk");
 }

@@ -357,11 +357,11 @@ async fn cleared_tombstones_older_than_the_retention_are_swept_and_others_kept()
 
     let http = service.http_addr.to_string();
     let deadline = std::time::Instant::now() + WAIT;
-    let report: alarm_digest::store::UserReport = loop {
+    let report: alarm_digest::wire::UserReport = loop {
         let (_, body) = http_get(&http, "/inspect/user?id=u")
             .await
             .expect("inspect");
-        let report: alarm_digest::store::UserReport = serde_json::from_str(&body).expect("report");
+        let report: alarm_digest::wire::UserReport = serde_json::from_str(&body).expect("report");
         if report.alarms.len() < 3 {
             break report;
         }

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use alarm_digest::bus::{self, Cluster, Member, Snapshots, Topology};
 use alarm_digest::config::{Config, OwnedShards};
 use alarm_digest::domain::{Observation, Status, StatusChange};
-use alarm_digest::store::{DigestOptions, Store};
+use alarm_digest::shard_worker::answer::{answer, DigestOptions};
+use alarm_digest::store::Store;
 use alarm_digest::wire::AlarmDigest;
 use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use tempfile::tempdir;
@@ -477,7 +478,7 @@ async fn the_previous_release_upgrades_in_place_with_its_queued_messages_and_loc
             max_part_bytes: 512 * 1024,
             written_at: chrono::Utc::now(),
         };
-        write.digest(&bystander, 1, &options).expect("digest");
+        answer(&mut write, &bystander, 1, &options).expect("digest");
         write.commit().expect("commit");
         store.flush().expect("flush");
         store.instance_id().expect("id")

@@ -3,10 +3,13 @@
 //! This is the only place that knows field names. Everything that is not a valid message
 //! becomes a [`Rejection`], which the caller dead-letters.
 
+mod report;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{split_into_parts, DigestEntry, Observation, PartBudget, Status, StatusChange};
+pub use report::{AlarmReport, UserReport};
 
 /// IDs longer than this are rejected: they would bloat keys and are never legitimate.
 pub const MAX_ID_BYTES: usize = 256;
