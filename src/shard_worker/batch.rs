@@ -18,6 +18,16 @@ use crate::wire::{self, Input, InputKind, Rejection};
 /// Redelivery delay for a batch the store could not take.
 pub(super) const STORE_RETRY_DELAY: Duration = Duration::from_secs(2);
 
+/// Which log a batch comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Source {
+    /// The shard log: applied in sequence order, the sequence reached recorded with the state.
+    ShardLog,
+    /// The previous release's WorkQueue shard stream, drained at the upgrade: its sequences
+    /// are not the shard log's, so they are neither tracked nor checked for gaps.
+    PreviousRelease,
+}
+
 /// What to do with one message of a batch once the batch is durable.
 enum Disposition {
     /// Applied (or a duplicate): ack after the flush.
@@ -67,11 +77,13 @@ impl ShardWorker {
     pub(super) async fn process(
         &mut self,
         mut messages: Vec<Message>,
+        source: Source,
     ) -> Result<Continuity, StoreError> {
         let started = Instant::now();
         let shared = self.shared.clone();
         let shard = self.store.shard();
-        let staged = match self.stage(&messages, |message| shared.note_delivery(message)) {
+        let sequence_of = |message: &Message| shared.note_delivery(message);
+        let staged = match self.stage(&messages, sequence_of, source) {
             Ok(staged) => staged,
             Err(error) => return Err(self.nak_all(messages, error).await),
         };
@@ -83,8 +95,8 @@ impl ShardWorker {
         if let Err(error) = self.flusher.flush().await {
             return Err(self.nak_all(messages, error).await);
         }
-        self.sweep.newest_seen = staged.newest_seen;
-        self.tail_bytes += staged.tail_bytes;
+        self.sweep.note_newest_seen(staged.newest_seen);
+        self.snapshots.note_applied(staged.tail_bytes);
         staged.counts.record(&shared.metrics);
         let gap_at = staged.gap_at;
         let dispositions = staged.dispositions;
@@ -153,6 +165,7 @@ impl ShardWorker {
         &mut self,
         messages: &[Message],
         sequence_of: impl Fn(&Message) -> u64,
+        source: Source,
     ) -> Result<Staged, StoreError> {
         let shared = self.shared.clone();
         let shard = self.store.shard();
@@ -164,8 +177,8 @@ impl ShardWorker {
         let shard_stream = shared.topology.shard_stream(shard);
         let mut dispositions = Vec::with_capacity(messages.len());
         let mut counts = BatchCounts::default();
-        let mut newest_seen = self.sweep.newest_seen;
-        let tracked = !self.draining_legacy;
+        let mut newest_seen = self.sweep.newest_seen();
+        let tracked = source == Source::ShardLog;
         let mut next = self.store.applied() + 1;
         let mut gap_at = None;
         let mut tail_bytes = 0;
@@ -185,11 +198,6 @@ impl ShardWorker {
                 next += 1;
                 tail_bytes += message.payload.len() as u64;
             }
-            let is_envelope = message
-                .headers
-                .as_ref()
-                .and_then(|headers| headers.get(FRAME_HEADER))
-                .is_some_and(|frame| frame.as_str() == ENVELOPE_V1);
             let mut batch = Apply {
                 worker: &shared,
                 shard,
@@ -198,60 +206,7 @@ impl ShardWorker {
                 newest_seen: &mut newest_seen,
                 options: &options,
             };
-            let disposition = if is_envelope {
-                match envelope::decode(&message.payload) {
-                    Ok(entries) => {
-                        let mut rejected = Vec::new();
-                        for entry in entries {
-                            let origin = shared.topology.input_origin(entry.subject);
-                            let input_stream = shared
-                                .topology
-                                .partition_stream_name(origin.map_or(0, |o| o.partition));
-                            let item = Item {
-                                kind: origin.map(|o| o.kind),
-                                subject: entry.subject,
-                                payload: entry.payload,
-                                stream: &input_stream,
-                                sequence: entry.input_sequence,
-                            };
-                            match batch.entry(&item)? {
-                                Outcome::Done => {}
-                                Outcome::Rejected(one) => rejected.push(one),
-                                // `entry` never answers a request.
-                                Outcome::Digest => {}
-                            }
-                        }
-                        if rejected.is_empty() {
-                            Disposition::Ack
-                        } else {
-                            Disposition::DeadLetters(rejected)
-                        }
-                    }
-                    Err(error) => Disposition::DeadLetters(vec![Rejected {
-                        code: "bad_envelope",
-                        error: error.to_string(),
-                        subject: message.subject.to_string(),
-                        stream: shard_stream.clone(),
-                        sequence,
-                        payload: message.payload.clone(),
-                    }]),
-                }
-            } else {
-                // A digest request, or a single status change as the release before
-                // envelopes routed it.
-                let item = Item {
-                    kind: shared.topology.shard_kind(shard, &message.subject),
-                    subject: &message.subject,
-                    payload: &message.payload,
-                    stream: &shard_stream,
-                    sequence,
-                };
-                match batch.single(&item)? {
-                    Outcome::Done => Disposition::Ack,
-                    Outcome::Digest => Disposition::AfterDigest,
-                    Outcome::Rejected(one) => Disposition::DeadLetters(vec![one]),
-                }
-            };
+            let disposition = batch.message(message, sequence, &shard_stream)?;
             dispositions.push(disposition);
         }
         if tracked {
@@ -308,6 +263,78 @@ struct Apply<'b, 's> {
 }
 
 impl Apply<'_, '_> {
+    /// One message of the batch: an envelope (each entry applied or rejected on its own), a
+    /// digest request, or a single status change as the release before envelopes routed it.
+    fn message(
+        &mut self,
+        message: &Message,
+        sequence: u64,
+        shard_stream: &str,
+    ) -> Result<Disposition, StoreError> {
+        let is_envelope = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(FRAME_HEADER))
+            .is_some_and(|frame| frame.as_str() == ENVELOPE_V1);
+        if !is_envelope {
+            // A digest request, or a single status change as the release before
+            // envelopes routed it.
+            let item = Item {
+                kind: self
+                    .worker
+                    .topology
+                    .shard_kind(self.shard, &message.subject),
+                subject: &message.subject,
+                payload: &message.payload,
+                stream: shard_stream,
+                sequence,
+            };
+            return Ok(match self.single(&item)? {
+                Outcome::Done => Disposition::Ack,
+                Outcome::Digest => Disposition::AfterDigest,
+                Outcome::Rejected(one) => Disposition::DeadLetters(vec![one]),
+            });
+        }
+        Ok(match envelope::decode(&message.payload) {
+            Ok(entries) => {
+                let mut rejected = Vec::new();
+                for entry in entries {
+                    let origin = self.worker.topology.input_origin(entry.subject);
+                    let input_stream = self
+                        .worker
+                        .topology
+                        .partition_stream_name(origin.map_or(0, |o| o.partition));
+                    let item = Item {
+                        kind: origin.map(|o| o.kind),
+                        subject: entry.subject,
+                        payload: entry.payload,
+                        stream: &input_stream,
+                        sequence: entry.input_sequence,
+                    };
+                    match self.entry(&item)? {
+                        Outcome::Done => {}
+                        Outcome::Rejected(one) => rejected.push(one),
+                        // `entry` never answers a request.
+                        Outcome::Digest => {}
+                    }
+                }
+                if rejected.is_empty() {
+                    Disposition::Ack
+                } else {
+                    Disposition::DeadLetters(rejected)
+                }
+            }
+            Err(error) => Disposition::DeadLetters(vec![Rejected {
+                code: "bad_envelope",
+                error: error.to_string(),
+                subject: message.subject.to_string(),
+                stream: shard_stream.to_string(),
+                sequence,
+                payload: message.payload.clone(),
+            }]),
+        })
+    }
+
     /// An envelope entry: a status change. Digest requests travel as single messages (their
     /// answered-marker is their shard stream sequence), so one inside an envelope is refused.
     fn entry(&mut self, item: &Item<'_>) -> Result<Outcome, StoreError> {

@@ -1,6 +1,6 @@
 //! What a worker says about its shard, and noticing when it makes no progress.
 //!
-//! `/readyz` and `alarm_digest_shard_phase` are set together, by [`ShardWorker::report`]
+//! `/readyz` and `alarm_digest_shard_phase` are set together, by [`Health::report`]
 //! alone, so they cannot disagree: a shard is ready exactly when its phase is `consuming`, or
 //! `standby` (following its holder; `/readyz` names it with how far behind it is).
 //!
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use super::ShardWorker;
 use crate::bus;
 use crate::metrics::Phase;
+use crate::shared::Shared;
 
 /// How long a shard may hold queued work without applying any of it before it is stalled.
 pub(super) const STALL_AFTER: Duration = Duration::from_secs(5);
@@ -29,7 +30,7 @@ pub(super) struct Progress {
     /// When the log's end was last read.
     looked_at: Instant,
     /// Why the shard is stalled, until it applies something again or has nothing queued.
-    pub(super) stalled: Option<String>,
+    stalled: Option<String>,
 }
 
 impl Progress {
@@ -40,6 +41,92 @@ impl Progress {
             moved_at: now,
             looked_at: now,
             stalled: None,
+        }
+    }
+
+    /// Why the shard is stalled, if it is.
+    pub(super) fn stalled(&self) -> Option<&str> {
+        self.stalled.as_deref()
+    }
+
+    pub(super) fn stall(&mut self, reason: String) {
+        self.stalled = Some(reason);
+    }
+}
+
+/// The phase a shard last reported, and how far it has to replay. Invariant: the phase gauge
+/// and the shard's `/readyz` line change together, here only.
+pub(super) struct Health {
+    shard: u16,
+    /// The shard's name in `/readyz`.
+    part: String,
+    /// The phase last reported.
+    phase: Option<Phase>,
+    /// Where the shard stream ended when the shard was taken: until the state reaches it,
+    /// the worker is replaying.
+    replay_target: u64,
+}
+
+impl Health {
+    pub(super) fn new(shard: u16) -> Health {
+        Health {
+            shard,
+            part: format!("shard {shard}"),
+            phase: None,
+            replay_target: 0,
+        }
+    }
+
+    /// Sets the shard's phase gauge and its readiness together: ready only when consuming or
+    /// following as a standby; every other phase carries the reason `/readyz` prints.
+    pub(super) fn report(&mut self, shared: &Shared, phase: Phase, reason: impl Into<String>) {
+        if self.phase != Some(phase) {
+            let metrics = &shared.metrics;
+            if self.phase == Some(Phase::Standby) {
+                metrics.shards_standby.dec();
+            }
+            if phase == Phase::Standby {
+                metrics.shards_standby.inc();
+            }
+            self.phase = Some(phase);
+            metrics.set_phase(self.shard, phase);
+        }
+        if phase == Phase::Consuming {
+            shared.readiness.set(self.part.clone(), true);
+        } else if phase == Phase::Standby {
+            shared.readiness.standby(self.part.clone(), reason);
+        } else {
+            shared.readiness.block(self.part.clone(), reason.into());
+        }
+    }
+
+    /// The shard was restored; the log ended at `last` when it was taken.
+    pub(super) fn replay_until(&mut self, last: u64) {
+        self.replay_target = last;
+    }
+
+    /// Forgets the tenure's replay target.
+    pub(super) fn forget_tenure(&mut self) {
+        self.replay_target = 0;
+    }
+
+    /// Replaying until the state reaches where the shard stream ended when the shard was
+    /// taken, consuming after.
+    pub(super) fn note_applied(&mut self, shared: &Shared, applied: u64) {
+        let behind = self.replay_target.saturating_sub(applied);
+        if behind > 0 {
+            shared.metrics.set_replay_behind(self.shard, behind);
+            self.report(
+                shared,
+                Phase::Replaying,
+                format!("replaying the shard stream: {behind} message(s) behind"),
+            );
+        } else {
+            // Caught up: the gauge changes once, not on every batch.
+            if self.phase != Some(Phase::Consuming) {
+                shared.metrics.set_replay_behind(self.shard, 0);
+            }
+            self.report(shared, Phase::Consuming, "");
         }
     }
 }
@@ -53,30 +140,9 @@ pub(super) enum Idle {
 }
 
 impl ShardWorker {
-    /// Sets the shard's phase gauge and its readiness together: ready only when consuming or
-    /// following as a standby; every other phase carries the reason `/readyz` prints.
+    /// Reports the shard's phase (see [`Health::report`]).
     pub(super) fn report(&mut self, phase: Phase, reason: impl Into<String>) {
-        let shard = self.store.shard();
-        if self.phase != Some(phase) {
-            let metrics = &self.shared.metrics;
-            if self.phase == Some(Phase::Standby) {
-                metrics.shards_standby.dec();
-            }
-            if phase == Phase::Standby {
-                metrics.shards_standby.inc();
-            }
-            self.phase = Some(phase);
-            metrics.set_phase(shard, phase);
-        }
-        if phase == Phase::Consuming {
-            self.shared.readiness.set(self.part.clone(), true);
-        } else if phase == Phase::Standby {
-            self.shared.readiness.standby(self.part.clone(), reason);
-        } else {
-            self.shared
-                .readiness
-                .block(self.part.clone(), reason.into());
-        }
+        self.health.report(&self.shared, phase, reason);
     }
 
     /// Called after every batch: the applied sequence moved (or there was nothing to do).

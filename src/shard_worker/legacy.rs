@@ -12,6 +12,7 @@
 
 use tokio_util::sync::CancellationToken;
 
+use super::batch::Source;
 use super::ShardWorker;
 use crate::bus::ownership::ShardLease;
 use crate::bus::{self, BusError, Member};
@@ -66,10 +67,7 @@ impl ShardWorker {
             shard,
             "draining the previous release's shard stream into this data dir"
         );
-        self.draining_legacy = true;
-        let drained = self.drain_legacy_stream(lease, cancel).await;
-        self.draining_legacy = false;
-        if !drained? {
+        if !self.drain_legacy_stream(lease, cancel).await? {
             return Ok(false);
         }
         // Answered-request markers named the old stream's sequences; the new stream's start
@@ -78,14 +76,19 @@ impl ShardWorker {
         self.flusher.flush().await?;
         let mut backoff = Backoff::default();
         loop {
-            match self.store_snapshot().await {
+            let instance = &self.cluster.member().instance;
+            match self
+                .snapshots
+                .store(&self.store, &self.shared, instance)
+                .await
+            {
                 Ok(stored) => {
                     self.shared.metrics.snapshots_taken.inc();
-                    self.note_snapshot(stored);
+                    self.snapshots.note_newest(stored, &self.shared);
                     break;
                 }
                 Err(error) if error.is_fenced() => {
-                    self.note_fenced(&error);
+                    self.snapshots.note_fenced(&error, &self.shared);
                     return Ok(false);
                 }
                 Err(error) => {
@@ -149,7 +152,7 @@ impl ShardWorker {
                     }
                 }
                 Ok(messages) => {
-                    if let Err(error) = self.process(messages).await {
+                    if let Err(error) = self.process(messages, Source::PreviousRelease).await {
                         tracing::error!(shard, %error, "batch not applied; it will be redelivered");
                         if !backoff.wait(cancel).await {
                             return Ok(false);

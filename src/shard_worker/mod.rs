@@ -7,13 +7,22 @@
 //! - `restore.rs`: local state, or the newest good snapshot, as the base to replay from.
 //! - `answer.rs`: answering a digest request: what is due (`domain`), rendered (`wire`),
 //!   queued in the batch's overlay.
+//! - `consume.rs`: the holder's loop: publish what is owed, then fetch, apply, ack; stalls,
+//!   store failures and a lost lease end or pause it.
 //! - `batch.rs`: one fetched batch → one [`crate::store::ShardWrite`] overlay → one atomic
 //!   sled batch (with the shard stream sequence it reaches) → one group flush → acks and dead
 //!   letters. Envelopes are unpacked here.
-//! - `snapshot.rs`: when to snapshot, storing it, purging the shard stream behind it.
-//! - `outbox.rs`: publishing digest parts (Msg-Id from the outbox sequence), PubAcks, refusals.
-//! - `health.rs`: the phase and readiness, reported together; noticing a stalled shard.
-//! - `waiting.rs`: why a worker is not consuming yet. `sweep.rs`: the retention sweep.
+//!
+//! The parts, each the only owner of its fields (their invariants are written where each is
+//! defined):
+//! - `outbox.rs` ([`outbox::Outbox`]): digest parts not yet acknowledged and the requests
+//!   they answer; publishing (Msg-Id from the outbox sequence), PubAcks, refusals.
+//! - `snapshot.rs` ([`snapshot::Snapshotter`]): when to snapshot, storing it fenced, purging
+//!   the shard stream behind it; the tenure's fence.
+//! - `health.rs` ([`health::Health`]): the phase and readiness, reported together; the
+//!   replay target; noticing a stalled shard.
+//! - `standby.rs`: the warm standby's reader and how current its copy is.
+//! - `sweep.rs`: the retention sweep. `waiting.rs`: why a worker is not consuming yet.
 //!
 //! A worker's life is a loop of tenures: admit (take the lease) → serve → let go. A tenure
 //! ends when the worker is cancelled (graceful stop: outbox, final snapshot, lease released)
@@ -24,6 +33,7 @@
 
 pub mod answer;
 mod batch;
+mod consume;
 mod health;
 mod legacy;
 mod outbox;
@@ -35,24 +45,19 @@ mod waiting;
 
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::{AckKind, Message};
+use async_nats::jetstream::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::ownership::{Acquired, Published, ShardLease};
-use crate::bus::snapshots::Stored;
-use crate::bus::{self, BusError, Cluster, Snapshots};
-use crate::retry::{until_ok, Backoff};
+use crate::bus::Cluster;
 use crate::shared::Shared;
 use crate::store::{GroupFlusher, ShardStore};
-use health::{Idle, Progress};
+use health::Health;
 use outbox::Outbox;
+use snapshot::Snapshotter;
 use standby::Standby;
 use sweep::Sweep;
 use waiting::Waiting;
-
-/// How often answered-request markers below the ack floor are forgotten.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 pub struct ShardWorker {
     shared: Shared,
@@ -60,28 +65,9 @@ pub struct ShardWorker {
     store: ShardStore,
     flusher: GroupFlusher,
     outbox: Outbox,
-    part: String,
     sweep: Sweep,
-    snapshots: Snapshots,
-    /// The shard's newest snapshot (whoever took it), once known.
-    newest_snapshot: Option<Stored>,
-    /// Shard stream bytes applied since the newest snapshot, and when that was.
-    tail_bytes: u64,
-    snapshot_at: Instant,
-    /// While draining the previous release's WorkQueue stream: its sequences are not the
-    /// shard log's, so they are neither tracked nor checked for gaps.
-    draining_legacy: bool,
-    /// Where the shard stream ended when the shard was taken: until the state reaches it,
-    /// the worker is replaying.
-    replay_target: u64,
-    /// The phase last reported (`health.rs`).
-    phase: Option<Phase>,
-    /// The last sequence of the shard's manifest subject as this owner wrote it: its next
-    /// manifest expects it, so the broker refuses it once a newer owner fenced
-    /// (`bus/snapshots.rs`).
-    fence: u64,
-    /// A write of this tenure was refused for a newer owner: the tenure ends.
-    fenced: bool,
+    snapshots: Snapshotter,
+    health: Health,
     /// The shard's first owner by ordinal (always, without ordinal ownership): it may take
     /// a free lease at once; a standby by ordinal leaves it a lease period after start.
     primary: bool,
@@ -125,32 +111,9 @@ impl ShardWorker {
         flusher: GroupFlusher,
     ) -> ShardWorker {
         let shard = store.shard();
-        let part = format!("shard {shard}");
-        let snapshots = Snapshots::new(
-            shared.js.clone(),
-            shared.config.streams.snapshot_stream.clone(),
-            shared.config.streams.snapshot_subject.clone(),
-        );
         ShardWorker {
-            snapshots,
-            newest_snapshot: None,
-            tail_bytes: 0,
-            // Shards started together would all snapshot at once, every period: start each
-            // at a random point of its first period instead.
-            snapshot_at: Instant::now()
-                .checked_sub(
-                    shared
-                        .config
-                        .snapshots
-                        .every()
-                        .mul_f64(rand::random::<f64>()),
-                )
-                .unwrap_or_else(Instant::now),
-            draining_legacy: false,
-            replay_target: 0,
-            phase: None,
-            fence: 0,
-            fenced: false,
+            snapshots: Snapshotter::new(shard, &shared),
+            health: Health::new(shard),
             primary: shared.config.shards.is_primary(store.shard()),
             started: Instant::now(),
             shared,
@@ -158,14 +121,7 @@ impl ShardWorker {
             store,
             flusher,
             outbox: Outbox::new(shard),
-            part,
-            sweep: Sweep {
-                cursor: None,
-                // The first pass starts once events have shown what time it is.
-                running: true,
-                last_pass: Instant::now(),
-                newest_seen: None,
-            },
+            sweep: Sweep::new(),
         }
     }
 
@@ -211,20 +167,28 @@ impl ShardWorker {
         cancel: &CancellationToken,
     ) -> anyhow::Result<Tenure> {
         // Before anything else: from here on, a former owner's manifests are refused.
-        if !self.take_manifests(cancel).await? {
+        let count = self.shared.config.shards.count;
+        if !self.snapshots.fence_manifests(count, cancel).await? {
             return Ok(Tenure::Stopped);
         }
         self.outbox.load(&self.store, &self.shared);
         let drained = self.drain_previous_release(lease, cancel).await?;
-        if self.fenced || lease.is_lost() {
+        if self.snapshots.is_fenced() || lease.is_lost() {
             return Ok(Tenure::LeaseLost);
         }
         if !drained || !self.restore(cancel).await? {
             return Ok(Tenure::Stopped);
         }
         let tenure = self.consume(lease, cancel).await?;
-        if matches!(tenure, Tenure::Stopped) && lease.is_fresh() {
-            self.final_snapshot().await;
+        // The snapshot taken when the worker lets go, so the next owner restores exactly
+        // where this one stopped and replays nothing; skipped when the newest snapshot
+        // already covers the state and no digest waits in the outbox.
+        let current = self.snapshots.covers(self.store.applied()) && self.outbox.is_empty();
+        if matches!(tenure, Tenure::Stopped) && lease.is_fresh() && !current {
+            let instance = &self.cluster.member().instance;
+            self.snapshots
+                .take(&self.store, &self.shared, instance)
+                .await;
         }
         Ok(tenure)
     }
@@ -233,11 +197,9 @@ impl ShardWorker {
     /// broker. Fetched requests not acked are handed back by JetStream after `ack_wait` (or
     /// at once to the next holder, whose consumer starts at its state's sequence).
     fn forget_tenure(&mut self) {
-        self.fenced = false;
         self.outbox.forget();
-        self.newest_snapshot = None;
-        self.replay_target = 0;
-        self.tail_bytes = 0;
+        self.snapshots.forget_tenure();
+        self.health.forget_tenure();
     }
 
     /// Waits until this process holds the shard's lease, as a warm standby while another
@@ -312,170 +274,6 @@ impl ShardWorker {
         }
     }
 
-    /// Applies the shard log until cancelled or the lease is lost. Only the lease holder
-    /// creates (or deletes) the shard's consumer, and only while its lease is fresh.
-    async fn consume(
-        &mut self,
-        lease: &ShardLease,
-        cancel: &CancellationToken,
-    ) -> anyhow::Result<Tenure> {
-        let shard = self.store.shard();
-        let Some(mut consumer) = self.bind(cancel).await? else {
-            return Ok(Tenure::Stopped);
-        };
-        self.outbox.read_stream_limit(&self.shared).await;
-        let mut backoff = Backoff::default();
-        let mut last_prune = Instant::now();
-        let mut progress = Progress::new(self.store.applied());
-        // Set on a failed batch, cleared by the next one that is applied and flushed.
-        let mut store_failing_since: Option<Instant> = None;
-        // Set when the consumer must be created again before the next fetch.
-        let mut rebind = false;
-        let give_up = Duration::from_secs(self.shared.config.storage.give_up_after_secs);
-        loop {
-            // The lease first: a process woken from a pause publishes, applies and binds
-            // nothing for a shard it may have lost.
-            if lease.is_lost() || self.fenced {
-                return Ok(Tenure::LeaseLost);
-            }
-            if !lease.is_fresh() {
-                self.report(Phase::Waiting, "shard lease not renewed; not applying");
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep(self.cluster.renew_every() / 4) => continue,
-                }
-            }
-            if rebind {
-                let Some(rebound) = self.bind(cancel).await? else {
-                    break;
-                };
-                consumer = rebound;
-                rebind = false;
-            }
-            if !self.outbox.is_empty() {
-                if let Err(error) = self.outbox.publish(&self.shared, &self.store).await {
-                    let waiting = self.outbox.wait_reason(&error);
-                    self.report(Phase::Stalled, waiting.clone());
-                    tracing::warn!(shard, %error, "{waiting}; holding new work");
-                    if !backoff.wait(cancel).await {
-                        break;
-                    }
-                    continue;
-                }
-            }
-            lease.note_published(self.published());
-            match (store_failing_since, &progress.stalled) {
-                (Some(_), _) => self.report(
-                    Phase::Stalled,
-                    "the data dir failed the last batch; retrying",
-                ),
-                (None, Some(reason)) => self.report(Phase::Stalled, reason.clone()),
-                (None, None) => self.note_phase(),
-            }
-            self.sweep_step();
-            if self.snapshot_due() {
-                self.take_snapshot().await;
-            }
-            let tuning = &self.shared.config.tuning;
-            let fetched = tokio::select! {
-                _ = cancel.cancelled() => break,
-                fetched = bus::fetch_limited(&consumer, self.fetch_limit(), tuning.fetch_expires()) => fetched,
-            };
-            match fetched {
-                Ok(messages) if messages.is_empty() => {
-                    if let Idle::Stalled(reason) = self.look_for_stall(&mut progress).await {
-                        self.shared.metrics.shard_stalls.inc();
-                        tracing::warn!(shard, "{reason}");
-                        self.report(Phase::Stalled, reason.clone());
-                        progress.stalled = Some(reason);
-                        rebind = true;
-                        if !backoff.wait(cancel).await {
-                            break;
-                        }
-                        continue;
-                    }
-                    if last_prune.elapsed() >= PRUNE_EVERY {
-                        last_prune = Instant::now();
-                        self.prune_answered(&consumer).await;
-                    }
-                }
-                Ok(messages) if !lease.is_fresh() => {
-                    // Paused or cut off past the lease: another process may hold the shard
-                    // now. Hand the batch back unapplied.
-                    self.shared.metrics.lease_stale_batches.inc();
-                    for message in messages {
-                        let _ = message.ack_with(AckKind::Nak(None)).await;
-                    }
-                }
-                Ok(messages) => {
-                    backoff.reset();
-                    match self.process(messages).await {
-                        Ok(Continuity::Contiguous) => store_failing_since = None,
-                        Ok(Continuity::Gap) => {
-                            // A message came before one it follows (a redelivery after a
-                            // failure): take the log again from the first one not applied.
-                            store_failing_since = None;
-                            rebind = true;
-                        }
-                        Err(error) => {
-                            self.shared.metrics.store_failures.inc();
-                            self.report(Phase::Stalled, format!("batch not applied: {error}"));
-                            tracing::error!(shard, %error, "batch not applied; it will be redelivered");
-                            let since = *store_failing_since.get_or_insert_with(Instant::now);
-                            if since.elapsed() >= give_up {
-                                anyhow::bail!(
-                                    "shard {shard}: the data dir has failed for {}s ({error}); \
-                                     stopping so a restart can recover the store \
-                                     (storage.give_up_after_secs)",
-                                    give_up.as_secs()
-                                );
-                            }
-                            if !backoff.wait(cancel).await {
-                                break;
-                            }
-                            rebind = true;
-                        }
-                    }
-                    self.note_progress(&mut progress);
-                }
-                Err(error) => {
-                    self.report(Phase::Stalled, format!("shard fetch failed: {error}"));
-                    tracing::warn!(shard, %error, "shard fetch failed; retrying");
-                    if !backoff.wait(cancel).await {
-                        break;
-                    }
-                    rebind = true;
-                }
-            }
-        }
-        // Finish what this worker owes before stopping: digests of acked work, while the
-        // shard is still this process's.
-        if !self.outbox.is_empty() && lease.is_fresh() {
-            if let Err(error) = self.outbox.publish(&self.shared, &self.store).await {
-                tracing::warn!(shard, %error, "digests left in the outbox; sent on next start");
-            }
-        }
-        Ok(Tenure::Stopped)
-    }
-
-    /// Fences the shard's snapshot manifests for this tenure; `Ok(false)` if cancelled.
-    async fn take_manifests(&mut self, cancel: &CancellationToken) -> Result<bool, BusError> {
-        let shard = self.store.shard();
-        let count = self.shared.config.shards.count;
-        let snapshots = self.snapshots.clone();
-        let fenced = until_ok("fencing the shard's snapshots", cancel, || {
-            snapshots.fence(shard, count)
-        })
-        .await?;
-        match fenced {
-            Some(sequence) => {
-                self.fence = sequence;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
-    }
-
     /// What the standbys may drop from their copies' outboxes: every part below the oldest
     /// one still unacknowledged here.
     fn published(&self) -> Published {
@@ -485,63 +283,6 @@ impl ShardWorker {
                 .outbox
                 .first_sequence()
                 .unwrap_or_else(|| self.store.next_outbox()),
-        }
-    }
-
-    fn fetch_limit(&self) -> bus::Limit {
-        bus::Limit::shard_fetch(
-            self.shared.config.tuning.worker_batch,
-            self.shared.js.client().max_payload(),
-        )
-    }
-
-    /// The shard's consumer, from the first shard stream sequence the state does not reflect.
-    async fn bind(&self, cancel: &CancellationToken) -> Result<Option<PullConsumer>, BusError> {
-        let shared = &self.shared;
-        let shard = self.store.shard();
-        let start = self.store.applied() + 1;
-        until_ok("binding a shard consumer", cancel, || {
-            shared
-                .topology
-                .worker_consumer_from(&shared.js, shard, &shared.config.tuning, start)
-        })
-        .await
-    }
-
-    /// Replaying until the state reaches where the shard stream ended when the shard was
-    /// taken, consuming after.
-    fn note_phase(&mut self) {
-        let shard = self.store.shard();
-        let behind = self.replay_target.saturating_sub(self.store.applied());
-        if behind > 0 {
-            self.shared.metrics.set_replay_behind(shard, behind);
-            self.report(
-                Phase::Replaying,
-                format!("replaying the shard stream: {behind} message(s) behind"),
-            );
-        } else {
-            // Caught up: the gauge changes once, not on every batch.
-            if self.phase != Some(Phase::Consuming) {
-                self.shared.metrics.set_replay_behind(shard, 0);
-            }
-            self.report(Phase::Consuming, "");
-        }
-    }
-
-    async fn prune_answered(&self, consumer: &PullConsumer) {
-        match consumer.get_info().await {
-            Ok(info) => match self.store.prune_answered(info.ack_floor.stream_sequence) {
-                Ok(pruned) if pruned > 0 => {
-                    tracing::debug!(
-                        shard = self.store.shard(),
-                        pruned,
-                        "forgot answered requests"
-                    )
-                }
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "cannot prune answered requests"),
-            },
-            Err(error) => tracing::debug!(%error, "no consumer info for pruning"),
         }
     }
 }

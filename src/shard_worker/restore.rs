@@ -61,7 +61,7 @@ impl ShardWorker {
             let started = Instant::now();
             match self.choose_and_load_base().await {
                 Ok(extent) => {
-                    self.replay_target = extent.last;
+                    self.health.replay_until(extent.last);
                     tracing::info!(
                         shard,
                         applied = self.store.applied(),
@@ -91,7 +91,7 @@ impl ShardWorker {
     pub(super) async fn choose_and_load_base(&mut self) -> Result<Extent, NoBase> {
         let shard = self.store.shard();
         let keep = self.shared.config.snapshots.keep;
-        let chain = self.snapshots.chain(shard, keep + 16).await?;
+        let chain = self.snapshots.snapshots().chain(shard, keep + 16).await?;
         let extent = self.shard_stream_extent().await?;
         // Every message after `base` must still be in the stream, and `base` cannot be past
         // its end (a state of another incarnation of the stream).
@@ -100,7 +100,7 @@ impl ShardWorker {
         let newest = chain.first().map(|s| s.manifest.covers);
         if newest.is_none_or(|covers| local >= covers) && replayable(local) {
             if let Some(stored) = chain.first() {
-                self.note_snapshot(stored.clone());
+                self.snapshots.note_newest(stored.clone(), &self.shared);
             }
             if local == 0 && self.is_initial_state()? {
                 // The state before the log's first message: every instance that starts the
@@ -125,7 +125,7 @@ impl ShardWorker {
             match self.load_snapshot(stored).await {
                 Ok(()) => {
                     if let Some(newest) = chain.first() {
-                        self.note_snapshot(newest.clone());
+                        self.snapshots.note_newest(newest.clone(), &self.shared);
                     }
                     return Ok(extent);
                 }
@@ -182,7 +182,7 @@ impl ShardWorker {
         // while the next chunks are fetched and decoded.
         let writer = self.store.restore_writer();
         let mut writing: Option<tokio::task::JoinHandle<Result<(), StoreError>>> = None;
-        let chunks = self.snapshots.chunks(stored);
+        let chunks = self.snapshots.snapshots().chunks(stored);
         futures::pin_mut!(chunks);
         let mut read = Ok(());
         while let Some(chunk) = chunks.next().await {

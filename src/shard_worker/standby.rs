@@ -21,10 +21,11 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::Message;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::Source;
 use super::restore::NoBase;
 use super::ShardWorker;
-use crate::bus;
 use crate::bus::ownership::Published;
+use crate::bus::{self, BusError};
 use crate::metrics::Phase;
 
 /// A standby's reader and how current its copy is; lives while the worker waits for the lease.
@@ -82,30 +83,11 @@ impl ShardWorker {
             if left.is_zero() {
                 return true;
             }
-            let reader = match &standby.reader {
-                Some(reader) => reader.clone(),
-                None => {
-                    let start = self.store.applied() + 1;
-                    let shared = &self.shared;
-                    match shared
-                        .topology
-                        .standby_consumer_from(&shared.js, shard, start)
-                        .await
-                    {
-                        Ok(reader) => {
-                            standby.reader = Some(reader.clone());
-                            reader
-                        }
-                        Err(error) => {
-                            return self
-                                .standby_blocked(
-                                    format!("{holder}; standby cannot read the shard log: {error}"),
-                                    until,
-                                    cancel,
-                                )
-                                .await;
-                        }
-                    }
+            let reader = match self.reader(standby).await {
+                Ok(reader) => reader,
+                Err(error) => {
+                    let reason = format!("{holder}; standby cannot read the shard log: {error}");
+                    return self.standby_blocked(reason, until, cancel).await;
                 }
             };
             let expires = left.min(self.shared.config.tuning.fetch_expires());
@@ -149,6 +131,22 @@ impl ShardWorker {
         }
     }
 
+    /// The standby's reader of the shard log, created after the copy's last applied message
+    /// when there is none.
+    async fn reader(&self, standby: &mut Standby) -> Result<PullConsumer, BusError> {
+        if let Some(reader) = &standby.reader {
+            return Ok(reader.clone());
+        }
+        let start = self.store.applied() + 1;
+        let shared = &self.shared;
+        let reader = shared
+            .topology
+            .standby_consumer_from(&shared.js, self.store.shard(), start)
+            .await?;
+        standby.reader = Some(reader.clone());
+        Ok(reader)
+    }
+
     /// Applies what the reader brought to the copy; `Err` with the reason the copy cannot
     /// follow right now (it starts again from a base or a new reader).
     fn apply_followed(
@@ -171,7 +169,7 @@ impl ShardWorker {
             standby.reader = None;
             return Ok(());
         }
-        match self.stage(messages, sequence_of) {
+        match self.stage(messages, sequence_of, Source::ShardLog) {
             Ok(staged) => {
                 if staged.gap_at.is_some() {
                     standby.reader = None;
