@@ -231,26 +231,7 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
         .metrics
         .shards_owned
         .set(i64::try_from(owned.len()).unwrap_or(i64::MAX));
-    let stats = crate::consumer_stats::run(
-        shared.clone(),
-        owned.clone(),
-        config.tuning.consumer_stats_every(),
-        shutdown.clone(),
-    );
-    tasks.spawn(async move {
-        stats.await;
-        Ok(())
-    });
-    let balancer = crate::balancer::run(shared.clone(), shutdown.clone());
-    tasks.spawn(async move {
-        balancer.await;
-        Ok(())
-    });
-    let clock = crate::clock_watch::run(shared.clone(), shutdown.clone());
-    tasks.spawn(async move {
-        clock.await;
-        Ok(())
-    });
+    spawn_watchers(&mut tasks, &shared, owned.clone(), shutdown);
     for shard in owned {
         let store = parts.store.shard(shard)?;
         let worker = ShardWorker::new(shared.clone(), cluster.clone(), store, flusher.clone());
@@ -268,19 +249,8 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
     crate::notify::notify(crate::notify::NotifyState::Stopping);
     tracing::info!("stopping: finishing in-flight batches");
     let grace = Duration::from_secs(config.shutdown.grace_secs);
-    let drain = async {
-        while let Some(joined) = tasks.join_next().await {
-            if let Some(error) = task_failure(joined) {
-                failure.get_or_insert(error);
-            }
-        }
-    };
-    if tokio::time::timeout(grace, drain).await.is_err() {
-        tasks.abort_all();
-        failure.get_or_insert(anyhow!(
-            "in-flight work did not finish within shutdown.grace_secs = {}",
-            config.shutdown.grace_secs
-        ));
+    if let Some(error) = drain(&mut tasks, grace).await {
+        failure.get_or_insert(error);
     }
     // The flusher holds the data dir open until its last handle is gone: wait for it, so a
     // stopped instance has let go of the directory when `stop` returns.
@@ -301,6 +271,55 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
         Some(error) => Err(error),
         None => Ok(()),
     }
+}
+
+/// The instance's watchers beside the workers: consumer stats, the balancer, the clock.
+fn spawn_watchers(
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    shared: &Shared,
+    owned: Vec<u16>,
+    shutdown: &CancellationToken,
+) {
+    let stats = crate::consumer_stats::run(
+        shared.clone(),
+        owned,
+        shared.config.tuning.consumer_stats_every(),
+        shutdown.clone(),
+    );
+    tasks.spawn(async move {
+        stats.await;
+        Ok(())
+    });
+    let balancer = crate::balancer::run(shared.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        balancer.await;
+        Ok(())
+    });
+    let clock = crate::clock_watch::run(shared.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        clock.await;
+        Ok(())
+    });
+}
+
+/// Waits up to `grace` for every task to finish, then aborts the rest; the first failure.
+async fn drain(tasks: &mut JoinSet<anyhow::Result<()>>, grace: Duration) -> Option<anyhow::Error> {
+    let mut failure = None;
+    let drained = async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Some(error) = task_failure(joined) {
+                failure.get_or_insert(error);
+            }
+        }
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        tasks.abort_all();
+        failure.get_or_insert(anyhow!(
+            "in-flight work did not finish within shutdown.grace_secs = {}",
+            grace.as_secs()
+        ));
+    }
+    failure
 }
 
 /// Runs `work` on a thread of its own with a single-threaded runtime, and hands back its

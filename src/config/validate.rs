@@ -1,4 +1,5 @@
-//! `Config::validate`: every check, each error naming its key (exit 64 at the top).
+//! `Config::validate`: every section checks itself, each error naming its key (exit 64 at
+//! the top).
 
 use super::*;
 use std::collections::BTreeSet;
@@ -6,118 +7,146 @@ use std::net::SocketAddr;
 
 impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.nats
-            .servers()
+        self.nats.validate()?;
+        self.storage.validate()?;
+        self.http.validate()?;
+        self.shards.validate()?;
+        self.streams.validate()?;
+        self.snapshots.validate()?;
+        self.limits.validate()?;
+        self.tuning.validate()?;
+        self.retention.validate()?;
+        self.log.validate()
+    }
+}
+
+impl NatsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.servers()
             .map_err(|problem| invalid("nats.url", problem))?;
-        if self.nats.password.is_some() != self.nats.user.is_some() {
+        if self.password.is_some() != self.user.is_some() {
             return Err(invalid(
                 "nats.user",
                 "nats.user and nats.password go together",
             ));
         }
-        if self.nats.tls.cert_file.is_some() != self.nats.tls.key_file.is_some() {
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return Err(invalid(
                 "nats.tls.cert_file",
                 "cert_file and key_file go together",
             ));
         }
-        if self.storage.path.as_os_str().is_empty() {
+        Ok(())
+    }
+}
+
+impl StorageConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.path.as_os_str().is_empty() {
             return Err(invalid("storage.path", "must name a directory"));
         }
-        if self.storage.cache_capacity_mb == 0 {
+        if self.cache_capacity_mb == 0 {
             return Err(invalid("storage.cache_capacity_mb", "must be at least 1"));
         }
-        self.http.listen.parse::<SocketAddr>().map_err(|_| {
+        Ok(())
+    }
+}
+
+impl HttpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.listen.parse::<SocketAddr>().map_err(|_| {
             invalid(
                 "http.listen",
+                format!("{:?} is not an address such as 127.0.0.1:9090", self.listen),
+            )
+        })?;
+        let inspect = self.inspect_listen.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "http.inspect_listen",
                 format!(
-                    "{:?} is not an address such as 127.0.0.1:9090",
-                    self.http.listen
+                    "{:?} is not an address such as 127.0.0.1:9091",
+                    self.inspect_listen
                 ),
             )
         })?;
-        let inspect = self
-            .http
-            .inspect_listen
-            .parse::<SocketAddr>()
-            .map_err(|_| {
-                invalid(
-                    "http.inspect_listen",
-                    format!(
-                        "{:?} is not an address such as 127.0.0.1:9091",
-                        self.http.inspect_listen
-                    ),
-                )
-            })?;
         if !inspect.ip().is_loopback() {
             return Err(invalid(
                 "http.inspect_listen",
                 "must be a loopback address (127.0.0.1 or ::1): it serves users' alarms",
             ));
         }
-        if self.shards.count == 0 || self.shards.count > 4096 {
+        Ok(())
+    }
+}
+
+impl ShardsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.count == 0 || self.count > 4096 {
             return Err(invalid("shards.count", "must be between 1 and 4096"));
         }
-        if let OwnedShards::List(list) = &self.shards.owned {
+        if let OwnedShards::List(list) = &self.owned {
             if list.is_empty() {
                 return Err(invalid(
                     "shards.owned",
                     "must be `all` or a non-empty list such as [0,2]",
                 ));
             }
-            if let Some(bad) = list.iter().find(|s| **s >= self.shards.count) {
+            if let Some(bad) = list.iter().find(|s| **s >= self.count) {
                 return Err(invalid(
                     "shards.owned",
-                    format!(
-                        "shard {bad} does not exist: shards.count is {}",
-                        self.shards.count
-                    ),
+                    format!("shard {bad} does not exist: shards.count is {}", self.count),
                 ));
             }
         }
-        if self.shards.replicas == 0 || self.shards.replicas > self.shards.count {
+        if self.replicas == 0 || self.replicas > self.count {
             return Err(invalid(
                 "shards.replicas",
-                format!("must be between 1 and shards.count ({})", self.shards.count),
+                format!("must be between 1 and shards.count ({})", self.count),
             ));
         }
-        if let Some(ordinal) = self.shards.ordinal {
-            if ordinal >= self.shards.replicas {
+        if let Some(ordinal) = self.ordinal {
+            if ordinal >= self.replicas {
                 return Err(invalid(
                     "shards.ordinal",
                     format!(
                         "{ordinal} is not below shards.replicas ({}): with {} instances the \
                          ordinals are 0 to {}",
-                        self.shards.replicas,
-                        self.shards.replicas,
-                        self.shards.replicas - 1
+                        self.replicas,
+                        self.replicas,
+                        self.replicas - 1
                     ),
                 ));
             }
         }
-        if self.shards.standbys > 0 {
-            if self.shards.owned != OwnedShards::Ordinal {
+        if self.standbys > 0 {
+            if self.owned != OwnedShards::Ordinal {
                 return Err(invalid(
                     "shards.standbys",
                     "applies to shards.owned = \"ordinal\" only; with `all` or lists, \
                      instances whose lists overlap are each other's standbys",
                 ));
             }
-            if self.shards.standbys >= self.shards.replicas {
+            if self.standbys >= self.replicas {
                 return Err(invalid(
                     "shards.standbys",
                     format!(
                         "must be below shards.replicas ({}): each shard has one owner plus \
                          its standbys among the {} instances",
-                        self.shards.replicas, self.shards.replicas
+                        self.replicas, self.replicas
                     ),
                 ));
             }
         }
-        if !(3..=3600).contains(&self.shards.lease_secs) {
+        if !(3..=3600).contains(&self.lease_secs) {
             return Err(invalid("shards.lease_secs", "must be between 3 and 3600"));
         }
-        let s = &self.streams;
+        Ok(())
+    }
+}
+
+impl StreamsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let s = self;
         for (key, subject) in [
             ("streams.status_subject", &s.status_subject),
             ("streams.digest_request_subject", &s.digest_request_subject),
@@ -182,6 +211,13 @@ impl Config {
                 "must differ from streams.shards_bucket (leases expire, homes must not)",
             ));
         }
+        s.validate_counts()
+    }
+
+    /// The partition and replica counts, node tags, the balancing period and the snapshot
+    /// subject.
+    fn validate_counts(&self) -> Result<(), ConfigError> {
+        let s = self;
         if !(1..=MAX_INPUT_PARTITIONS).contains(&s.input_partitions) {
             return Err(invalid(
                 "streams.input_partitions",
@@ -215,7 +251,13 @@ impl Config {
                 "must be dot-separated tokens without spaces, '*', '>' or '/'",
             ));
         }
-        let snapshots = &self.snapshots;
+        Ok(())
+    }
+}
+
+impl SnapshotsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let snapshots = self;
         if !(1..=86_400).contains(&snapshots.every_secs) {
             return Err(invalid(
                 "snapshots.every_secs",
@@ -231,19 +273,31 @@ impl Config {
                 "must be between 2 and 100: one damaged snapshot must have one to fall back to",
             ));
         }
-        if self.limits.max_alarms_per_user == 0 {
+        Ok(())
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_alarms_per_user == 0 {
             return Err(invalid("limits.max_alarms_per_user", "must be at least 1"));
         }
-        if !(1..=31_536_000).contains(&self.limits.max_future_skew_secs) {
+        if !(1..=31_536_000).contains(&self.max_future_skew_secs) {
             return Err(invalid(
                 "limits.max_future_skew_secs",
                 "must be between 1 and 31536000 (a year)",
             ));
         }
-        if self.limits.max_payload_bytes < 64 {
+        if self.max_payload_bytes < 64 {
             return Err(invalid("limits.max_payload_bytes", "must be at least 64"));
         }
-        let t = &self.tuning;
+        Ok(())
+    }
+}
+
+impl TuningConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let t = self;
         if !(1..=10_000).contains(&t.router_batch) {
             return Err(invalid(
                 "tuning.router_batch",
@@ -286,7 +340,13 @@ impl Config {
                 "must be between 1 and 3600",
             ));
         }
-        let r = &self.retention;
+        Ok(())
+    }
+}
+
+impl RetentionConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let r = self;
         if r.cleared_after_hours == 0 || r.cleared_after_hours > 24 * 365 * 100 {
             return Err(invalid(
                 "retention.cleared_after_hours",
@@ -302,7 +362,13 @@ impl Config {
                 "must be between 1 and 100000",
             ));
         }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
+        Ok(())
+    }
+}
+
+impl LogConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !matches!(self.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be `text` or `json`"));
         }
         Ok(())

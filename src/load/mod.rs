@@ -2,6 +2,7 @@
 //! producers do, waits for the service to drain it (from the consumers' state), measures
 //! request-to-digest latency, and optionally the broker-only ceiling through the same topology.
 
+pub mod bench;
 pub mod ceiling;
 pub mod naive;
 pub mod producer;

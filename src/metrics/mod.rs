@@ -235,6 +235,17 @@ impl Metrics {
         let mut root = Registry::default();
         root.register_collector(Box::new(process::ProcessCollector));
         let ours = root.sub_registry_with_prefix("alarm_digest");
+        self.register_counters(ours);
+        self.register_gauges(ours);
+        self.register_the_rest(ours);
+        ours.register_collector(Box::new(self.outbox.clone()));
+        ours.register_collector(Box::new(self.leadership.clone()));
+        self.registry = root;
+        self
+    }
+
+    /// The counters (`_total`).
+    fn register_counters(&self, ours: &mut Registry) {
         let counters: [(&str, &str, &Counter); 21] = [
             ("events_applied", "Status changes that changed stored state.", &self.events_applied),
             ("events_unchanged", "Status changes that were stale or duplicates.", &self.events_unchanged),
@@ -297,6 +308,11 @@ impl Metrics {
         for (name, help, counter) in counters {
             ours.register(name, help, counter.clone());
         }
+    }
+
+    /// Rejections by reason, and the gauges: readiness, shards, consumers, snapshots,
+    /// standbys.
+    fn register_gauges(&self, ours: &mut Registry) {
         ours.register(
             "rejected",
             "Invalid input dead-lettered, by reason.",
@@ -377,6 +393,10 @@ impl Metrics {
             "Messages in the input stream not yet delivered to any router (lag).",
             self.input_pending.clone(),
         );
+    }
+
+    /// Histograms, the build info, leader moves and the clock skew.
+    fn register_the_rest(&self, ours: &mut Registry) {
         ours.register(
             "batch_duration_seconds",
             "Time to apply, flush, publish and ack one shard batch.",
@@ -402,10 +422,6 @@ impl Metrics {
             "This host's clock minus the broker's, read every 10 s (negative: behind). Decisions use the broker's time; a large skew only skews this host's logs and ages.",
             self.clock_skew.clone(),
         );
-        ours.register_collector(Box::new(self.outbox.clone()));
-        ours.register_collector(Box::new(self.leadership.clone()));
-        self.registry = root;
-        self
     }
 
     pub fn rejected(&self, code: &'static str) {
