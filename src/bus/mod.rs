@@ -9,6 +9,7 @@ pub mod envelope;
 pub mod ownership;
 mod partitions;
 pub mod placement;
+mod previous_release;
 mod publish;
 pub mod snapshots;
 mod topology;
