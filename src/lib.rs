@@ -10,6 +10,7 @@ pub mod cmd;
 pub mod config;
 pub mod consumer_stats;
 pub mod domain;
+pub mod errors;
 pub mod failpoint;
 pub mod http;
 pub mod load;

@@ -6,14 +6,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use alarm_digest::bus::BusError;
 use alarm_digest::cli::{Cli, Command, InspectTarget};
 use alarm_digest::cmd;
-use alarm_digest::config::{Config, LogConfig};
-use alarm_digest::store::StoreError;
-
-/// sysexits' EX_USAGE: the configuration is wrong.
-const EXIT_BAD_CONFIG: u8 = 64;
+use alarm_digest::config::{Config, ConfigError, LogConfig};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -21,7 +16,7 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(error) => {
             eprintln!("alarm-digest: bad configuration: {error}");
-            return ExitCode::from(EXIT_BAD_CONFIG);
+            return ExitCode::from(ConfigError::EXIT_CODE);
         }
     };
     // One-shot commands print their result on stdout; keep their log to warnings.
@@ -70,21 +65,14 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            tracing::error!(error = %format!("{error:#}"), "alarm-digest failed");
-            eprintln!("alarm-digest: {error:#}");
-            let bad_config = matches!(
-                error.downcast_ref(),
-                Some(StoreError::ShardCountMismatch { .. })
-            ) || matches!(
-                error.downcast_ref(),
-                Some(
-                    BusError::ShardCountMismatch { .. }
-                        | BusError::PartitionCountMismatch { .. }
-                        | BusError::Config(_)
-                )
-            );
+            let described = alarm_digest::errors::describe(&error);
+            tracing::error!(error = %described, "alarm-digest failed");
+            eprintln!("alarm-digest: {described}");
+            // A configuration that cannot work is a ConfigError wherever it was found (an
+            // adapter carries it as its source): exit 64, like a bad config file.
+            let bad_config = error.chain().any(|cause| cause.is::<ConfigError>());
             if bad_config {
-                ExitCode::from(EXIT_BAD_CONFIG)
+                ExitCode::from(ConfigError::EXIT_CODE)
             } else {
                 ExitCode::FAILURE
             }

@@ -354,7 +354,7 @@ fn task_failure(
     match joined {
         Ok(Ok(())) => None,
         Ok(Err(error)) => {
-            tracing::error!(error = %format!("{error:#}"), "a part stopped with a fatal error");
+            tracing::error!(error = %crate::errors::describe(&error), "a part stopped with a fatal error");
             Some(error)
         }
         Err(error) => {

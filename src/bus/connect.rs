@@ -50,7 +50,12 @@ pub async fn connect(
     cancel: &CancellationToken,
 ) -> Result<Option<Client>, BusError> {
     // Validated config parses; a server list that does not is a config error, never retried.
-    let servers = config.servers().map_err(BusError::Config)?;
+    let servers = config.servers().map_err(|problem| {
+        BusError::Config(crate::config::ConfigError::Invalid {
+            key: "nats.url",
+            problem,
+        })
+    })?;
     let client = until_ok("connecting to NATS", cancel, || async {
         options(config)
             .await?

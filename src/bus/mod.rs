@@ -292,32 +292,10 @@ pub enum BusError {
     JetStreamDisabled(String),
     #[error("stream {stream} already exists but {problem}; fix the streams.* config or delete the stream")]
     StreamMismatch { stream: String, problem: String },
-    #[error(
-        "the cluster's shards.count is {recorded} (recorded in key-value bucket {bucket}) but this \
-         instance has shards.count = {configured}; set shards.count = {recorded}. The count \
-         cannot change in place (users would move away from their alarms); to migrate: stop \
-         every instance, `shard export` every shard, `shard reshard --count {configured}`, \
-         `shard recount --count {configured}`, `shard import` into fresh data dirs (README, \
-         'Changing shards.count')"
-    )]
-    ShardCountMismatch {
-        recorded: u16,
-        configured: u16,
-        bucket: String,
-    },
-    #[error(
-        "the cluster's streams.input_partitions is {recorded} (recorded in key-value bucket \
-         {bucket}) but this instance has streams.input_partitions = {configured}; set \
-         streams.input_partitions = {recorded}, or change the cluster's count first with \
-         `alarm-digest partitions set --count {configured}` (README, 'Input partitions')"
-    )]
-    PartitionCountMismatch {
-        recorded: u16,
-        configured: u16,
-        bucket: String,
-    },
-    #[error("config key `nats.url`: {0}")]
-    Config(String),
+    /// The configuration cannot work against what the cluster recorded (or cannot be
+    /// used to connect at all): never retried; the process exits 64.
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
     #[error("cannot use the NATS credentials: {0}")]
     Credentials(String),
     /// The broker (or the client, on its behalf) refuses this message itself, e.g. it is larger
@@ -325,8 +303,12 @@ pub enum BusError {
     /// unchanged can never succeed. The caller must do something else with it.
     #[error("{context}: refused for good: {message}")]
     Refused { context: String, message: String },
-    #[error("{context}: {message}")]
-    Transient { context: String, message: String },
+    #[error("{context}: {source}")]
+    Transient {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A write refused by the broker because a newer owner of the shard exists (its
     /// expected-sequence check failed): this process is no longer the shard's owner.
     #[error("{context}: refused, a newer owner of the shard exists")]
@@ -334,10 +316,14 @@ pub enum BusError {
 }
 
 impl BusError {
-    pub fn transient(context: impl Into<String>, error: impl std::fmt::Display) -> BusError {
+    /// A failure worth retrying, keeping its cause as the source.
+    pub fn transient(
+        context: impl Into<String>,
+        error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> BusError {
         BusError::Transient {
             context: context.into(),
-            message: error.to_string(),
+            source: error.into(),
         }
     }
 

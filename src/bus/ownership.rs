@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::BusError;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::retry::until_ok;
 
 const COUNT_KEY: &str = "shards.count";
@@ -251,10 +251,12 @@ impl Cluster {
         let recorded = self
             .agree_count(COUNT_KEY, "shard count", configured)
             .await?;
-        recorded.map_err(|recorded| BusError::ShardCountMismatch {
-            recorded,
-            configured,
-            bucket: self.shards_bucket.clone(),
+        recorded.map_err(|recorded| {
+            BusError::from(ConfigError::ClusterShardCount {
+                recorded,
+                configured,
+                bucket: self.shards_bucket.clone(),
+            })
         })
     }
 
@@ -265,10 +267,12 @@ impl Cluster {
         let recorded = self
             .agree_count(PARTITIONS_KEY, "input partition count", configured)
             .await?;
-        recorded.map_err(|recorded| BusError::PartitionCountMismatch {
-            recorded,
-            configured,
-            bucket: self.shards_bucket.clone(),
+        recorded.map_err(|recorded| {
+            BusError::from(ConfigError::ClusterPartitionCount {
+                recorded,
+                configured,
+                bucket: self.shards_bucket.clone(),
+            })
         })
     }
 
@@ -422,11 +426,11 @@ impl Cluster {
             Some(entry) => {
                 let recorded: Option<u16> = serde_json::from_slice(&entry.value).ok();
                 if recorded != Some(from) {
-                    return Err(BusError::ShardCountMismatch {
+                    return Err(BusError::from(ConfigError::ClusterShardCount {
                         recorded: recorded.unwrap_or(0),
                         configured: from,
                         bucket: self.shards_bucket.clone(),
-                    });
+                    }));
                 }
                 for shard in 0..from.max(to) {
                     self.shards

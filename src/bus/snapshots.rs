@@ -133,7 +133,7 @@ impl Snapshots {
     /// `fence` is the last sequence of the shard's manifest subject as this owner knows it
     /// (from [`Snapshots::fence`] or its previous `put`): the broker refuses the manifest if
     /// anyone wrote one since, and the chunks are then deleted again ([`BusError::Fenced`]).
-    pub async fn put<E: std::fmt::Display>(
+    pub async fn put<E: std::error::Error + Send + Sync + 'static>(
         &self,
         manifest: Manifest,
         chunks: impl futures::Stream<Item = Result<Vec<u8>, E>>,

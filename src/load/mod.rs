@@ -140,8 +140,9 @@ pub async fn publish_spread(
         let acked = producers[0].stats().acked() - acked_before;
         bail!(
             "{} of {total} messages to {first_subject} were never acknowledged (published by \
-             {chunks} at once); the first to give up: {error:#}",
-            total.saturating_sub(acked)
+             {chunks} at once); the first to give up: {}",
+            total.saturating_sub(acked),
+            crate::errors::describe(&error)
         );
     }
     Ok(())
@@ -192,7 +193,7 @@ pub async fn wait_drained(
         let problem = match drained(js, inputs, consumers).await {
             Ok(None) => return Ok(()),
             Ok(Some(waiting)) => waiting,
-            Err(error) => format!("{error:#}"),
+            Err(error) => crate::errors::describe(&error),
         };
         if problem != last_problem {
             last_problem = problem;

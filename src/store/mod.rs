@@ -19,6 +19,7 @@ mod write;
 
 use std::path::Path;
 
+use crate::config::ConfigError;
 use crate::domain::{AlarmRecord, StatusChange};
 pub use codec::{CodecError, OutboxEntry};
 pub use export::{Encoder, ExportError, Header, ShardExport, StreamDecoder};
@@ -40,13 +41,9 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("stored value under {key}: {source}")]
     Codec { key: String, source: CodecError },
-    #[error(
-        "this data dir holds {stored} shards but shards.count is {configured}; shards.count \
-         must not change in place: set it back to {stored}, or migrate to the new count with \
-         `shard export`, `shard reshard`, `shard recount` and `shard import` into a fresh data \
-         dir (README, 'Changing shards.count')"
-    )]
-    ShardCountMismatch { stored: u16, configured: u16 },
+    /// The data dir was written for another shard count; the process exits 64.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
 }
 
 impl StoreError {
@@ -139,7 +136,7 @@ impl Store {
                 if stored == configured {
                     Ok(())
                 } else {
-                    Err(StoreError::ShardCountMismatch { stored, configured })
+                    Err(ConfigError::DataDirShardCount { stored, configured }.into())
                 }
             }
         }
