@@ -146,14 +146,6 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    pub fn store_dir(&self) -> &Path {
-        self.store.path()
-    }
-
     /// Kills the server (its store dir stays).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
