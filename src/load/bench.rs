@@ -171,28 +171,21 @@ impl<'a> Bench<'a> {
         if !self.args.broker_ceiling || self.workload.events == 0 {
             return Ok(None);
         }
-        let cpu = self.meter.start();
         let limits = (self.timeout, self.give_up);
-        let elapsed = ceiling::measure(
+        let run = ceiling::measure(
             &self.producers,
             self.config,
             &self.workload,
             self.args.rate,
             limits,
-        )
-        .await?;
-        let rate = report_rate(
+        );
+        let compared = self.compare(
             "broker ceiling  ",
-            self.workload.events,
-            elapsed,
             "(input stream → router hop in envelopes → shard streams → ack, no processing)",
-        );
-        let cpu = self.meter.report(
-            &cpu,
-            self.workload.events,
             "the bench process: producer, zero-work router and consumers",
+            run,
         );
-        Ok(Some((rate, cpu)))
+        Ok(Some(compared.await?))
     }
 
     /// The naive single-hop design on the same server, when asked: its rate.
@@ -200,28 +193,36 @@ impl<'a> Bench<'a> {
         if !self.args.naive || self.workload.events == 0 {
             return Ok(None);
         }
-        let cpu = self.meter.start();
         let limits = (self.timeout, self.give_up);
-        let elapsed = naive::measure(
+        let run = naive::measure(
             &self.producer,
             self.config,
             &self.workload,
             self.args.rate,
             limits,
-        )
-        .await?;
-        let rate = report_rate(
+        );
+        let compared = self.compare(
             "naive single hop",
-            self.workload.events,
-            elapsed,
             "(one consumer: decode, write, flush, ack each event)",
-        );
-        self.meter.report(
-            &cpu,
-            self.workload.events,
             "the bench process: producer, naive consumer",
+            run,
         );
-        Ok(Some(rate))
+        Ok(Some(compared.await?.0))
+    }
+
+    /// Runs one comparison and prints its rate and CPU per event; returns both.
+    async fn compare(
+        &self,
+        label: &str,
+        what: &str,
+        bench_is: &str,
+        run: impl std::future::Future<Output = anyhow::Result<Duration>>,
+    ) -> anyhow::Result<(f64, f64)> {
+        let cpu = self.meter.start();
+        let elapsed = run.await?;
+        let rate = report_rate(label, self.workload.events, elapsed, what);
+        let cpu = self.meter.report(&cpu, self.workload.events, bench_is);
+        Ok((rate, cpu))
     }
 
     /// Publishes the events and waits until the service drained them: the ingest rate, set
