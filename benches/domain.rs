@@ -1,13 +1,15 @@
 //! The pure rules and the value encoding, in isolation.
 //! `cargo bench --bench domain`
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 
-use alarm_digest::bus::envelope;
-use alarm_digest::domain::{take_digest, AlarmRecord, Observation, Status};
+use alarm_digest::bus::envelope::{self, Content, Format};
+use alarm_digest::domain::{take_digest, AlarmRecord, Observation, Status, StatusChange};
 use alarm_digest::store::codec;
-use alarm_digest::wire::{self, InputKind};
+use alarm_digest::wire::{self, Input, InputKind};
 
 fn at(secs: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(1_623_000_000 + secs, 598_765_212).unwrap_or_default()
@@ -76,7 +78,9 @@ fn encoding(c: &mut Criterion) {
     });
 }
 
-/// The router → shard frame: 256 typical status changes in one envelope.
+/// The router → shard frame: 256 typical status changes in one envelope, in each format.
+/// "read" is the shard worker's part: from envelope bytes to validated changes (v1 parses
+/// each entry's JSON; v2 carries the changes the router validated).
 fn envelopes(c: &mut Criterion) {
     let payloads: Vec<Vec<u8>> = (0..256)
         .map(|i| {
@@ -86,20 +90,47 @@ fn envelopes(c: &mut Criterion) {
             .into_bytes()
         })
         .collect();
-    let encode = || {
-        let mut builder = envelope::Builder::new();
-        for (seq, payload) in payloads.iter().enumerate() {
-            builder.push(seq as u64, "AlarmStatusChanged", payload);
+    let changes: Vec<StatusChange> = payloads
+        .iter()
+        .filter_map(
+            |payload| match wire::decode(InputKind::StatusChange, payload, 65_536) {
+                Ok(Input::StatusChange(change)) => Some(change),
+                _ => None,
+            },
+        )
+        .collect();
+    let encode = |format: Format| {
+        let mut builder = envelope::Builder::new(format);
+        for (seq, (payload, change)) in payloads.iter().zip(&changes).enumerate() {
+            let content = match format {
+                Format::V1 => Content::Json(payload),
+                Format::V2 => Content::Change(Cow::Borrowed(change)),
+            };
+            builder.push(seq as u64, "AlarmStatusChanged", &content);
         }
         builder.finish()
     };
-    let bytes = encode();
-    c.bench_function("envelope: encode 256 events", |b| {
-        b.iter(|| black_box(encode()))
-    });
-    c.bench_function("envelope: decode 256 events", |b| {
-        b.iter(|| envelope::decode(black_box(&bytes)).map(|entries| entries.len()))
-    });
+    for format in [Format::V1, Format::V2] {
+        let bytes = encode(format);
+        let name = format.header();
+        c.bench_function(&format!("{name}: encode 256 events"), |b| {
+            b.iter(|| black_box(encode(format)))
+        });
+        c.bench_function(&format!("{name}: read 256 events"), |b| {
+            b.iter(|| {
+                let entries = envelope::decode(black_box(&bytes)).unwrap_or_default();
+                entries
+                    .into_iter()
+                    .filter(|entry| match &entry.content {
+                        Content::Json(payload) => {
+                            wire::decode(InputKind::StatusChange, payload, 65_536).is_ok()
+                        }
+                        Content::Change(_) => true,
+                    })
+                    .count()
+            })
+        });
+    }
 }
 
 criterion_group!(benches, apply_one_event, build_digest, encoding, envelopes);

@@ -8,6 +8,7 @@
 //! then acks the inputs (every input of an envelope after that envelope's PubAck), so the next
 //! fetch overlaps the previous batch's round trips.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::envelope::{self, Packer, Sealed};
+use crate::bus::envelope::{self, Content, Entry, Format, Packer, Sealed};
 use crate::bus::{self, BusError, DeadLetter, Outgoing};
 use crate::retry::{until_ok, Backoff};
 use crate::shared::Shared;
@@ -270,7 +271,11 @@ impl Router {
         messages: Vec<Message>,
     ) -> Pending {
         let tuning = &self.shared.config.tuning;
-        let mut packer = Packer::new(self.shared.topology.shard_count, self.envelope_limits());
+        let mut packer = Packer::new(
+            self.shared.topology.shard_count,
+            self.envelope_limits(),
+            Format::V1,
+        );
         let mut taken = messages.len();
         let mut pending = self.route(partition, messages, &mut packer).await;
         let linger = tuning.envelope_linger();
@@ -337,7 +342,17 @@ impl Router {
                     let shard = shared.topology.shard_of(&change.user_id);
                     let subject = message.subject.clone();
                     let payload = message.payload.clone();
-                    match packer.push(shard, sequence, &subject, &payload, message) {
+                    // The change validated here travels on (v2), or the input's JSON (v1).
+                    let content = match packer.format() {
+                        Format::V1 => Content::Json(&payload),
+                        Format::V2 => Content::Change(Cow::Owned(change)),
+                    };
+                    let entry = Entry {
+                        input_sequence: sequence,
+                        subject: &subject,
+                        content,
+                    };
+                    match packer.push(shard, &entry, message) {
                         Ok(Some(full)) => pending.push(self.publish_envelope(full).await),
                         Ok(None) => {}
                         // Not reachable with a validated config (shard_of is below the count,
@@ -392,7 +407,7 @@ impl Router {
             .shared
             .topology
             .shard_subject(InputKind::StatusChange, sealed.shard);
-        let outgoing = Outgoing::envelope(subject, sealed.payload);
+        let outgoing = Outgoing::envelope(subject, sealed.format, sealed.payload);
         (self.publish(outgoing).await, sealed.tags, Routed::ToShard)
     }
 

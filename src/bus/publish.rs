@@ -44,9 +44,13 @@ impl Outgoing {
     /// An envelope of status changes for a shard log. Applying a status change twice is
     /// harmless: envelopes carry no Msg-Id, which would cost the shard stream memory for
     /// nothing.
-    pub fn envelope(subject: impl Into<Subject>, payload: Bytes) -> Outgoing {
+    pub fn envelope(
+        subject: impl Into<Subject>,
+        format: super::envelope::Format,
+        payload: Bytes,
+    ) -> Outgoing {
         let mut headers = HeaderMap::new();
-        headers.insert(super::envelope::FRAME_HEADER, super::envelope::ENVELOPE_V1);
+        headers.insert(super::envelope::FRAME_HEADER, format.header());
         Outgoing {
             subject: subject.into(),
             headers,

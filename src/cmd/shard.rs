@@ -278,12 +278,7 @@ async fn requeue(
             {
                 entries
                     .into_iter()
-                    .map(|entry| {
-                        (
-                            entry.subject.to_string(),
-                            bytes::Bytes::copy_from_slice(entry.payload),
-                        )
-                    })
+                    .map(|entry| (entry.subject.to_string(), entry.content.to_json()))
                     .collect()
             }
             _ => vec![(subject, message.payload.clone())],

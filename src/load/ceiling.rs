@@ -171,7 +171,8 @@ async fn route(
             fetched = bus::fetch(&consumer, tuning.router_batch, tuning.fetch_expires()) => fetched,
         };
         let Ok(messages) = fetched else { continue };
-        let mut packer = Packer::new(topology.shard_count, limits);
+        // The input's bytes unchanged, as a router that validates nothing would carry them.
+        let mut packer = Packer::new(topology.shard_count, limits, envelope::Format::V1);
         let mut sealed = Vec::new();
         for message in messages {
             // Zero processing: route on the raw payload's checksum instead of the UserID.
@@ -179,8 +180,13 @@ async fn route(
                 (crc32fast::hash(&message.payload) % u32::from(topology.shard_count)) as u16;
             let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
             let (subject, payload) = (message.subject.clone(), message.payload.clone());
+            let entry = envelope::Entry {
+                input_sequence: sequence,
+                subject: &subject,
+                content: envelope::Content::Json(&payload),
+            };
             // Every shard is below the count and the subject short: nothing is handed back.
-            if let Ok(full) = packer.push(shard, sequence, &subject, &payload, message) {
+            if let Ok(full) = packer.push(shard, &entry, message) {
                 sealed.extend(full);
             }
         }
@@ -188,7 +194,7 @@ async fn route(
         let mut batch = Vec::with_capacity(sealed.len());
         for envelope in sealed {
             let subject = topology.shard_subject(InputKind::StatusChange, envelope.shard);
-            let outgoing = Outgoing::envelope(subject, envelope.payload);
+            let outgoing = Outgoing::envelope(subject, envelope.format, envelope.payload);
             let published = js
                 .publish_with_headers(outgoing.subject, outgoing.headers, outgoing.payload)
                 .await

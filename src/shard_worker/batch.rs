@@ -10,8 +10,9 @@ use bytes::Bytes;
 
 use super::answer::{answer, DigestOptions, DigestOutcome};
 use super::{ack, Continuity, ShardWorker};
-use crate::bus::envelope::{self, ENVELOPE_V1, FRAME_HEADER};
+use crate::bus::envelope::{self, Content, Entry, Format, FRAME_HEADER};
 use crate::bus::{self, DeadLetter};
+use crate::domain::StatusChange;
 use crate::store::{Applied, OutboxEntry, ShardWrite, StoreError};
 use crate::wire::{self, Input, InputKind, Rejection};
 
@@ -55,7 +56,8 @@ struct Rejected {
 struct Item<'a> {
     kind: Option<InputKind>,
     subject: &'a str,
-    payload: &'a [u8],
+    /// The input's JSON, or the change the router validated from it.
+    content: &'a Content<'a>,
     stream: &'a str,
     sequence: u64,
 }
@@ -271,12 +273,12 @@ impl Apply<'_, '_> {
         sequence: u64,
         shard_stream: &str,
     ) -> Result<Disposition, StoreError> {
-        let is_envelope = message
+        let framed = message
             .headers
             .as_ref()
             .and_then(|headers| headers.get(FRAME_HEADER))
-            .is_some_and(|frame| frame.as_str() == ENVELOPE_V1);
-        if !is_envelope {
+            .and_then(|frame| Format::from_header(frame.as_str()));
+        if framed.is_none() {
             // A digest request, or a single status change as the release before
             // envelopes routed it.
             let item = Item {
@@ -285,45 +287,18 @@ impl Apply<'_, '_> {
                     .topology
                     .shard_kind(self.shard, &message.subject),
                 subject: &message.subject,
-                payload: &message.payload,
+                content: &Content::Json(&message.payload),
                 stream: shard_stream,
                 sequence,
             };
-            return Ok(match self.single(&item)? {
+            return Ok(match self.json(&item)? {
                 Outcome::Done => Disposition::Ack,
                 Outcome::Digest => Disposition::AfterDigest,
                 Outcome::Rejected(one) => Disposition::DeadLetters(vec![one]),
             });
         }
         Ok(match envelope::decode(&message.payload) {
-            Ok(entries) => {
-                let mut rejected = Vec::new();
-                for entry in entries {
-                    let origin = self.worker.topology.input_origin(entry.subject);
-                    let input_stream = self
-                        .worker
-                        .topology
-                        .partition_stream_name(origin.map_or(0, |o| o.partition));
-                    let item = Item {
-                        kind: origin.map(|o| o.kind),
-                        subject: entry.subject,
-                        payload: entry.payload,
-                        stream: &input_stream,
-                        sequence: entry.input_sequence,
-                    };
-                    match self.entry(&item)? {
-                        Outcome::Done => {}
-                        Outcome::Rejected(one) => rejected.push(one),
-                        // `entry` never answers a request.
-                        Outcome::Digest => {}
-                    }
-                }
-                if rejected.is_empty() {
-                    Disposition::Ack
-                } else {
-                    Disposition::DeadLetters(rejected)
-                }
-            }
+            Ok(entries) => self.envelope(&entries)?,
             Err(error) => Disposition::DeadLetters(vec![Rejected {
                 code: "bad_envelope",
                 error: error.to_string(),
@@ -335,9 +310,45 @@ impl Apply<'_, '_> {
         })
     }
 
-    /// An envelope entry: a status change. Digest requests travel as single messages (their
-    /// answered-marker is their shard stream sequence), so one inside an envelope is refused.
-    fn entry(&mut self, item: &Item<'_>) -> Result<Outcome, StoreError> {
+    /// An envelope's entries, each applied or rejected on its own. Rejected entries are
+    /// known by their input stream and sequence.
+    fn envelope(&mut self, entries: &[Entry<'_>]) -> Result<Disposition, StoreError> {
+        let topology = &self.worker.topology;
+        let mut rejected = Vec::new();
+        for entry in entries {
+            let origin = topology.input_origin(entry.subject);
+            // Borrowed from the topology: naming the stream allocates nothing.
+            let stream = topology.partition_stream_name(origin.map_or(0, |o| o.partition));
+            let item = Item {
+                kind: origin.map(|o| o.kind),
+                subject: entry.subject,
+                content: &entry.content,
+                stream: &stream,
+                sequence: entry.input_sequence,
+            };
+            let outcome = match &entry.content {
+                Content::Json(_) => self.json_entry(&item)?,
+                // Validated by the router: applied without parsing anything again.
+                Content::Change(change) => self.change(&item, change)?,
+            };
+            match outcome {
+                Outcome::Done => {}
+                Outcome::Rejected(one) => rejected.push(one),
+                // An entry never answers a request.
+                Outcome::Digest => {}
+            }
+        }
+        Ok(if rejected.is_empty() {
+            Disposition::Ack
+        } else {
+            Disposition::DeadLetters(rejected)
+        })
+    }
+
+    /// An envelope-1 entry: a status change's JSON. Digest requests travel as single
+    /// messages (their answered-marker is their shard stream sequence), so one inside an
+    /// envelope is refused.
+    fn json_entry(&mut self, item: &Item<'_>) -> Result<Outcome, StoreError> {
         if item.kind == Some(InputKind::DigestRequest) {
             return Ok(self.reject(
                 item,
@@ -345,73 +356,86 @@ impl Apply<'_, '_> {
                 "digest requests travel as single messages, never inside an envelope".into(),
             ));
         }
-        self.single(item)
+        self.json(item)
     }
 
-    fn single(&mut self, item: &Item<'_>) -> Result<Outcome, StoreError> {
-        let shared = self.worker;
-        let limits = &shared.config.limits;
+    /// An input as JSON: decoded and validated here, then applied.
+    fn json(&mut self, item: &Item<'_>) -> Result<Outcome, StoreError> {
+        let Content::Json(payload) = item.content else {
+            return Ok(self.reject(item, "malformed", "not a JSON input".into()));
+        };
+        let limits = &self.worker.config.limits;
         let decoded = match item.kind {
-            Some(kind) => wire::decode(kind, item.payload, limits.max_payload_bytes),
+            Some(kind) => wire::decode(kind, payload, limits.max_payload_bytes),
             None => Err(Rejection::UnknownSubject(item.subject.to_string())),
         };
-        let input = match decoded {
-            Err(rejection) => {
-                return Ok(self.reject(item, rejection.code(), rejection.to_string()))
-            }
-            Ok(input) => input,
-        };
-        let belongs = shared.topology.shard_of(input.user_id());
-        if belongs != self.shard {
-            let error = format!("user belongs to shard {belongs}, not {}", self.shard);
-            return Ok(self.reject(item, "misrouted", error));
+        match decoded {
+            Err(rejection) => Ok(self.reject(item, rejection.code(), rejection.to_string())),
+            Ok(Input::StatusChange(change)) => self.change(item, &change),
+            Ok(Input::DigestRequest(request)) => self.request(item, &request.user_id),
         }
-        match input {
-            Input::StatusChange(change) => {
-                let at = change.observation.changed_at;
-                if self.newest_seen.is_none_or(|seen| at > seen) {
-                    *self.newest_seen = Some(at);
-                }
-                match self.write.apply(&change, limits.max_alarms_per_user) {
-                    Ok(Applied::Changed) => {
-                        self.counts.applied += 1;
-                        Ok(Outcome::Done)
-                    }
-                    Ok(Applied::Unchanged) => {
-                        self.counts.unchanged += 1;
-                        Ok(Outcome::Done)
-                    }
-                    Ok(Applied::TooManyAlarms) => {
-                        let error = format!(
-                            "the user already has limits.max_alarms_per_user = {} alarms",
-                            limits.max_alarms_per_user
-                        );
-                        Ok(self.reject(item, "too_many_alarms", error))
-                    }
-                    Err(error) => self.unreadable_or_fail(item, error),
-                }
+    }
+
+    /// A user's input on the wrong shard is refused: applying it here would split the
+    /// user's state over two shards.
+    fn misrouted(&self, item: &Item<'_>, user_id: &str) -> Option<Outcome> {
+        let belongs = self.worker.topology.shard_of(user_id);
+        (belongs != self.shard).then(|| {
+            let error = format!("user belongs to shard {belongs}, not {}", self.shard);
+            self.reject(item, "misrouted", error)
+        })
+    }
+
+    fn change(&mut self, item: &Item<'_>, change: &StatusChange) -> Result<Outcome, StoreError> {
+        if let Some(refused) = self.misrouted(item, &change.user_id) {
+            return Ok(refused);
+        }
+        let max_alarms = self.worker.config.limits.max_alarms_per_user;
+        let at = change.observation.changed_at;
+        if self.newest_seen.is_none_or(|seen| at > seen) {
+            *self.newest_seen = Some(at);
+        }
+        match self.write.apply(change, max_alarms) {
+            Ok(Applied::Changed) => {
+                self.counts.applied += 1;
+                Ok(Outcome::Done)
             }
-            Input::DigestRequest(request) => {
-                match answer(self.write, &request.user_id, item.sequence, self.options) {
-                    Ok(DigestOutcome::Queued { parts, .. }) => {
-                        self.counts.requests += 1;
-                        if parts > 1 {
-                            self.counts.split_digests += 1;
-                        }
-                        Ok(Outcome::Digest)
-                    }
-                    Ok(DigestOutcome::SkippedEmpty) => {
-                        self.counts.requests += 1;
-                        self.counts.skipped_empty += 1;
-                        Ok(Outcome::Done)
-                    }
-                    Ok(DigestOutcome::AlreadyAnswered) => {
-                        self.counts.duplicates += 1;
-                        Ok(Outcome::Done)
-                    }
-                    Err(error) => self.unreadable_or_fail(item, error),
-                }
+            Ok(Applied::Unchanged) => {
+                self.counts.unchanged += 1;
+                Ok(Outcome::Done)
             }
+            Ok(Applied::TooManyAlarms) => {
+                let error = format!(
+                    "the user already has limits.max_alarms_per_user = {max_alarms} alarms"
+                );
+                Ok(self.reject(item, "too_many_alarms", error))
+            }
+            Err(error) => self.unreadable_or_fail(item, error),
+        }
+    }
+
+    fn request(&mut self, item: &Item<'_>, user_id: &str) -> Result<Outcome, StoreError> {
+        if let Some(refused) = self.misrouted(item, user_id) {
+            return Ok(refused);
+        }
+        match answer(self.write, user_id, item.sequence, self.options) {
+            Ok(DigestOutcome::Queued { parts, .. }) => {
+                self.counts.requests += 1;
+                if parts > 1 {
+                    self.counts.split_digests += 1;
+                }
+                Ok(Outcome::Digest)
+            }
+            Ok(DigestOutcome::SkippedEmpty) => {
+                self.counts.requests += 1;
+                self.counts.skipped_empty += 1;
+                Ok(Outcome::Done)
+            }
+            Ok(DigestOutcome::AlreadyAnswered) => {
+                self.counts.duplicates += 1;
+                Ok(Outcome::Done)
+            }
+            Err(error) => self.unreadable_or_fail(item, error),
         }
     }
 
@@ -422,7 +446,7 @@ impl Apply<'_, '_> {
             subject: item.subject.to_string(),
             stream: item.stream.to_string(),
             sequence: item.sequence,
-            payload: Bytes::copy_from_slice(item.payload),
+            payload: item.content.to_json(),
         })
     }
 

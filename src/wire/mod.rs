@@ -215,6 +215,32 @@ pub fn format_time(instant: &DateTime<Utc>) -> String {
 }
 
 #[derive(Serialize)]
+struct AlarmStatusChangedOut<'a> {
+    #[serde(rename = "AlarmID")]
+    alarm_id: &'a str,
+    #[serde(rename = "UserID")]
+    user_id: &'a str,
+    #[serde(rename = "Status")]
+    status: &'static str,
+    #[serde(rename = "ChangedAt")]
+    changed_at: String,
+}
+
+/// Renders a validated change as the `AlarmStatusChanged` it came from (same fields and
+/// instant; `ChangedAt` in UTC): what a dead letter or a requeue carries once the JSON
+/// itself is no longer kept.
+pub fn encode_status_change(change: &StatusChange) -> Vec<u8> {
+    let out = AlarmStatusChangedOut {
+        alarm_id: &change.alarm_id,
+        user_id: &change.user_id,
+        status: change.observation.status.as_str(),
+        changed_at: format_time(&change.observation.changed_at),
+    };
+    // Strings and a &str: serializing cannot fail.
+    serde_json::to_vec(&out).unwrap_or_default()
+}
+
+#[derive(Serialize)]
 struct ActiveAlarmOut<'a> {
     #[serde(rename = "AlarmID")]
     alarm_id: &'a str,
@@ -553,6 +579,31 @@ mod properties {
             let text = format!("{}{}{}", local.format("%Y-%m-%dT%H:%M:%S"), fraction, local.format("%:z"));
             prop_assert_eq!(parse_time(&text), Ok(instant));
             prop_assert_eq!(parse_time(&format_time(&instant)), Ok(instant));
+        }
+
+        /// A change rendered again (a dead letter or requeue of an envelope-2 entry) is the
+        /// input it was validated from: it decodes to the same change.
+        #[test]
+        fn a_rendered_change_decodes_to_itself(
+            user in "[ -~]{1,40}",
+            alarm in "\\PC{1,40}",
+            status in prop::sample::select(vec![Status::Cleared, Status::Warning, Status::Critical]),
+            secs in 0i64..253_402_300_799,
+            nanos in 0u32..1_000_000_000,
+        ) {
+            let change = StatusChange {
+                user_id: user,
+                alarm_id: alarm,
+                observation: Observation {
+                    status,
+                    changed_at: DateTime::<Utc>::from_timestamp(secs, nanos).unwrap_or_default(),
+                },
+            };
+            let payload = encode_status_change(&change);
+            prop_assert_eq!(
+                decode(InputKind::StatusChange, &payload, usize::MAX),
+                Ok(Input::StatusChange(change))
+            );
         }
 
         /// Arbitrary bytes never panic the decoder.

@@ -5,9 +5,12 @@
 
 use std::time::Duration;
 
-use alarm_digest::bus::envelope::{Builder, ENVELOPE_V1, FRAME_HEADER};
+use std::borrow::Cow;
+
+use alarm_digest::bus::envelope::{Builder, Content, Format, FRAME_HEADER};
 use alarm_digest::bus::Topology;
-use alarm_digest::wire::InputKind;
+use alarm_digest::domain::{Observation, Status, StatusChange};
+use alarm_digest::wire::{self, Input, InputKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
@@ -28,10 +31,26 @@ async fn to_shard(bed: &TestBed, subject: &str, headers: HeaderMap, payload: Byt
         .expect("stored in the shard stream");
 }
 
-fn envelope_headers() -> HeaderMap {
+fn status_change(payload: &str) -> StatusChange {
+    match wire::decode(InputKind::StatusChange, payload.as_bytes(), usize::MAX) {
+        Ok(Input::StatusChange(change)) => change,
+        other => panic!("not a status change: {other:?}"),
+    }
+}
+
+fn envelope_headers(format: Format) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    headers.insert(FRAME_HEADER, ENVELOPE_V1);
+    headers.insert(FRAME_HEADER, format.header());
     headers
+}
+
+/// An envelope as the release before wrote it: each entry the input's JSON, unchanged.
+fn first_format(entries: &[(u64, &str, &[u8])]) -> Bytes {
+    let mut builder = Builder::new(Format::V1);
+    for (sequence, subject, payload) in entries {
+        assert!(builder.push(*sequence, subject, &Content::Json(payload)));
+    }
+    builder.finish()
 }
 
 async fn dead_letters(bed: &TestBed) -> Vec<serde_json::Value> {
@@ -86,22 +105,20 @@ async fn a_bad_entry_inside_an_envelope_is_dead_lettered_alone_with_its_input_se
     let topology = topology(&bed);
     let shard = topology.shard_of("u");
     let status_subject = bed.config.streams.status_subject.clone();
-    let mut builder = Builder::new();
     let good = |alarm: &str, at: &str| status_payload("u", alarm, "CRITICAL", at).into_bytes();
-    builder.push(41, &status_subject, &good("a", "2021-06-07T20:00:01Z"));
-    builder.push(
-        42,
-        &status_subject,
-        br#"{"AlarmID":"x","UserID":"u","Status":"BAD","ChangedAt":"2021-06-07T20:00:01Z"}"#,
-    );
-    builder.push(43, &status_subject, &good("b", "2021-06-07T20:00:02Z"));
+    let bad = br#"{"AlarmID":"x","UserID":"u","Status":"BAD","ChangedAt":"2021-06-07T20:00:01Z"}"#;
+    let envelope = first_format(&[
+        (41, &status_subject, &good("a", "2021-06-07T20:00:01Z")),
+        (42, &status_subject, bad),
+        (43, &status_subject, &good("b", "2021-06-07T20:00:02Z")),
+    ]);
     let subject = topology.shard_subject(InputKind::StatusChange, shard);
-    to_shard(&bed, &subject, envelope_headers(), builder.finish()).await;
+    to_shard(&bed, &subject, envelope_headers(Format::V1), envelope).await;
     // And an envelope too damaged to read at all.
     to_shard(
         &bed,
         &subject,
-        envelope_headers(),
+        envelope_headers(Format::V1),
         Bytes::from_static(&[1, 0, 0, 0, 9, 0]),
     )
     .await;
@@ -136,6 +153,89 @@ async fn a_bad_entry_inside_an_envelope_is_dead_lettered_alone_with_its_input_se
     service.stop().await.expect("clean stop");
 }
 
+/// An envelope-2 entry is the change the router validated: the worker applies it without
+/// parsing JSON. One it still refuses (a user of another shard) is dead-lettered as the JSON
+/// rendered from the change, under the input's stream and sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_format_entries_apply_and_a_refused_one_is_dead_lettered_as_its_json() {
+    let bed = TestBed::start().await;
+    let topology = topology(&bed);
+    let shard = topology.shard_of("u");
+    let stranger = (0..)
+        .map(|i| format!("s{i}"))
+        .find(|user| topology.shard_of(user) != shard)
+        .expect("a user of another shard");
+    let status_subject = bed.config.streams.status_subject.clone();
+    // 2021-06-07T20:00:01Z
+    let change = |user: &str, alarm: &str, status, seconds: i64, nanos| StatusChange {
+        user_id: user.into(),
+        alarm_id: alarm.into(),
+        observation: Observation {
+            status,
+            changed_at: chrono::DateTime::from_timestamp(1_623_096_000 + seconds, nanos)
+                .expect("an instant"),
+        },
+    };
+    let mut builder = Builder::new(Format::V2);
+    for (sequence, change) in [
+        (51, change("u", "a", Status::Warning, 1, 0)),
+        (52, change(&stranger, "x", Status::Critical, 1, 500_000_000)),
+        (53, change("u", "b", Status::Critical, 2, 0)),
+    ] {
+        let content = Content::Change(Cow::Owned(change));
+        assert!(builder.push(sequence, &status_subject, &content));
+    }
+    let subject = topology.shard_subject(InputKind::StatusChange, shard);
+    to_shard(
+        &bed,
+        &subject,
+        envelope_headers(Format::V2),
+        builder.finish(),
+    )
+    .await;
+    to_shard(
+        &bed,
+        &subject,
+        envelope_headers(Format::V2),
+        Bytes::from_static(&[2, 0, 0, 0, 1, 0]),
+    )
+    .await;
+
+    let mut digests = bed.client.digests().await;
+    let service = start_service(bed.config.clone()).await;
+    bed.client.request_digest("u").await;
+    let digest = digests.next_for("u").await;
+    assert_eq!(
+        entries(&digest),
+        [
+            ("a".into(), "WARNING".into(), "2021-06-07T20:00:01Z".into()),
+            ("b".into(), "CRITICAL".into(), "2021-06-07T20:00:02Z".into()),
+        ]
+    );
+    bed.client.wait_drained().await;
+    let records = dead_letters(&bed).await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    let refused = &records[0];
+    assert_eq!(refused["reason"], "misrouted");
+    assert_eq!(refused["original_subject"], status_subject.as_str());
+    assert_eq!(refused["stream"], bed.config.streams.input_stream.as_str());
+    assert_eq!(refused["stream_sequence"], "52");
+    let payload: serde_json::Value =
+        serde_json::from_str(refused["payload"].as_str().unwrap_or_default())
+            .expect("the dead letter carries JSON");
+    assert_eq!(
+        payload,
+        serde_json::json!({
+            "AlarmID": "x",
+            "UserID": stranger,
+            "Status": "CRITICAL",
+            "ChangedAt": "2021-06-07T20:00:01.500Z",
+        })
+    );
+    assert_eq!(records[1]["reason"], "bad_envelope");
+    service.stop().await.expect("clean stop");
+}
+
 /// The router crashed after its envelope and its request were stored in the shard stream but
 /// before it acked the inputs: they come again, are routed again, and nothing is applied or
 /// answered twice (events are idempotent; the request's Msg-Id drops the second copy).
@@ -155,12 +255,20 @@ async fn a_router_crash_between_the_pubacks_and_the_input_acks_answers_once() {
     bed.client.request_digest("u").await;
     // Input sequences 1..=5 are the events, 6 the request: what the crashed router had
     // already stored in the shard stream.
-    let mut builder = Builder::new();
+    let mut builder = Builder::new(Format::NEWEST);
     for (index, event) in events.iter().enumerate() {
-        builder.push(index as u64 + 1, &status_subject, event.as_bytes());
+        let change = status_change(event);
+        let content = Content::Change(Cow::Owned(change));
+        assert!(builder.push(index as u64 + 1, &status_subject, &content));
     }
     let subject = topology.shard_subject(InputKind::StatusChange, shard);
-    to_shard(&bed, &subject, envelope_headers(), builder.finish()).await;
+    to_shard(
+        &bed,
+        &subject,
+        envelope_headers(Format::NEWEST),
+        builder.finish(),
+    )
+    .await;
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", format!("{input}:6").as_str());
     let request = topology.shard_subject(InputKind::DigestRequest, shard);

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use alarm_digest::bus::envelope::{Content, Format};
 use alarm_digest::bus::{self, Cluster, Member, Snapshots, Topology};
 use alarm_digest::config::{Config, OwnedShards};
 use alarm_digest::domain::{Observation, Status, StatusChange};
@@ -509,9 +510,9 @@ async fn the_previous_release_upgrades_in_place_with_its_queued_messages_and_loc
         .expect("publish")
         .await
         .expect("stored");
-    let mut builder = alarm_digest::bus::envelope::Builder::new();
+    let mut builder = alarm_digest::bus::envelope::Builder::new(Format::V1);
     let entry = status_payload(&user, "queued-envelope", "CRITICAL", "2026-01-01T00:00:03Z");
-    builder.push(7, "AlarmStatusChanged", entry.as_bytes());
+    builder.push(7, "AlarmStatusChanged", &Content::Json(entry.as_bytes()));
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(
         alarm_digest::bus::envelope::FRAME_HEADER,
