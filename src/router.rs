@@ -1,7 +1,8 @@
 //! The router: reads every input partition stream through one durable consumer per stream,
 //! shared by every instance, and republishes each message to its user's shard stream: status
 //! changes packed into one envelope per shard (`bus::envelope`), digest requests as single
-//! messages. One loop per partition stream, all on the router's thread; a supervisor starts
+//! messages. Envelopes are in the format the cluster records (`bus/envelope_format.rs`),
+//! read again with every look for partitions. One loop per partition stream, all on the router's thread; a supervisor starts
 //! a loop for each partition stream it finds (`bus/partitions.rs`), retired ones included.
 //!
 //! Publishes of a batch are pipelined; a separate acker task awaits their PubAcks and only
@@ -10,7 +11,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::envelope::{self, Content, Entry, Format, Packer, Sealed};
-use crate::bus::{self, BusError, DeadLetter, Outgoing};
+use crate::bus::{self, BusError, Cluster, DeadLetter, Outgoing};
 use crate::retry::{until_ok, Backoff};
 use crate::shared::Shared;
 use crate::wire::{self, Input, InputKind, Rejection};
@@ -31,8 +32,9 @@ use crate::wire::{self, Input, InputKind, Rejection};
 /// How long JetStream waits before redelivering an input whose republish failed.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
-/// How often the supervisor looks for input partition streams it does not route yet.
-const DISCOVER_EVERY: Duration = Duration::from_secs(5);
+/// How often the supervisor looks for input partition streams it does not route yet, and
+/// reads the cluster's envelope format again.
+pub const DISCOVER_EVERY: Duration = Duration::from_secs(5);
 
 /// Routed batches the acker awaits at once. With one queued for it and the one being
 /// published, `QUEUED_BATCHES + 2` batches of PubAcks may be outstanding at once.
@@ -55,6 +57,10 @@ pub struct Router {
     publisher: async_nats::jetstream::Context,
     /// Whether the first input that no mapping spread has been logged (once per process).
     unmapped_logged: Arc<AtomicBool>,
+    /// Where the cluster records the envelope format to write (`bus/envelope_format.rs`).
+    cluster: Cluster,
+    /// That format's number, as last read; each round packs in the format it finds here.
+    envelopes: Arc<AtomicU8>,
 }
 
 /// One partition's loop: which stream it reads, and the name its readiness goes by (none
@@ -75,13 +81,33 @@ impl Partition {
 impl Router {
     /// `publisher`: the connection republishes go out on. Each partition's loop publishes
     /// through a JetStream context of its own on it, bounded by [`Router::in_flight_bound`].
-    pub fn new(shared: Shared, publisher: async_nats::Client) -> Router {
+    pub fn new(shared: Shared, publisher: async_nats::Client, cluster: Cluster) -> Router {
         let bound = Router::in_flight_bound(&shared.config.tuning);
         Router {
             publisher: bus::jetstream(publisher, bound),
             shared,
             unmapped_logged: Arc::default(),
+            cluster,
+            envelopes: Arc::new(AtomicU8::new(Format::V1.number())),
         }
+    }
+
+    /// The envelope format a round packs in.
+    fn envelope_format(&self) -> Format {
+        Format::from_number(self.envelopes.load(Ordering::Relaxed)).unwrap_or(Format::V1)
+    }
+
+    /// Reads the format the cluster records again; a failed read keeps the one known.
+    async fn follow_envelope_format(&self) -> Result<(), BusError> {
+        let recorded = self.cluster.envelope_format().await?.format;
+        let before = self.envelopes.swap(recorded.number(), Ordering::Relaxed);
+        if before != recorded.number() {
+            tracing::info!(
+                format = recorded.header(),
+                "routing status changes in the cluster's envelope format"
+            );
+        }
+        Ok(())
     }
 
     /// The PubAcks one partition's loop may hold un-awaited: its batches in flight, each up
@@ -120,6 +146,13 @@ impl Router {
     pub async fn run(self, cancel: CancellationToken) -> Result<(), BusError> {
         let shared = &self.shared;
         let configured = shared.topology.input_partitions();
+        let known = until_ok("reading the envelope format", &cancel, || {
+            self.follow_envelope_format()
+        })
+        .await?;
+        if known.is_none() {
+            return Ok(());
+        }
         let mut routing = BTreeSet::new();
         let mut loops = JoinSet::new();
         let mut found: BTreeSet<u16> = (0..configured).collect();
@@ -159,6 +192,9 @@ impl Router {
                     }
                 }
                 _ = tokio::time::sleep(DISCOVER_EVERY) => {}
+            }
+            if let Err(error) = self.follow_envelope_format().await {
+                tracing::debug!(%error, "envelope format not read; looking again later");
             }
             found = match shared.topology.existing_partitions(&shared.js).await {
                 Ok(existing) => existing.into_iter().chain(0..configured).collect(),
@@ -274,7 +310,7 @@ impl Router {
         let mut packer = Packer::new(
             self.shared.topology.shard_count,
             self.envelope_limits(),
-            Format::V1,
+            self.envelope_format(),
         );
         let mut taken = messages.len();
         let mut pending = self.route(partition, messages, &mut packer).await;

@@ -6,6 +6,7 @@ pub mod clock;
 mod connect;
 mod dead_letter;
 pub mod envelope;
+pub mod envelope_format;
 pub mod ownership;
 mod partitions;
 pub mod placement;

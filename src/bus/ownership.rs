@@ -6,6 +6,7 @@
 //! |----------------|----------------|-----------------------------------------|---------|
 //! | shards         | `shards.count` | the cluster's shard count (JSON number) | never   |
 //! | shards         | `input.partitions` | the cluster's input partition count (JSON number) | never |
+//! | shards         | `envelope.format` | the envelope format routers write (`envelope_format.rs`) | never |
 //! | shards         | `home.N`       | the previous release's [`Member`] holding shard N (read by the upgrade only, then deleted) | never |
 //! | leases         | `shard.N`      | [`LeaseRecord`] of the process applying | max age |
 //!
@@ -126,6 +127,15 @@ pub struct Holder {
     pub revision: u64,
 }
 
+/// How a count was agreed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Agreed {
+    /// This process recorded it: the cluster is new.
+    Recorded,
+    /// The same count was recorded already.
+    Found,
+}
+
 /// The cluster's shared records, as seen by one process.
 #[derive(Clone)]
 pub struct Cluster {
@@ -213,8 +223,19 @@ impl Cluster {
             cluster.agree_shard_count(config.shards.count)
         })
         .await?;
-        if agreed.is_none() {
-            return Ok(None);
+        match agreed {
+            None => return Ok(None),
+            Some(Agreed::Recorded) => {
+                // A new cluster: no instance of the release before reads its envelopes.
+                let recorded = until_ok("recording the envelope format", cancel, || {
+                    cluster.record_newest_envelope_format()
+                })
+                .await?;
+                if recorded.is_none() {
+                    return Ok(None);
+                }
+            }
+            Some(Agreed::Found) => {}
         }
         let agreed = until_ok("agreeing on streams.input_partitions", cancel, || {
             cluster.agree_input_partitions(config.streams.input_partitions)
@@ -246,8 +267,13 @@ impl Cluster {
         self.lease_period / 3
     }
 
+    /// The shards bucket, for the records other rooms of `bus` keep there.
+    pub(super) fn shards_bucket(&self) -> &kv::Store {
+        &self.shards
+    }
+
     /// Records the shard count on first start; refuses another one later.
-    pub async fn agree_shard_count(&self, configured: u16) -> Result<(), BusError> {
+    pub async fn agree_shard_count(&self, configured: u16) -> Result<Agreed, BusError> {
         let recorded = self
             .agree_count(COUNT_KEY, "shard count", configured)
             .await?;
@@ -267,7 +293,7 @@ impl Cluster {
         let recorded = self
             .agree_count(PARTITIONS_KEY, "input partition count", configured)
             .await?;
-        recorded.map_err(|recorded| {
+        recorded.map(|_| ()).map_err(|recorded| {
             BusError::from(ConfigError::ClusterPartitionCount {
                 recorded,
                 configured,
@@ -283,13 +309,13 @@ impl Cluster {
         key: &str,
         what: &str,
         configured: u16,
-    ) -> Result<Result<(), u16>, BusError> {
+    ) -> Result<Result<Agreed, u16>, BusError> {
         match self.shards.create(key, to_json(&configured)).await {
-            Ok(_) => Ok(Ok(())),
+            Ok(_) => Ok(Ok(Agreed::Recorded)),
             Err(error) if error.kind() == CreateErrorKind::AlreadyExists => {
                 let context = format!("reading the cluster's {what}");
                 match read_json::<u16>(&self.shards, key, &context).await? {
-                    Some(recorded) if recorded == configured => Ok(Ok(())),
+                    Some(recorded) if recorded == configured => Ok(Ok(Agreed::Found)),
                     Some(recorded) => Ok(Err(recorded)),
                     // Deleted between create and get: try again.
                     None => Err(BusError::transient(context, "the record vanished")),

@@ -1,16 +1,18 @@
-//! `alarm-digest streams status|balance`: which broker node leads each of the service's
-//! streams and what share of the traffic it carries; moving them to the placement plan
-//! (docs/cluster.md, "Spreading the load over broker nodes").
+//! `alarm-digest streams status|balance|envelopes`: which broker node leads each of the
+//! service's streams and what share of the traffic it carries; moving them to the placement
+//! plan (docs/cluster.md, "Spreading the load over broker nodes"); the envelope format
+//! routers write (docs/upgrading.md).
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::balance::{self, StreamLead};
-use crate::bus::{self, Topology};
+use crate::bus::envelope::Format;
+use crate::bus::{self, Cluster, Member, Topology};
 use crate::config::Config;
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -25,6 +27,15 @@ pub enum StreamsAction {
     /// move; exits 0 when every stream is where the plan wants it or waits for a node that is
     /// down.
     Balance,
+    /// Show the envelope format routers write (the cluster's record), or change it. A
+    /// cluster created by the release before writes format 1, which that release reads;
+    /// once every instance runs this release, `--format 2` lets shard workers apply the
+    /// changes routers validated without parsing JSON again (docs/upgrading.md).
+    Envelopes {
+        /// The format to record: 1 or 2.
+        #[arg(long)]
+        format: Option<u8>,
+    },
 }
 
 pub async fn run(config: Config, action: &StreamsAction) -> anyhow::Result<ExitCode> {
@@ -32,17 +43,19 @@ pub async fn run(config: Config, action: &StreamsAction) -> anyhow::Result<ExitC
     let client = bus::connect(&config.nats, &cancel)
         .await?
         .context("not connected")?;
-    let js = async_nats::jetstream::new(client);
+    let js = async_nats::jetstream::new(client.clone());
     let topology = Topology::new(config.streams.clone(), config.shards.count);
-    let survey = balance::survey(&js, &topology).await?;
     match action {
+        StreamsAction::Envelopes { format } => envelopes(&config, client, *format).await,
         StreamsAction::Status => {
+            let survey = balance::survey(&js, &topology).await?;
             for line in status_lines(&topology, &survey) {
                 println!("{line}");
             }
             Ok(ExitCode::SUCCESS)
         }
         StreamsAction::Balance => {
+            let survey = balance::survey(&js, &topology).await?;
             let moves = if config.streams.replicas == 1 {
                 balance::placement_moves(&topology, &survey)
             } else {
@@ -67,6 +80,46 @@ pub async fn run(config: Config, action: &StreamsAction) -> anyhow::Result<ExitC
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `streams envelopes [--format N]`: prints the recorded format as JSON, or records another.
+async fn envelopes(
+    config: &Config,
+    client: async_nats::Client,
+    to: Option<u8>,
+) -> anyhow::Result<ExitCode> {
+    let to = match to.map(|number| (number, Format::from_number(number))) {
+        None => None,
+        Some((_, Some(format))) => Some(format),
+        Some((number, None)) => bail!("--format {number}: this build writes format 1 or 2"),
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    let observer = Member::here("streams".into(), config);
+    let cluster = Cluster::open(&js, config, observer).await?;
+    let Some(to) = to else {
+        let recorded = cluster.envelope_format().await?;
+        println!(
+            "{}",
+            json!({ "envelope_format": recorded.format.number(), "recorded": recorded.explicit })
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let before = cluster.set_envelope_format(to).await?;
+    client.flush().await?;
+    println!(
+        "envelope format: {} -> {} (recorded; every router writes it within {} s)",
+        before.format.number(),
+        to.number(),
+        crate::router::DISCOVER_EVERY.as_secs()
+    );
+    if to < before.format {
+        println!(
+            "envelopes of format {} already in the shard logs are read by this release only: \
+             start an older release only once a snapshot of every shard covers them",
+            before.format.number()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `status`'s JSON lines: per node, the streams it leads and their share of all messages;

@@ -3,12 +3,15 @@
 //! shard streams, is tested here by publishing shard-stream messages directly, as a router
 //! (of this release or the one before) would have.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::borrow::Cow;
 
-use alarm_digest::bus::envelope::{Builder, Content, Format, FRAME_HEADER};
+use alarm_digest::bus::envelope::{
+    Builder, Content, Format, ENVELOPE_V1, ENVELOPE_V2, FRAME_HEADER,
+};
 use alarm_digest::bus::Topology;
+use alarm_digest::bus::{self, Cluster, Member};
 use alarm_digest::domain::{Observation, Status, StatusChange};
 use alarm_digest::wire::{self, Input, InputKind};
 use async_nats::HeaderMap;
@@ -327,5 +330,133 @@ async fn the_router_packs_events_into_envelopes_and_a_request_never_overtakes_th
         info.state.last_sequence
     );
     assert_eq!(service.metrics.routed.get(), 301);
+    assert_eq!(
+        frames(&bed, topology.shard_of("u")).await[0],
+        Some(ENVELOPE_V2.to_string()),
+        "a cluster this build created writes the validated changes"
+    );
+    service.stop().await.expect("clean stop");
+}
+
+/// The `Alarm-Digest-Frame` header of every message in a shard log (none: a single message).
+async fn frames(bed: &TestBed, shard: u16) -> Vec<Option<String>> {
+    let stream = bed
+        .client
+        .js
+        .get_stream(topology(bed).shard_stream(shard))
+        .await
+        .expect("shard stream");
+    let last = stream.get_info().await.expect("info").state.last_sequence;
+    let mut frames = Vec::new();
+    for sequence in 1..=last {
+        if let Some(message) = bus::message_at(&stream, sequence).await.expect("read") {
+            frames.push(
+                message
+                    .headers
+                    .get(FRAME_HEADER)
+                    .map(|value| value.to_string()),
+            );
+        }
+    }
+    frames
+}
+
+fn envelope_format(bed: &TestBed) -> serde_json::Value {
+    let (code, shown, stderr) = cli_against(&bed.nats, &["streams", "envelopes"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    serde_json::from_str(shown.trim()).expect("a JSON line")
+}
+
+/// A cluster the release before built: its instances read envelope-1 alone, so routers of
+/// this build keep writing it (a rolling upgrade restarts instances in any order) and the
+/// shard log that release wrote replays here. Once the operator records format 2, every
+/// router writes envelope-2, and the shard log's mix of both applies as one history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_of_the_release_before_keeps_envelope_1_until_the_operator_records_2() {
+    let bed = TestBed::start().await;
+    let topology = topology(&bed);
+    let shard = topology.shard_of("u");
+    let status_subject = bed.config.streams.status_subject.clone();
+    // What the release before recorded and wrote: its counts (no envelope format) and an
+    // envelope-1 in the shard log.
+    let member = Member::here("previous-release".into(), &bed.config);
+    let cluster = Cluster::open(&bed.client.js, &bed.config, member)
+        .await
+        .expect("buckets");
+    cluster.agree_shard_count(4).await.expect("shard count");
+    cluster
+        .agree_input_partitions(1)
+        .await
+        .expect("partition count");
+    let old = status_payload("u", "from-the-log", "CRITICAL", "2021-06-07T20:00:01Z");
+    let subject = topology.shard_subject(InputKind::StatusChange, shard);
+    let envelope = first_format(&[(1, &status_subject, old.as_bytes())]);
+    to_shard(&bed, &subject, envelope_headers(Format::V1), envelope).await;
+    assert_eq!(
+        envelope_format(&bed),
+        serde_json::json!({ "envelope_format": 1, "recorded": false })
+    );
+
+    let mut digests = bed.client.digests().await;
+    let service = start_service(bed.config.clone()).await;
+    bed.client
+        .status("u", "before-the-switch", "WARNING", "2021-06-07T20:00:02Z")
+        .await;
+    bed.client.wait_drained().await;
+    assert_eq!(
+        frames(&bed, shard).await,
+        [Some(ENVELOPE_V1.to_string()), Some(ENVELOPE_V1.to_string())],
+        "this build's router wrote envelope-1 too"
+    );
+
+    let (code, said, stderr) = cli_against(&bed.nats, &["streams", "envelopes", "--format", "2"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(said.contains("1 -> 2"), "{said}");
+    assert_eq!(
+        envelope_format(&bed),
+        serde_json::json!({ "envelope_format": 2, "recorded": true })
+    );
+    // Every router reads the record again within its look-again period.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let alarm = format!("after-the-switch-{n}");
+        bed.client
+            .status("u", &alarm, "CRITICAL", "2021-06-07T20:00:03Z")
+            .await;
+        bed.client.wait_drained().await;
+        let written = frames(&bed, shard).await;
+        if written.last() == Some(&Some(ENVELOPE_V2.to_string())) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {written:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bed.client.request_digest("u").await;
+    let digest = digests.next_for("u").await;
+    let alarms: Vec<String> = entries(&digest).into_iter().map(|(id, ..)| id).collect();
+    assert_eq!(alarms.len(), 2 + n, "{alarms:?}");
+    assert_eq!(alarms[..2], ["from-the-log", "before-the-switch"]);
+    service.stop().await.expect("clean stop");
+
+    // A new instance on a fresh data dir takes the shard from its snapshot and the log.
+    let fresh = tempfile::tempdir().expect("data dir");
+    let mut config = bed.config.clone();
+    config.storage.path = fresh.path().to_path_buf();
+    let service = start_service(config).await;
+    bed.client
+        .status("u", "after-the-restart", "WARNING", "2021-06-07T20:00:04Z")
+        .await;
+    bed.client.request_digest("u").await;
+    let digest = digests.next_for("u").await;
+    assert_eq!(
+        entries(&digest)
+            .into_iter()
+            .map(|(id, ..)| id)
+            .collect::<Vec<_>>(),
+        ["after-the-restart"],
+        "nothing applied twice or lost: the rest was sent already"
+    );
     service.stop().await.expect("clean stop");
 }
