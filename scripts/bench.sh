@@ -7,6 +7,9 @@
 #   PARTITIONS=4 NODES=3 INSTANCES=4 ./scripts/bench.sh --events 600000 --users 100000 --digests 0
 #                              # 4 input partitions (the mapping in every node's config), a
 #                              # three-node cluster on loopback, 4 instances: each one's share
+#   ENVELOPE_FORMAT=1 ./scripts/bench.sh --events 200000 --digests 0
+#                              # routers write envelope-1 (the inputs' JSON, parsed twice):
+#                              # the side-by-side for parsing once (the default, 2)
 #   ALARM_DIGEST_SHARDS__COUNT=1 MEASURE_RESTORE=1 ./scripts/bench.sh --events 1000000 --users 100000
 #                                                      # one shard of 1M alarms: snapshot, restore
 #   NODES=3 REPLICAS=1 PARTITIONS=3 INSTANCES=3 CAP_NODE=0.25 CAP_INSTANCE=0.4 \
@@ -50,6 +53,12 @@ start_instance() {
     ALARM_DIGEST_SHARDS__ORDINAL="$i" RUST_LOG="warn,alarm_digest::shard_worker=info" \
     capped "${CAP_INSTANCE:-}" "$bin" run 2>>"$work/instance-$i.log"
 }
+# ENVELOPE_FORMAT=1: the routers write the release before's envelopes (each input's JSON,
+# parsed again by the shard worker), for a side-by-side with the default (2: parsed once).
+if [ -n "${ENVELOPE_FORMAT:-}" ]; then
+  "$bin" setup >/dev/null
+  "$bin" streams envelopes --format "$ENVELOPE_FORMAT" >/dev/null
+fi
 for ((i = 0; i < instances; i++)); do
   start_instance "$i"
   pids+=("$!")
