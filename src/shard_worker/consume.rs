@@ -132,10 +132,7 @@ impl ShardWorker {
                 Phase::Stalled,
                 "the data dir failed the last batch; retrying",
             ),
-            (None, Some(reason)) => {
-                self.health
-                    .report(&self.shared, Phase::Stalled, reason.to_string())
-            }
+            (None, Some(reason)) => self.report(Phase::Stalled, reason.to_string()),
             (None, None) => self.health.note_applied(&self.shared, self.store.applied()),
         }
         self.sweep.step(&self.store, &self.shared);

@@ -238,15 +238,16 @@ impl Outbox {
     }
 }
 
-/// Takes refused parts out of the store's outbox and their alarms back to unsent.
-fn return_to_unsent(store: &ShardStore, refused: &[(u64, OutboxEntry)]) -> Result<(), String> {
+/// Takes refused parts out of the store's outbox and their alarms back to unsent. The error
+/// is the cause itself: a part's payload that does not parse, or the store's.
+fn return_to_unsent(
+    store: &ShardStore,
+    refused: &[(u64, OutboxEntry)],
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let parts = refused
         .iter()
         .map(|(sequence, entry)| refused_part(*sequence, entry))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| format!("a refused part's payload is unreadable: {error}"))?;
-    store
-        .return_to_unsent(&parts)
-        .map(|_| ())
-        .map_err(|error| error.to_string())
+        .collect::<Result<Vec<_>, _>>()?;
+    store.return_to_unsent(&parts)?;
+    Ok(())
 }
