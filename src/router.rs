@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::consumer::{pull, PullConsumer};
 use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{AckKind, Message};
 use futures::stream::FuturesOrdered;
@@ -24,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::envelope::{self, Content, Entry, Format, Packer, Sealed};
-use crate::bus::{self, BusError, Cluster, DeadLetter, Outgoing};
+use crate::bus::{self, BusError, Cluster, DeadLetter, Nodes, Outgoing};
 use crate::retry::{until_ok, Backoff};
 use crate::shared::Shared;
 use crate::wire::{self, Input, InputKind, Rejection};
@@ -61,6 +62,26 @@ pub struct Router {
     cluster: Cluster,
     /// That format's number, as last read; each round packs in the format it finds here.
     envelopes: Arc<AtomicU8>,
+    /// A connection on each broker node: a partition is read through its consumer's leader.
+    nodes: Arc<Nodes>,
+}
+
+/// How often a partition's loop asks which node leads its consumer.
+const NEAR_LEADER_EVERY: Duration = Duration::from_secs(10);
+
+/// Which node a partition's loop reads through, and when it last asked.
+struct Near {
+    on: Option<String>,
+    checked: Instant,
+}
+
+impl Default for Near {
+    fn default() -> Near {
+        Near {
+            on: None,
+            checked: Instant::now(),
+        }
+    }
 }
 
 /// One partition's loop: which stream it reads, and the name its readiness goes by (none
@@ -81,7 +102,12 @@ impl Partition {
 impl Router {
     /// `publisher`: the connection republishes go out on. Each partition's loop publishes
     /// through a JetStream context of its own on it, bounded by [`Router::in_flight_bound`].
-    pub fn new(shared: Shared, publisher: async_nats::Client, cluster: Cluster) -> Router {
+    pub fn new(
+        shared: Shared,
+        publisher: async_nats::Client,
+        cluster: Cluster,
+        nodes: Nodes,
+    ) -> Router {
         let bound = Router::in_flight_bound(&shared.config.tuning);
         Router {
             publisher: bus::jetstream(publisher, bound),
@@ -89,6 +115,7 @@ impl Router {
             unmapped_logged: Arc::default(),
             cluster,
             envelopes: Arc::new(AtomicU8::new(Format::V1.number())),
+            nodes: Arc::new(nodes),
         }
     }
 
@@ -246,6 +273,8 @@ impl Router {
             return Ok(());
         };
         partition.ready(&shared.readiness, true);
+        let mut near = Near::default();
+        consumer = self.near_leader(&partition, consumer, &mut near).await;
 
         let (to_acker, from_router) = mpsc::channel::<Pending>(1);
         let acker = tokio::spawn(ack_routed(from_router, self.shared.clone()));
@@ -259,6 +288,9 @@ impl Router {
                 Ok(messages) => {
                     backoff.reset();
                     partition.ready(&shared.readiness, true);
+                    if near.checked.elapsed() >= NEAR_LEADER_EVERY {
+                        consumer = self.near_leader(&partition, consumer, &mut near).await;
+                    }
                     if messages.is_empty() {
                         continue;
                     }
@@ -284,7 +316,8 @@ impl Router {
                     }
                     // The consumer may be gone (broker restarted on a fresh store).
                     if let Ok(Some(rebound)) = bind().await {
-                        consumer = rebound;
+                        near = Near::default();
+                        consumer = self.near_leader(&partition, rebound, &mut near).await;
                     }
                 }
             }
@@ -297,13 +330,53 @@ impl Router {
         Ok(())
     }
 
+    /// The partition's consumer, read through the connection on the node that leads it when
+    /// there is one (else as it is). Asked again every [`NEAR_LEADER_EVERY`]: leaders move.
+    async fn near_leader(
+        &self,
+        partition: &Partition,
+        consumer: PullConsumer,
+        near: &mut Near,
+    ) -> PullConsumer {
+        near.checked = Instant::now();
+        let leader = match consumer.get_info().await {
+            Ok(info) => info.cluster.and_then(|cluster| cluster.leader),
+            Err(error) => {
+                tracing::debug!(stream = %partition.stream, %error, "router consumer's leader not read");
+                None
+            }
+        };
+        let Some(leader) = leader.filter(|leader| near.on.as_ref() != Some(leader)) else {
+            return consumer;
+        };
+        let Some(client) = self.nodes.on(&leader) else {
+            return consumer;
+        };
+        let js = async_nats::jetstream::new(client);
+        let name = &self.shared.config.streams.router_consumer;
+        match js
+            .get_consumer_from_stream::<pull::Config, _, _>(name, &partition.stream)
+            .await
+        {
+            Ok(nearer) => {
+                tracing::debug!(stream = %partition.stream, node = %leader, "reading the partition through its leader's node");
+                near.on = Some(leader);
+                nearer
+            }
+            Err(error) => {
+                tracing::debug!(stream = %partition.stream, %error, "partition not bound on its leader's node");
+                consumer
+            }
+        }
+    }
+
     /// Routes one fetched batch and, while `tuning.envelope_linger_ms` allows, whatever else
     /// is already queued (never more than `router_batch` inputs a round, which bounds the
     /// PubAcks a round holds), then seals every open envelope.
     async fn route_round(
         &self,
         partition: &Partition,
-        consumer: &async_nats::jetstream::consumer::PullConsumer,
+        consumer: &PullConsumer,
         messages: Vec<Message>,
     ) -> Pending {
         let tuning = &self.shared.config.tuning;

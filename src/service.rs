@@ -219,7 +219,8 @@ async fn run_parts(parts: &Parts, shutdown: &CancellationToken) -> anyhow::Resul
     };
     let (flusher, flusher_task) = GroupFlusher::spawn(parts.store.clone());
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
-    let router = Router::new(shared.clone(), router_client, cluster.clone());
+    let nodes = bus::Nodes::connect(&config.nats, &router_client.server_info()).await;
+    let router = Router::new(shared.clone(), router_client, cluster.clone(), nodes);
     let routed = run_on_own_thread("alarm-digest-router", router.run(shutdown.clone()))?;
     tasks.spawn(async move {
         match routed.await {

@@ -8,7 +8,7 @@ use super::BusError;
 use crate::config::NatsConfig;
 use crate::retry::until_ok;
 
-async fn options(config: &NatsConfig) -> Result<ConnectOptions, BusError> {
+pub(super) async fn options(config: &NatsConfig) -> Result<ConnectOptions, BusError> {
     let mut options = match &config.creds_file {
         Some(path) => ConnectOptions::with_credentials_file(path.clone())
             .await

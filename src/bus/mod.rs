@@ -7,6 +7,7 @@ mod connect;
 mod dead_letter;
 pub mod envelope;
 pub mod envelope_format;
+mod nodes;
 pub mod ownership;
 mod partitions;
 pub mod placement;
@@ -20,6 +21,7 @@ pub use connect::{
     OLDEST_SUPPORTED_SERVER,
 };
 pub use dead_letter::{DeadLetter, DeadLetterHeaders};
+pub use nodes::Nodes;
 pub use ownership::{Cluster, Member};
 pub use partitions::InputOrigin;
 pub use publish::{

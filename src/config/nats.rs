@@ -48,6 +48,9 @@ pub struct NatsConfig {
     pub nkey_seed: Option<Secret>,
     pub tls: TlsConfig,
     pub connect_timeout_ms: u64,
+    /// In a cluster, also connect to each broker node, so each input partition is read
+    /// through the node that leads its consumer (no hop between nodes).
+    pub connect_to_leaders: bool,
 }
 
 impl Default for NatsConfig {
@@ -62,6 +65,7 @@ impl Default for NatsConfig {
             nkey_seed: None,
             tls: TlsConfig::default(),
             connect_timeout_ms: 5_000,
+            connect_to_leaders: true,
         }
     }
 }

@@ -137,6 +137,68 @@ async fn single_replica_streams_are_created_spread_over_the_tagged_nodes() {
     assert_eq!(duplicate_alarms(&digests), 0);
 }
 
+/// Messages each node sent to the service's client connections (its connection name), by
+/// the node's own count (`/connz`).
+async fn sent_to_the_service(cluster: &NatsCluster, node: usize) -> Vec<u64> {
+    let (status, body) = http_get(&cluster.monitoring(node), "/connz")
+        .await
+        .expect("the node's monitoring answers");
+    assert_eq!(status, 200, "{body}");
+    let connz: serde_json::Value = serde_json::from_str(&body).expect("connz JSON");
+    connz["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|connection| connection["name"] == "alarm-digest")
+        .filter_map(|connection| connection["out_msgs"].as_u64())
+        .collect()
+}
+
+/// Each input partition is read through the node that leads its router consumer, even when
+/// the instance is given one node's URL: it finds the others from what the cluster
+/// advertises. So the partition's messages go from its node straight to the instance (the
+/// node's own count says so), not through a second node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_partition_is_read_through_the_node_that_leads_it() {
+    let mut cluster = NatsCluster::plan(3).with_config(&mappings(PARTITIONS));
+    cluster.start();
+    let dir = tempdir().expect("data dir");
+    let tags = node_tags_env(&cluster);
+    let env = env("1", &[("ALARM_DIGEST_STREAMS__NODE_TAGS", tags)]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let service = ServiceProcess::spawn_at(&cluster.url(0), dir.path(), &env);
+    wait_ready(&service.http).await;
+    let mut config = config_for(&cluster, dir.path(), 1);
+    config.streams.node_tags = cluster.tags();
+    let client = TestClient::connect(&config).await;
+
+    let traffic = Traffic::start(&client, 7, 40);
+    // Longer than a partition loop takes to ask for its leader again.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (state, _) = traffic.finish().await;
+    assert_nothing_lost(&client, &state).await;
+
+    let survey = survey(&client).await;
+    let partitions: Vec<&StreamLead> = survey
+        .iter()
+        .filter(|lead| lead.name.starts_with("ALARM_DIGEST_INPUT"))
+        .collect();
+    assert_eq!(partitions.len(), 3);
+    for partition in partitions {
+        let leader = partition.leader.clone().expect("a leader");
+        let node = (0..3)
+            .find(|index| NatsCluster::name(*index) == leader)
+            .expect("a node of the cluster");
+        let sent = sent_to_the_service(&cluster, node).await;
+        assert!(
+            sent.iter().any(|out| *out >= partition.messages),
+            "{} stored {} messages; node {leader} sent the service's connections {sent:?}",
+            partition.name,
+            partition.messages
+        );
+    }
+}
+
 /// R3 on three nodes, two instances balancing every second: the leaders follow the plan
 /// (each partition on its own node, shard logs 2 / 2 / 2); a node killed under traffic and
 /// restarted gets its share back, nothing is lost or sent twice, and once balanced the two

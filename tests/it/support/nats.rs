@@ -253,6 +253,8 @@ pub struct NatsCluster {
     pub nodes: Vec<NatsServer>,
     client_ports: Vec<u16>,
     route_ports: Vec<u16>,
+    /// Each node's HTTP monitoring port (`/connz`, `/jsz`).
+    monitor_ports: Vec<u16>,
     /// Each node's config file: its server tag (`alarm-digest:node-<i>`, see [`Self::tags`])
     /// and [`Self::with_config`]'s text.
     configs: TempDir,
@@ -266,6 +268,7 @@ impl NatsCluster {
             nodes: Vec::new(),
             client_ports: (0..size).map(|_| free_port()).collect(),
             route_ports: (0..size).map(|_| free_port()).collect(),
+            monitor_ports: (0..size).map(|_| free_port()).collect(),
             configs: tempfile::tempdir().expect("temp dir for the nodes' configs"),
             extra_config: String::new(),
         }
@@ -287,6 +290,16 @@ impl NatsCluster {
     /// Node `index`'s server name, as stream info reports leaders.
     pub fn name(index: usize) -> String {
         format!("alarm-digest-test-{index}")
+    }
+
+    /// Node `index`'s client URL.
+    pub fn url(&self, index: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.client_ports[index])
+    }
+
+    /// Node `index`'s monitoring address, `host:port`.
+    pub fn monitoring(&self, index: usize) -> String {
+        format!("127.0.0.1:{}", self.monitor_ports[index])
     }
 
     /// Every node's client URL, comma-separated, as `nats.url` takes them.
@@ -330,6 +343,8 @@ impl NatsCluster {
                 format!("nats://127.0.0.1:{}", self.route_ports[index]),
                 "--routes".into(),
                 routes,
+                "-m".into(),
+                self.monitor_ports[index].to_string(),
             ];
             self.nodes.push(NatsServer::start_on_with(*port, args));
         }
