@@ -6,10 +6,13 @@
 #   ./scripts/scaling.sh                 # every part below, ROUNDS=2 runs each
 #   PARTS="r1 r3" ./scripts/scaling.sh   # some parts: r1 r3 nodes instances
 # Parts:
-#   r1        3 nodes, R1, 3 instances: P = 1 against P = 3 (streams placed by node tag), and
-#             P = 3 placed by the broker, as the release before left it
-#   r3        3 nodes, R3, 3 instances: P = 1 against P = 3 (leaders balanced), and P = 3
-#             with the leaders as elected, as the release before left them
+#   r1        3 nodes, R1, 3 instances: P = 1 against P = 3 (streams placed by node tag), P = 3
+#             with each partition read through whichever node an instance's connection is on
+#             (nats.connect_to_leaders = false), and P = 3 placed by the broker, as the
+#             release before left it
+#   r3        3 nodes, R3, 3 instances: P = 1 against P = 3 (leaders balanced), P = 3 read
+#             through any node, and P = 3 with the leaders as elected, as the release before
+#             left them
 #   nodes     R3, 3 instances, P = nodes: 3 nodes against 6 (smaller caps, so both fit)
 #   instances 3 nodes, R1, P = 3: 1, 2 and 4 instances
 # Output: one line per run (rate, CPU per process, leaders per node), then a table.
@@ -40,11 +43,13 @@ for ((round = 1; round <= rounds; round++)); do
         for p in 1 3; do
           run "R1 3 nodes P=$p I=3" NODES=3 REPLICAS=1 PARTITIONS=$p INSTANCES=3 CAP_NODE=0.25 CAP_INSTANCE=0.4
         done
+        run "R1 3 nodes P=3 I=3 read via any node" ALARM_DIGEST_NATS__CONNECT_TO_LEADERS=false NODES=3 REPLICAS=1 PARTITIONS=3 INSTANCES=3 CAP_NODE=0.25 CAP_INSTANCE=0.4
         run "R1 3 nodes P=3 I=3 broker-placed" PLACEMENT=broker NODES=3 REPLICAS=1 PARTITIONS=3 INSTANCES=3 CAP_NODE=0.25 CAP_INSTANCE=0.4 ;;
       r3)
         for p in 1 3; do
           run "R3 3 nodes P=$p I=3" NODES=3 REPLICAS=3 PARTITIONS=$p INSTANCES=3 CAP_NODE=0.25 CAP_INSTANCE=0.4
         done
+        run "R3 3 nodes P=3 I=3 read via any node" ALARM_DIGEST_NATS__CONNECT_TO_LEADERS=false NODES=3 REPLICAS=3 PARTITIONS=3 INSTANCES=3 CAP_NODE=0.25 CAP_INSTANCE=0.4
         run "R3 3 nodes P=3 I=3 as elected" ALARM_DIGEST_STREAMS__BALANCE_EVERY_SECS=0 NODES=3 REPLICAS=3 PARTITIONS=3 INSTANCES=3 CAP_NODE=0.25 CAP_INSTANCE=0.4 ;;
       nodes)
         for n in 3 6; do
