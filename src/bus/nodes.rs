@@ -53,6 +53,11 @@ impl Nodes {
                 }
             }
         }
+        tracing::info!(
+            servers = servers.len(),
+            connected = clients.len(),
+            "a connection per broker node: each input partition is read on its leader's node"
+        );
         Nodes { clients }
     }
 
