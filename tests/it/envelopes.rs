@@ -56,6 +56,20 @@ fn first_format(entries: &[(u64, &str, &[u8])]) -> Bytes {
     builder.finish()
 }
 
+/// Starts the service on what the test put in the shard log and asks for u's digest.
+async fn start_and_ask_for_u(
+    bed: &TestBed,
+) -> (
+    alarm_digest::service::RunningService,
+    Vec<(String, String, String)>,
+) {
+    let mut digests = bed.client.digests().await;
+    let service = start_service(bed.config.clone()).await;
+    bed.client.request_digest("u").await;
+    let digest = digests.next_for("u").await;
+    (service, entries(&digest))
+}
+
 async fn dead_letters(bed: &TestBed) -> Vec<serde_json::Value> {
     let (code, listed, stderr) = cli_against(&bed.nats, &["dlq", "list"]);
     assert_eq!(code, Some(0), "{stderr}");
@@ -118,20 +132,12 @@ async fn a_bad_entry_inside_an_envelope_is_dead_lettered_alone_with_its_input_se
     let subject = topology.shard_subject(InputKind::StatusChange, shard);
     to_shard(&bed, &subject, envelope_headers(Format::V1), envelope).await;
     // And an envelope too damaged to read at all.
-    to_shard(
-        &bed,
-        &subject,
-        envelope_headers(Format::V1),
-        Bytes::from_static(&[1, 0, 0, 0, 9, 0]),
-    )
-    .await;
+    let damaged = Bytes::from_static(&[1, 0, 0, 0, 9, 0]);
+    to_shard(&bed, &subject, envelope_headers(Format::V1), damaged).await;
 
-    let mut digests = bed.client.digests().await;
-    let service = start_service(bed.config.clone()).await;
-    bed.client.request_digest("u").await;
-    let digest = digests.next_for("u").await;
+    let (service, digest) = start_and_ask_for_u(&bed).await;
     assert_eq!(
-        entries(&digest),
+        digest,
         [
             ("a".into(), "CRITICAL".into(), "2021-06-07T20:00:01Z".into()),
             ("b".into(), "CRITICAL".into(), "2021-06-07T20:00:02Z".into()),
@@ -196,20 +202,12 @@ async fn second_format_entries_apply_and_a_refused_one_is_dead_lettered_as_its_j
         builder.finish(),
     )
     .await;
-    to_shard(
-        &bed,
-        &subject,
-        envelope_headers(Format::V2),
-        Bytes::from_static(&[2, 0, 0, 0, 1, 0]),
-    )
-    .await;
+    let damaged = Bytes::from_static(&[2, 0, 0, 0, 1, 0]);
+    to_shard(&bed, &subject, envelope_headers(Format::V2), damaged).await;
 
-    let mut digests = bed.client.digests().await;
-    let service = start_service(bed.config.clone()).await;
-    bed.client.request_digest("u").await;
-    let digest = digests.next_for("u").await;
+    let (service, digest) = start_and_ask_for_u(&bed).await;
     assert_eq!(
-        entries(&digest),
+        digest,
         [
             ("a".into(), "WARNING".into(), "2021-06-07T20:00:01Z".into()),
             ("b".into(), "CRITICAL".into(), "2021-06-07T20:00:02Z".into()),
