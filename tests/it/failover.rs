@@ -307,12 +307,18 @@ async fn a_warm_standby_takes_every_shard_of_a_killed_holder_with_nothing_lost_o
     let a = ServiceProcess::spawn(&nats, a_dir.path(), &[]);
     wait_holding(&a.http).await;
     let b = ServiceProcess::spawn(&nats, b_dir.path(), &[]);
-    let standby = wait_standby(&b.http, "message(s) behind").await;
-    for shard in 0..4 {
-        assert!(
-            standby.contains(&format!("shard {shard} (lease held by")),
-            "{standby}"
-        );
+    // Each of B's shards finds the lease held on its own time: wait for all four.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let standby = wait_standby(&b.http, "message(s) behind").await;
+        let following = (0..4)
+            .filter(|shard| standby.contains(&format!("shard {shard} (lease held by")))
+            .count();
+        if following == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{standby}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let client = TestClient::connect(&test_config(&nats, b_dir.path())).await;
     let subscriber = PlainSubscriber::start(&client).await;
