@@ -11,7 +11,7 @@
 use async_nats::jetstream::kv::{self, CreateErrorKind};
 
 use super::envelope::Format;
-use super::ownership::Cluster;
+use super::ownership::{to_json, Cluster};
 use super::BusError;
 
 const FORMAT_KEY: &str = "envelope.format";
@@ -53,8 +53,8 @@ impl Cluster {
     /// just created (it recorded the shard count), where no instance of the release before
     /// can be running.
     pub(super) async fn record_newest_envelope_format(&self) -> Result<(), BusError> {
-        let value = serde_json::to_vec(&Format::NEWEST.number()).unwrap_or_default();
-        match self.shards_bucket().create(FORMAT_KEY, value.into()).await {
+        let value = to_json(&Format::NEWEST.number());
+        match self.shards_bucket().create(FORMAT_KEY, value).await {
             Ok(_) => Ok(()),
             Err(error) if error.kind() == CreateErrorKind::AlreadyExists => Ok(()),
             Err(error) => Err(BusError::transient(
@@ -67,9 +67,8 @@ impl Cluster {
     /// Records `to` (for `streams envelopes --format`); returns what was recorded before.
     pub async fn set_envelope_format(&self, to: Format) -> Result<Recorded, BusError> {
         let before = self.envelope_format().await?;
-        let value = serde_json::to_vec(&to.number()).unwrap_or_default();
         self.shards_bucket()
-            .put(FORMAT_KEY, value.into())
+            .put(FORMAT_KEY, to_json(&to.number()))
             .await
             .map_err(|e| BusError::transient("recording the cluster's envelope format", e))?;
         Ok(before)

@@ -717,7 +717,7 @@ async fn bucket_max_age(store: &mut kv::Store) -> Result<Duration, BusError> {
     Ok(status.info.config.max_age)
 }
 
-fn to_json<T: Serialize>(value: &T) -> Bytes {
+pub(super) fn to_json<T: Serialize>(value: &T) -> Bytes {
     // Plain structs of strings: serialising cannot fail.
     Bytes::from(serde_json::to_vec(value).unwrap_or_default())
 }

@@ -291,7 +291,7 @@ impl Apply<'_, '_> {
                 stream: shard_stream,
                 sequence,
             };
-            return Ok(match self.json(&item)? {
+            return Ok(match self.json(&item, &message.payload)? {
                 Outcome::Done => Disposition::Ack,
                 Outcome::Digest => Disposition::AfterDigest,
                 Outcome::Rejected(one) => Disposition::DeadLetters(vec![one]),
@@ -327,7 +327,7 @@ impl Apply<'_, '_> {
                 sequence: entry.input_sequence,
             };
             let outcome = match &entry.content {
-                Content::Json(_) => self.json_entry(&item)?,
+                Content::Json(payload) => self.json_entry(&item, payload)?,
                 // Validated by the router: applied without parsing anything again.
                 Content::Change(change) => self.change(&item, change)?,
             };
@@ -348,7 +348,7 @@ impl Apply<'_, '_> {
     /// An envelope-1 entry: a status change's JSON. Digest requests travel as single
     /// messages (their answered-marker is their shard stream sequence), so one inside an
     /// envelope is refused.
-    fn json_entry(&mut self, item: &Item<'_>) -> Result<Outcome, StoreError> {
+    fn json_entry(&mut self, item: &Item<'_>, payload: &[u8]) -> Result<Outcome, StoreError> {
         if item.kind == Some(InputKind::DigestRequest) {
             return Ok(self.reject(
                 item,
@@ -356,14 +356,11 @@ impl Apply<'_, '_> {
                 "digest requests travel as single messages, never inside an envelope".into(),
             ));
         }
-        self.json(item)
+        self.json(item, payload)
     }
 
     /// An input as JSON: decoded and validated here, then applied.
-    fn json(&mut self, item: &Item<'_>) -> Result<Outcome, StoreError> {
-        let Content::Json(payload) = item.content else {
-            return Ok(self.reject(item, "malformed", "not a JSON input".into()));
-        };
+    fn json(&mut self, item: &Item<'_>, payload: &[u8]) -> Result<Outcome, StoreError> {
         let limits = &self.worker.config.limits;
         let decoded = match item.kind {
             Some(kind) => wire::decode(kind, payload, limits.max_payload_bytes),
