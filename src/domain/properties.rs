@@ -154,7 +154,9 @@ proptest! {
         }
         for part in &parts {
             prop_assert!(!part.is_empty() || sizes.is_empty());
-            prop_assert!(weight(part) <= max || part.len() == 1, "{:?} over budget", part);
+            // Over budget only where nothing smaller exists: one entry too large alone, or
+            // the one empty part of an empty digest whose frame alone is over.
+            prop_assert!(weight(part) <= max || part.len() <= 1, "{:?} over budget", part);
         }
     }
 }
